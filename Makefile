@@ -1,0 +1,26 @@
+# The two commands of the README. Each creates and fills its own virtual environment in .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test venv clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch and torchvision as a matching pair (torch-em needs torchvision); pip finds them on disk here.
+	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install --quiet -e ".[torch,test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# The main job: write a BossDB-layout mirror, serve it on 127.0.0.1 and read p105_psd through the catalog.
+demo: venv
+	$(PY) -m wildenberg_intake.demo
+
+test: venv
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV)

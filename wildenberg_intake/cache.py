@@ -1,0 +1,158 @@
+"""Cache layout: one folder per store, a zarr v3 store inside, and a record of which shards are done.
+
+    <cache_dir>/wildenberg2023/<experiment>-<hash>/
+        source.json                  everything the store's name derives from (readable)
+        data.zarr/                   zarr v3: raw, labels/<label>; (z, y, x)
+        progress/<array>/<i>.<j>.<k> one record per shard written: its sha256 and size
+        progress/<array>/COMPLETE    written only after every shard of the array is recorded
+
+A shard is recorded only after its bytes are on disk, and an array is complete only when every
+shard is recorded, so a process killed at any moment leaves nothing that is taken as complete:
+the next run rewrites the unrecorded shards whole. zarr metadata is created in a temporary folder
+and renamed into place, so a kill never leaves a half-written zarr.json either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+LAYOUT_VERSION = 1
+CHUNKS = (64, 128, 128)
+SHARDS = (128, 512, 512)
+CODEC = {"cname": "zstd", "clevel": 6}
+# Part of every store's key: a change here must give new stores.
+LAYOUT = {"chunks": list(CHUNKS), "shards": list(SHARDS), "codec": CODEC,
+          "shuffle": "bitshuffle for uint32 labels, byte shuffle otherwise"}
+
+
+def compressor(dtype: str, is_label: bool):
+    """Blosc zstd level 6; bitshuffle for multi-byte labels, byte shuffle otherwise (as the reference)."""
+    from zarr.codecs import BloscCodec
+    shuffle = "bitshuffle" if (is_label and np.dtype(dtype).itemsize > 1) else "shuffle"
+    return BloscCodec(cname=CODEC["cname"], clevel=CODEC["clevel"], shuffle=shuffle)
+
+
+def shard_grid(shape) -> list[tuple]:
+    """Indices (i, j, k) of the output shards covering an array of `shape`."""
+    counts = [-(-int(n) // s) for n, s in zip(shape, SHARDS)]
+    return list(itertools.product(*(range(c) for c in counts)))
+
+
+def shard_box(index, shape):
+    """(start, stop) voxels of shard `index` in an array of `shape`, clipped at the array's edge."""
+    start = tuple(i * s for i, s in zip(index, SHARDS))
+    stop = tuple(min(a + s, n) for a, s, n in zip(start, SHARDS, shape))
+    return start, stop
+
+
+def _atomic_write(path: Path, data: bytes):
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str | None:
+    """sha256 of a file, None if it does not exist (zarr writes no file for an all-zero shard)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+class StoreCache:
+    """The folder of one cached store: paths, array creation and shard bookkeeping."""
+
+    def __init__(self, cache_dir, name: str):
+        self.root = Path(cache_dir) / "wildenberg2023" / name
+        self.zarr_path = self.root / "data.zarr"
+        self.progress = self.root / "progress"
+
+    # -- creation -------------------------------------------------------------------------------
+    def initialise(self, key: dict, attributes: dict):
+        """Create the folder, source.json and the zarr root group (idempotent, atomic)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot create the cache folder {self.root}: {e.strerror}") from e
+        if not (self.root / "source.json").exists():
+            _atomic_write(self.root / "source.json", json.dumps(key, indent=2, sort_keys=True).encode())
+        self._ensure_group("", attributes)
+        self._ensure_group("labels", {})
+
+    def _ensure_group(self, path: str, attributes: dict):
+        import zarr
+        target = self.zarr_path / path
+        if (target / "zarr.json").exists():
+            return
+        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+        try:
+            zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes=attributes)
+            target.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / "zarr.json", target / "zarr.json")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def ensure_array(self, name: str, shape, dtype: str, is_label: bool, attributes: dict):
+        """Open array `name`, creating its metadata atomically if missing; refuse a mismatching one."""
+        import zarr
+        target = self.zarr_path / name
+        if not (target / "zarr.json").exists():
+            tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+            try:
+                zarr.create_array(store=str(tmp), shape=tuple(shape), chunks=CHUNKS, shards=SHARDS,
+                                  dtype=dtype, fill_value=0, compressors=compressor(dtype, is_label),
+                                  dimension_names=("z", "y", "x"), attributes=attributes, zarr_format=3)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.rename(tmp, target)
+                except OSError:  # the folder exists: another process won the race, or a stray folder
+                    if not (target / "zarr.json").exists():
+                        os.replace(tmp / "zarr.json", target / "zarr.json")
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        arr = zarr.open_array(str(self.zarr_path), path=name, mode="r+", zarr_format=3)
+        if tuple(arr.shape) != tuple(shape) or str(arr.dtype) != str(dtype):
+            raise RuntimeError(f"cached array {target} has shape {arr.shape} and dtype {arr.dtype}; expected "
+                               f"{tuple(shape)} and {dtype}. Delete {self.root} to rebuild it.")
+        return arr
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def shard_file(self, name: str, index) -> Path:
+        return self.zarr_path / name / "c" / Path(*(str(i) for i in index))
+
+    def _record(self, name: str, index) -> Path:
+        return self.progress / name / ".".join(str(i) for i in index)
+
+    def mark_done(self, name: str, index) -> dict:
+        """Record shard `index` of `name` as written, with the checksum of its file."""
+        path = self.shard_file(name, index)
+        record = {"sha256": file_sha256(path), "bytes": path.stat().st_size if path.exists() else 0}
+        target = self._record(name, index)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(target, json.dumps(record).encode())
+        return record
+
+    def done_shards(self, name: str) -> set:
+        folder = self.progress / name
+        if not folder.is_dir():
+            return set()
+        return {tuple(int(i) for i in p.name.split(".")) for p in folder.iterdir()
+                if p.is_file() and not p.name.startswith(".") and p.name != "COMPLETE"}
+
+    def is_complete(self, name: str) -> bool:
+        return (self.progress / name / "COMPLETE").is_file()
+
+    def mark_complete(self, name: str, shape):
+        missing = set(shard_grid(shape)) - self.done_shards(name)
+        if missing:
+            raise RuntimeError(f"{self.zarr_path / name}: {len(missing)} shards are not recorded as written")
+        _atomic_write(self.progress / name / "COMPLETE", b"")

@@ -1,0 +1,134 @@
+"""intake drivers: one catalog entry (experiment + label channel) as an xarray Dataset over the cache.
+
+    src = intake.open_catalog(wildenberg_intake.catalog_path()).p105_psd(bbox_nm=[...])
+    src.discover()      # shape, dtypes, voxel size, clipped box, bytes: info files only
+    src.read()          # materialise what is missing, then load into memory
+    src.to_dask()       # materialise what is missing, then a lazy Dataset over the zarr store
+    src.materialise()   # materialise what is missing, return the zarr store path
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from intake.source.base import DataSource, Schema
+
+from . import __version__
+from .catalog import make_request
+from .engine import DEFAULT_WORKERS, cache_for, materialise
+from .plan import StorePlan, plan_store
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 * 2**30
+
+
+class WildenbergSource(DataSource):
+    """A Wildenberg 2023 experiment with one label channel, cached as a zarr v3 store.
+
+    Arguments are the catalog entry's declared fields (`dataset`: experiment, URLs, dtypes, box,
+    axis swap; `label`) plus the user parameters bbox_nm, em_mip, seg_mip, cache_dir and base_url;
+    `workers` sets the parallel shard downloads and `progress` the progress bars.
+    """
+
+    name = "wildenberg"
+    version = __version__
+    container = "xarray"
+    partition_access = False
+
+    def __init__(self, dataset: dict, label: str, parameters: dict | None = None,
+                 workers: int = DEFAULT_WORKERS, progress: bool = True, metadata=None, **user):
+        # `dataset`: the experiment's declared fields; `parameters`: the user parameters as the
+        # catalog rendered them; `user`: the same given directly (they win).
+        self.request = make_request(**dataset, label=label, **{**(parameters or {}), **user})
+        self.workers = workers
+        self.progress = progress
+        self._plan = None
+        super().__init__(metadata=metadata)
+
+    @property
+    def plan(self) -> StorePlan:
+        """The store layout: reads the layers' info files once, no voxel data."""
+        if self._plan is None:
+            self._plan = plan_store(self.request)
+        return self._plan
+
+    def _get_schema(self):
+        plan = self.plan
+        raw, labels = plan.arrays["raw"], plan.arrays[plan.label_name]
+        cache = cache_for(plan)
+        self._schema = Schema(
+            dtype={"raw": raw.dtype, "labels": labels.dtype},
+            shape=labels.shape,
+            npartitions=1,
+            extra_metadata={
+                "experiment": self.request.experiment, "label": self.request.label,
+                "label_kind": self.request.channel().kind,
+                "dims": ("z", "y", "x"),
+                "shapes": {"raw": raw.shape, "labels": labels.shape},
+                "voxel_size_nm_zyx": {"raw": raw.layer.resolution_zyx, "labels": labels.layer.resolution_zyx},
+                "bbox_nm": plan.bbox_nm, "requested_bbox_nm": self.request.bbox_nm,
+                "estimated_bytes": raw.nbytes + labels.nbytes,
+                "urls": {"raw": raw.layer.url, "labels": labels.layer.url},
+                "store": str(cache.zarr_path),
+                "cached": cache.is_complete("raw") and cache.is_complete(plan.label_name),
+            },
+        )
+        return self._schema
+
+    def _load_metadata(self):
+        if self._schema is None:
+            self._schema = self._get_schema()
+            self.dtype, self.shape, self.npartitions = self._schema.dtype, self._schema.shape, 1
+            self.metadata = {**(self.metadata or {}), **self._schema.extra_metadata}
+
+    def materialise(self) -> str:
+        """Fetch what is missing (raw and this label) into the cache; return the zarr store path."""
+        return str(materialise(self.plan, ["raw", self.plan.label_name], self.workers, self.progress))
+
+    def to_dask(self):
+        """The entry as an xarray Dataset lazily backed by the cached zarr store (materialised first)."""
+        import dask.array as da
+        import zarr
+        path = self.materialise()
+        group = zarr.open_group(path, mode="r")
+        arrays = {"raw": da.from_zarr(group["raw"]), "labels": da.from_zarr(group[self.plan.label_name])}
+        return self._dataset(arrays)
+
+    def read(self):
+        """The entry loaded into memory as an xarray Dataset (refused if it would not fit)."""
+        self._load_metadata()
+        need = self.metadata["estimated_bytes"]
+        limit = _memory_bytes() // 2
+        if need > limit:
+            raise MemoryError(
+                f"bbox_nm={list(self.request.bbox_nm)!r} selects {need / 2**30:.1f} GiB, more than half of this "
+                f"machine's memory ({limit / 2**30:.1f} GiB). Use to_dask() for a lazy Dataset, or a smaller bbox_nm.")
+        return self.to_dask().load()
+
+    def _dataset(self, arrays):
+        import xarray as xr
+        plan = self.plan
+        variables, coords = {}, {}
+        raw, labels = plan.arrays["raw"], plan.arrays[plan.label_name]
+        same_grid = raw.shape == labels.shape and raw.layer.resolution_zyx == labels.layer.resolution_zyx
+        for var, src in (("raw", raw), ("labels", labels)):
+            # Raw at another mip than the labels keeps its own (suffixed) dims and coordinates.
+            dims = ("z", "y", "x") if (same_grid or var == "labels") else ("z_raw", "y_raw", "x_raw")
+            for dim, n, res, origin in zip(dims, src.shape, src.layer.resolution_zyx, src.origin_nm_zyx):
+                coords[dim] = xr.Variable(dim, origin + res * np.arange(n),
+                                          attrs={"units": "nm", "long_name": f"{dim[0]} (voxel lower corner)"})
+            variables[var] = xr.Variable(dims, arrays[var], attrs={
+                "source_url": src.layer.url, "mip": src.layer.mip,
+                "resolution_nm_zyx": list(src.layer.resolution_zyx)})
+        req = self.request
+        return xr.Dataset(variables, coords=coords, attrs={
+            "experiment": req.experiment, "label": req.label, "label_kind": req.channel().kind,
+            "resolution_nm_zyx": list(labels.layer.resolution_zyx), "bbox_nm": list(plan.bbox_nm),
+            "em_mip": req.em_mip, "seg_mip": req.seg_mip,
+            "source_urls": [raw.layer.url, labels.layer.url], "citation": req.citation,
+            "store": str(cache_for(plan).zarr_path)})

@@ -1,0 +1,371 @@
+"""A BossDB-layout test mirror: synthetic Wildenberg-like precomputed volumes and a local HTTP server.
+
+BossDB cannot be reached from every machine (CI, compute nodes, this project's sandbox), so the
+package writes volumes with the same layout, names, dtypes, resolutions and quirks as the real
+ones (p105's EM layer has x and y transposed; EM and label layers have different offsets and
+extents) and serves them over HTTP on 127.0.0.1. Everything downstream then runs the same code
+path as against BossDB: cloud-volume over HTTP.
+
+The content is built so that mistakes show: label blobs sit over dark EM blobs at the same
+physical place (a wrong offset or axis order separates them), the EM background has a gradient
+along x (a transpose is visible), the saturated instance ids are distinct and larger than 255
+(a truncation to uint8 is visible), and every EM mip is sampled independently (a wrong mip gives
+different data).
+"""
+
+from __future__ import annotations
+
+import http.server
+import re
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+CHUNK_SIZE_XYZ = (512, 512, 16)
+LABEL_RESOLUTION_XYZ = (12, 12, 40)
+EM_RESOLUTION_XYZ = (6, 6, 40)
+EM_MIPS = 3
+
+# Where the synthetic layers sit, in voxels (x, y, z) of their own mip 0. EM mip-0 offsets are
+# multiples of 4 in x and y so that mips 1 and 2 start on whole voxels too.
+EXPERIMENTS = {
+    "p105": dict(bossdb="mouse_v1_l4_p105", em_channel="em", swap_xy=True,
+                 label_offset=(50, 52, 5), em_offset=(96, 108, 4)),
+    "p14": dict(bossdb="mouse_v1_l4_p14", em_channel="em_aligned", swap_xy=False,
+                label_offset=(3, 5, 2), em_offset=(0, 8, 1)),
+}
+LABEL_CHANNELS = {
+    "psd": ("psd_autoseg", "uint8"),
+    "vesicle_cloud": ("vesicle_autoseg", "uint8"),
+    "saturated": ("saturated_autoseg", "uint32"),
+}
+EM_ENCODINGS = ("raw", "jpeg")
+LABEL_ENCODINGS = ("raw", "compressed_segmentation")
+
+
+@dataclass
+class MirrorLayer:
+    """One written layer: what the mirror was written from, per mip, in physical (z, y, x) order."""
+
+    path: str  # relative to the mirror root, e.g. "wildenberg2023/mouse_v1_l4_p105/em"
+    resolution_xyz: dict  # mip -> physical (x, y, z) nm
+    offset_zyx: dict  # mip -> physical voxel offset (z, y, x)
+    data: dict  # mip -> np.ndarray (z, y, x)
+
+    def expected(self, mip: int, start_zyx, stop_zyx) -> np.ndarray:
+        """The voxels of global physical box [start, stop) at `mip`, zeros outside the layer."""
+        arr, off = self.data[mip], np.asarray(self.offset_zyx[mip])
+        start, stop = np.asarray(start_zyx), np.asarray(stop_zyx)
+        out = np.zeros(tuple(stop - start), dtype=arr.dtype)
+        lo = np.maximum(start, off)
+        hi = np.minimum(stop, off + arr.shape)
+        if np.all(hi > lo):
+            src = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, off))
+            dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
+            out[dst] = arr[src]
+        return out
+
+
+@dataclass
+class Mirror:
+    """A mirror written on disk: its root folder and the arrays each layer was written from."""
+
+    root: Path
+    layers: dict = field(default_factory=dict)  # relative path -> MirrorLayer
+
+    def layer(self, experiment: str, channel: str) -> MirrorLayer:
+        return self.layers[f"wildenberg2023/{EXPERIMENTS[experiment]['bossdb']}/{channel}"]
+
+
+def _blobs(rng, lo_nm, hi_nm, count):
+    """Random ellipsoids (centre nm (x, y, z), radius nm in xy, radius nm in z, kind, instance id)."""
+    blobs = []
+    for i in range(count):
+        centre = rng.uniform(lo_nm, hi_nm)
+        r_xy = rng.uniform(120, 420)
+        r_z = max(rng.uniform(60, 160), 45.0)
+        kind = "psd" if i % 2 == 0 else "vesicle_cloud"
+        blobs.append((centre, r_xy, r_z, kind, 1000 + 7919 * i))
+    return blobs
+
+
+def _grid(resolution_xyz, offset_xyz, size_xyz):
+    """Voxel-centre physical coordinates (nm) along x, y, z."""
+    return [(np.arange(size_xyz[a]) + offset_xyz[a] + 0.5) * resolution_xyz[a] for a in range(3)]
+
+
+def _paint(blobs, resolution_xyz, offset_xyz, size_xyz, value_of, dtype):
+    """Rasterise blobs into a (z, y, x) array; `value_of(blob)` gives the value or None to skip."""
+    xs, ys, zs = _grid(resolution_xyz, offset_xyz, size_xyz)
+    out = np.zeros((size_xyz[2], size_xyz[1], size_xyz[0]), dtype=dtype)
+    for blob in blobs:
+        value = value_of(blob)
+        if value is None:
+            continue
+        (cx, cy, cz), rxy, rz = blob[0], blob[1], blob[2]
+        sx = slice(*np.searchsorted(xs, [cx - rxy, cx + rxy]))
+        sy = slice(*np.searchsorted(ys, [cy - rxy, cy + rxy]))
+        sz = slice(*np.searchsorted(zs, [cz - rz, cz + rz]))
+        d = (((xs[sx] - cx) / rxy)[None, None, :] ** 2 + ((ys[sy] - cy) / rxy)[None, :, None] ** 2
+             + ((zs[sz] - cz) / rz)[:, None, None] ** 2)
+        out[sz, sy, sx][d <= 1.0] = value
+    return out
+
+
+def _em(blobs, resolution_xyz, offset_xyz, size_xyz, rng):
+    xs, ys, _ = _grid(resolution_xyz, offset_xyz, size_xyz)
+    # A gradient along x and a different wave along y make a transpose visible.
+    background = 70 + 90 * (xs[None, :] / (xs[-1] + 1)) + 25 * np.sin(ys[:, None] / 900.0)
+    noise = rng.integers(-12, 13, size=(size_xyz[2], size_xyz[1], size_xyz[0]))
+    em = np.clip(background[None] + noise, 40, 235).astype(np.uint8)
+    dark = _paint(blobs, resolution_xyz, offset_xyz, size_xyz, lambda b: 1, np.uint8)
+    em[dark == 1] = 15 + (em[dark == 1] % 10)
+    return em
+
+
+def _write_layer(root, rel_path, layer_type, dtype, encoding, scales, swap_xy, sharded):
+    """Write one precomputed layer with cloud-volume.
+
+    scales: list of (resolution_xyz, offset_xyz, array_zyx), all in physical axis order.
+    swap_xy: store cloud-volume's x as physical y, like p105's EM on BossDB.
+    """
+    from cloudvolume import CloudVolume
+    from cloudvolume.datasource.precomputed.sharding import compute_shard_params_for_image
+
+    def cv_order(xyz):
+        xyz = [int(v) for v in xyz]
+        return [xyz[1], xyz[0], xyz[2]] if swap_xy else xyz
+
+    info = {"type": layer_type, "data_type": dtype, "num_channels": 1, "scales": []}
+    for res, off, arr in scales:
+        size_xyz = (arr.shape[2], arr.shape[1], arr.shape[0])
+        scale = {
+            "key": "_".join(str(int(r)) for r in cv_order(res)),
+            "resolution": cv_order(res),
+            "voxel_offset": cv_order(off),
+            "size": cv_order(size_xyz),
+            "chunk_sizes": [list(CHUNK_SIZE_XYZ)],
+            "encoding": encoding,
+        }
+        if encoding == "compressed_segmentation":
+            scale["compressed_segmentation_block_size"] = [8, 8, 8]
+        if sharded:
+            spec = compute_shard_params_for_image(
+                dataset_size=scale["size"], chunk_size=CHUNK_SIZE_XYZ, encoding=encoding,
+                dtype=dtype)  # test-sized layers fit one shard: cloud-volume writes whole shards only
+            scale["sharding"] = spec.to_dict()
+        info["scales"].append(scale)
+
+    layer_dir = Path(root) / rel_path
+    layer_dir.mkdir(parents=True, exist_ok=True)
+    # S3 serves BossDB's raw chunks gzip-compressed; our server adds Content-Encoding for .gz files.
+    compress = "gzip" if (encoding != "jpeg" and not sharded) else False
+    for mip, (_, off, arr) in enumerate(scales):
+        cv = CloudVolume(f"file://{layer_dir}", mip=mip, info=info, progress=False,
+                         compress=compress, parallel=1)
+        if mip == 0:
+            cv.commit_info()
+        cv_arr = arr.transpose(1, 2, 0) if swap_xy else arr.transpose(2, 1, 0)
+        lo = cv_order(off)
+        cv[lo[0]:lo[0] + cv_arr.shape[0], lo[1]:lo[1] + cv_arr.shape[1],
+           lo[2]:lo[2] + cv_arr.shape[2]] = np.asfortranarray(cv_arr)
+    return info
+
+
+def _read_back(root, rel_path, mip, swap_xy):
+    """Decode a written layer with cloud-volume from disk (the truth for lossy jpeg)."""
+    from cloudvolume import CloudVolume
+    cv = CloudVolume(f"file://{Path(root) / rel_path}", mip=mip, progress=False, parallel=1)
+    arr = np.asarray(cv[cv.bounds])[..., 0]
+    return np.ascontiguousarray(arr.transpose(2, 0, 1) if swap_xy else arr.transpose(2, 1, 0))
+
+
+def build_mirror(root, shape_xyz=(300, 260, 20), experiments=("p105", "p14"),
+                 labels=tuple(LABEL_CHANNELS), em_encoding="raw", label_encoding="raw",
+                 sharded=False, seed=0) -> Mirror:
+    """Write a synthetic BossDB-layout mirror under `root` and return what it was written from.
+
+    shape_xyz: size of the label layers in voxels at 12 x 12 x 40 nm; EM at 6 nm is about twice
+        that in x and y, with a slightly different offset and extent.
+    em_encoding: "raw" (gzip-served) or "jpeg". label_encoding: "raw" or "compressed_segmentation".
+    sharded: write the sharded precomputed format instead of one file per chunk.
+    """
+    if em_encoding not in EM_ENCODINGS:
+        raise ValueError(f"em_encoding={em_encoding!r} is not supported; allowed: {EM_ENCODINGS}")
+    if label_encoding not in LABEL_ENCODINGS:
+        raise ValueError(f"label_encoding={label_encoding!r} is not supported; allowed: {LABEL_ENCODINGS}")
+    nx, ny, nz = (int(v) for v in shape_xyz)
+    if min(nx, ny, nz) < 1:
+        raise ValueError(f"shape_xyz={shape_xyz!r} must be three positive voxel counts")
+    root = Path(root)
+    mirror = Mirror(root=root)
+    for e_i, name in enumerate(experiments):
+        if name not in EXPERIMENTS:
+            raise ValueError(f"experiment={name!r} is unknown; allowed: {sorted(EXPERIMENTS)}")
+        exp = EXPERIMENTS[name]
+        rng = np.random.default_rng(seed * 100 + e_i)
+        lab_off = exp["label_offset"]
+        lo_nm = np.multiply(lab_off, LABEL_RESOLUTION_XYZ)
+        hi_nm = lo_nm + np.multiply((nx, ny, nz), LABEL_RESOLUTION_XYZ)
+        n_blobs = max(4, int(nx * ny * nz / 4000))
+        blobs = _blobs(rng, lo_nm, hi_nm, n_blobs)
+        base = f"wildenberg2023/{exp['bossdb']}"
+
+        # EM: a little wider in x, a little shorter in y and one slice deeper than the labels.
+        em_size0 = (2 * nx + 24, 2 * ny - 8, nz + 1)
+        em_scales = []
+        for mip in range(EM_MIPS):
+            f = 2 ** mip
+            res = (EM_RESOLUTION_XYZ[0] * f, EM_RESOLUTION_XYZ[1] * f, EM_RESOLUTION_XYZ[2])
+            off = (exp["em_offset"][0] // f, exp["em_offset"][1] // f, exp["em_offset"][2])
+            size = (-(-em_size0[0] // f), -(-em_size0[1] // f), em_size0[2])
+            em_scales.append((res, off, _em(blobs, res, off, size, rng)))
+        em_path = f"{base}/{exp['em_channel']}"
+        _write_layer(root, em_path, "image", "uint8", em_encoding, em_scales, exp["swap_xy"], sharded)
+        em_data = {m: s[2] for m, s in enumerate(em_scales)}
+        if em_encoding == "jpeg":
+            em_data = {m: _read_back(root, em_path, m, exp["swap_xy"]) for m in range(EM_MIPS)}
+        mirror.layers[em_path] = MirrorLayer(
+            em_path, {m: s[0] for m, s in enumerate(em_scales)},
+            {m: (s[1][2], s[1][1], s[1][0]) for m, s in enumerate(em_scales)}, em_data)
+
+        for label in labels:
+            channel, dtype = LABEL_CHANNELS[label]
+            if label == "saturated":
+                value_of = lambda b: b[4]  # noqa: E731
+            else:
+                value_of = lambda b, label=label: 1 if b[3] == label else None  # noqa: E731
+            arr = _paint(blobs, LABEL_RESOLUTION_XYZ, lab_off, (nx, ny, nz), value_of, dtype)
+            path = f"{base}/{channel}"
+            # compressed_segmentation exists for 32- and 64-bit ids only, as in precomputed itself.
+            encoding = label_encoding if dtype in ("uint32", "uint64") else "raw"
+            _write_layer(root, path, "segmentation", dtype, encoding,
+                         [(LABEL_RESOLUTION_XYZ, lab_off, arr)], False, sharded)
+            mirror.layers[path] = MirrorLayer(path, {0: LABEL_RESOLUTION_XYZ},
+                                              {0: (lab_off[2], lab_off[1], lab_off[0])}, {0: arr})
+    return mirror
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves files like S3: `X.gz` on disk is served as `X` with Content-Encoding: gzip."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def _resolve(self):
+        rel = self.path.split("?", 1)[0].lstrip("/")
+        target = (self.server.root / rel).resolve()
+        if self.server.root not in target.parents and target != self.server.root:
+            return None, False
+        if target.is_file():
+            return target, False
+        gz = target.with_name(target.name + ".gz")
+        if gz.is_file():
+            return gz, True
+        return None, False
+
+    def _answer(self, send_body):
+        server = self.server
+        if server.latency:
+            time.sleep(server.latency)
+        target, gzipped = self._resolve()
+        with server.lock:
+            server.requests[self.path.split("?", 1)[0]] += 1
+        if target is None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = target.read_bytes()
+        status, headers = 200, {}
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if match and not gzipped:
+            start = int(match.group(1))
+            end = int(match.group(2)) if match.group(2) else len(body) - 1
+            end = min(end, len(body) - 1)
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(body)}"
+            body, status = body[start:end + 1], 206
+        self.send_response(status)
+        if gzipped:
+            headers["Content-Encoding"] = "gzip"
+        headers["Content-Length"] = str(len(body))
+        headers["Content-Type"] = "application/octet-stream"
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+            with server.lock:
+                server.bytes_sent += len(body)
+
+    def do_GET(self):
+        self._answer(True)
+
+    def do_HEAD(self):
+        self._answer(False)
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # Python's default of 5 drops connections under parallel load
+
+
+class MirrorServer:
+    """Serve a folder over HTTP on 127.0.0.1 on a free port, counting requests and bytes.
+
+    >>> with MirrorServer(mirror.root) as server:
+    ...     base_url = server.base_url  # http://127.0.0.1:PORT/wildenberg2023
+    """
+
+    def __init__(self, root, latency: float = 0.0, port: int = 0):
+        self.root = Path(root).resolve()
+        self.latency = float(latency)
+        self.port = int(port)
+        self._server = None
+        self._thread = None
+
+    def __enter__(self):
+        self._server = _Server(("127.0.0.1", self.port), _Handler)
+        self._server.root = self.root
+        self._server.latency = self.latency
+        self._server.lock = threading.Lock()
+        self._server.requests = Counter()
+        self._server.bytes_sent = 0
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def base_url(self) -> str:
+        """The BossDB-style base URL to hand to the catalog (`base_url=`)."""
+        return f"{self.url}/wildenberg2023"
+
+    @property
+    def requests(self) -> Counter:
+        """Requests so far by path."""
+        with self._server.lock:
+            return Counter(self._server.requests)
+
+    @property
+    def bytes_sent(self) -> int:
+        with self._server.lock:
+            return self._server.bytes_sent
+
+    def requests_under(self, prefix: str) -> int:
+        """Number of requests whose path starts with `prefix` (e.g. '/wildenberg2023/mouse_v1_l4_p105/em/')."""
+        return sum(n for p, n in self.requests.items() if p.startswith(prefix))

@@ -1,0 +1,104 @@
+"""Store plan: what one cached store holds and where each of its arrays comes from.
+
+A store holds one experiment at one source geometry: raw EM once, and every label channel fetched
+so far. The requested nm box is clipped to the intersection of the EM layer and *all* label layers
+of the experiment (in physical coordinates), so every label shares one box and raw is never stored
+twice. The store's name hashes everything that changes its bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .cache import LAYOUT, LAYOUT_VERSION
+from .catalog import Request
+from .layers import Layer, LayerInfo
+
+
+@dataclass(frozen=True)
+class ArraySource:
+    """One array of the store: the layer it is read from and the voxel window in that layer."""
+
+    name: str  # "raw" or "labels/<label>"
+    layer: LayerInfo
+    start_zyx: tuple  # in the layer's voxel coordinates
+    shape: tuple  # (z, y, x)
+    dtype: str
+    is_label: bool
+
+    @property
+    def origin_nm_zyx(self) -> tuple:
+        return tuple(float(v) for v in np.multiply(self.start_zyx, self.layer.resolution_zyx))
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+    def key(self) -> dict:
+        """Everything about this array that changes its bytes."""
+        return {"url": self.layer.url, "mip": self.layer.mip, "swap_xy": self.layer.swap_xy,
+                "dtype": self.dtype, "info_sha256": self.layer.info_sha256,
+                "start_zyx": list(self.start_zyx), "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class StorePlan:
+    request: Request
+    bbox_nm: tuple  # clipped (x0, x1, y0, y1, z0, z1)
+    arrays: dict = field(default_factory=dict)  # name -> ArraySource
+    layers: dict = field(default_factory=dict)  # name -> Layer (opened, for reading)
+
+    def key(self) -> dict:
+        return {"layout": LAYOUT_VERSION, "chunks_and_codecs": LAYOUT, "experiment": self.request.experiment,
+                "bbox_nm": list(self.bbox_nm),
+                "arrays": {name: src.key() for name, src in sorted(self.arrays.items())}}
+
+    @property
+    def name(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.key(), sort_keys=True).encode()).hexdigest()
+        return f"{self.request.experiment}-{digest[:16]}"
+
+    @property
+    def label_name(self) -> str:
+        return f"labels/{self.request.label}"
+
+
+def plan_store(request: Request) -> StorePlan:
+    """Read the layers' info files (no voxel data) and lay out the store for `request`."""
+    layers = {"raw": Layer(request.em_url, request.em_mip, request.em_axes_swapped, "em_mip")}
+    for ch in request.label_channels:
+        layers[f"labels/{ch.name}"] = Layer(request.url(ch.channel), request.seg_mip, False, "seg_mip")
+
+    x0, x1, y0, y1, z0, z1 = request.bbox_nm
+    lo = np.array([z0, y0, x0], dtype=float)
+    hi = np.array([z1, y1, x1], dtype=float)
+    for layer in layers.values():
+        lo = np.maximum(lo, layer.info.start_nm_zyx)
+        hi = np.minimum(hi, layer.info.stop_nm_zyx)
+    if np.any(hi <= lo):
+        extents = {name: _fmt_extent(l.info) for name, l in layers.items()}
+        raise ValueError(f"bbox_nm={list(request.bbox_nm)!r} lies outside the volume: it does not overlap the "
+                         f"extent shared by all layers of {request.experiment} (nm, x0 x1 y0 y1 z0 z1): {extents}")
+    bbox = (lo[2], hi[2], lo[1], hi[1], lo[0], hi[0])
+
+    arrays = {}
+    for name, layer in layers.items():
+        start, stop = layer.info.voxel_window(lo, hi)
+        if name != "raw":
+            expected = request.channel(name.split("/", 1)[1]).dtype
+            if layer.info.dtype != expected:
+                raise ValueError(f"layer {layer.url}: data_type {layer.info.dtype!r} differs from the catalog's "
+                                 f"{expected!r}")
+        arrays[name] = ArraySource(name=name, layer=layer.info, start_zyx=tuple(int(v) for v in start),
+                                   shape=tuple(int(v) for v in stop - start), dtype=layer.info.dtype,
+                                   is_label=name != "raw")
+    return StorePlan(request=request, bbox_nm=tuple(float(v) for v in bbox), arrays=arrays, layers=layers)
+
+
+def _fmt_extent(info: LayerInfo) -> list:
+    lo, hi = info.start_nm_zyx, info.stop_nm_zyx
+    return [float(lo[2]), float(hi[2]), float(lo[1]), float(hi[1]), float(lo[0]), float(hi[0])]
