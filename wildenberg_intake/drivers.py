@@ -88,7 +88,9 @@ class WildenbergSource(DataSource):
 
     def materialise(self) -> str:
         """Fetch what is missing (raw and this label) into the cache; return the zarr store path."""
-        return str(materialise(self.plan, ["raw", self.plan.label_name], self.workers, self.progress))
+        path = materialise(self.plan, ["raw", self.plan.label_name], self.workers, self.progress)
+        self._schema = None  # `cached` in the metadata has changed
+        return str(path)
 
     def to_dask(self):
         """The entry as an xarray Dataset lazily backed by the cached zarr store (materialised first)."""
@@ -115,10 +117,11 @@ class WildenbergSource(DataSource):
         plan = self.plan
         variables, coords = {}, {}
         raw, labels = plan.arrays["raw"], plan.arrays[plan.label_name]
-        same_grid = raw.shape == labels.shape and raw.layer.resolution_zyx == labels.layer.resolution_zyx
         for var, src in (("raw", raw), ("labels", labels)):
-            # Raw at another mip than the labels keeps its own (suffixed) dims and coordinates.
-            dims = ("z", "y", "x") if (same_grid or var == "labels") else ("z_raw", "y_raw", "x_raw")
+            # Raw at another mip than the labels keeps its own dims ("y_raw", ...) where grids differ.
+            dims = tuple(d if var == "labels" or (raw.shape[a] == labels.shape[a] and raw.layer.resolution_zyx[a]
+                                                  == labels.layer.resolution_zyx[a]) else f"{d}_raw"
+                         for a, d in enumerate(("z", "y", "x")))
             for dim, n, res, origin in zip(dims, src.shape, src.layer.resolution_zyx, src.origin_nm_zyx):
                 coords[dim] = xr.Variable(dim, origin + res * np.arange(n),
                                           attrs={"units": "nm", "long_name": f"{dim[0]} (voxel lower corner)"})

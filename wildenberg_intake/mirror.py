@@ -172,7 +172,7 @@ def _write_layer(root, rel_path, layer_type, dtype, encoding, scales, swap_xy, s
         cv_arr = arr.transpose(1, 2, 0) if swap_xy else arr.transpose(2, 1, 0)
         lo = cv_order(off)
         cv[lo[0]:lo[0] + cv_arr.shape[0], lo[1]:lo[1] + cv_arr.shape[1],
-           lo[2]:lo[2] + cv_arr.shape[2]] = np.asfortranarray(cv_arr)
+           lo[2]:lo[2] + cv_arr.shape[2]] = np.asfortranarray(cv_arr[..., None])  # (x, y, z, channel)
     return info
 
 
@@ -331,6 +331,12 @@ class MirrorServer:
         self._thread = None
 
     def __enter__(self):
+        if self._server is None:
+            self.start()
+        return self
+
+    def start(self):
+        """Bind and start serving (raises OSError if the port is taken)."""
         self._server = _Server(("127.0.0.1", self.port), _Handler)
         self._server.root = self.root
         self._server.latency = self.latency
@@ -342,9 +348,14 @@ class MirrorServer:
         return self
 
     def __exit__(self, *exc):
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
+        self.stop()
+
+    def stop(self):
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join()
+            self._server = None
 
     @property
     def url(self) -> str:
