@@ -41,6 +41,8 @@ class _OverriddenCatalog:
         return name in self._cat
 
     def __getitem__(self, name):
+        if name not in self._cat:
+            raise KeyError(f"entry {name!r} is unknown; allowed: {list(self._cat)}")
         return self._cat[name](**self._parameters)
 
     def __getattr__(self, name):

@@ -1,0 +1,66 @@
+"""Bad parameters raise errors naming the parameter, the value and what is allowed."""
+
+import math
+
+import numpy as np
+import pytest
+
+import wildenberg_intake
+
+BOX = [1001, 3007, 805, 2503, 301, 699]
+
+# (parameters, error type, message pattern, raised when: "open" = building the source, "plan" = discover)
+CASES = [
+    (dict(bbox_nm=[1, 2, 3]), ValueError, r"bbox_nm=\[1, 2, 3\].*six numbers", "open"),
+    (dict(bbox_nm=[3007, 1001, 805, 2503, 301, 699]), ValueError, r"bbox_nm=.*inverted along x", "open"),
+    (dict(bbox_nm=[1001, 3007, 805, 805, 301, 699]), ValueError, r"bbox_nm=.*empty or inverted along y", "open"),
+    (dict(bbox_nm=[1001, 3007, 805, 2503, math.nan, 699]), ValueError, r"bbox_nm=nan.*finite", "open"),
+    (dict(bbox_nm=[1001, math.inf, 805, 2503, 301, 699]), ValueError, r"bbox_nm=inf.*finite", "open"),
+    (dict(bbox_nm=["a", 3007, 805, 2503, 301, 699]), ValueError, r"bbox_nm='a'.*finite numbers", "open"),
+    (dict(bbox_nm="abc"), ValueError, r"bbox_nm='abc'.*six numbers", "open"),
+    (dict(bbox_nm=np.array([1e9, 1e9 + 500, 805, 2503, 301, 699])), ValueError,
+     r"bbox_nm=.*lies outside the volume", "plan"),
+    (dict(em_mip=7), ValueError, r"em_mip=7 does not exist.*allowed: \[0, 1, 2\]", "plan"),
+    (dict(seg_mip=1), ValueError, r"seg_mip=1 does not exist.*allowed: \[0\]", "plan"),
+    (dict(em_mip=-1), ValueError, r"em_mip=-1.*non-negative integer", "open"),
+    (dict(em_mip="one"), ValueError, r"em_mip='one'.*non-negative integer", "open"),
+    (dict(em_mip=1.5), ValueError, r"em_mip=1.5.*non-negative integer", "open"),
+    (dict(base_url="ftp://example.org/wildenberg2023"), ValueError, r"base_url=.*unsupported scheme 'ftp'", "open"),
+]
+
+
+@pytest.mark.parametrize("params,error,pattern,when", CASES, ids=[str(c[0])[:40] for c in CASES])
+def test_bad_parameters(params, error, pattern, when, catalog, server, tmp_path):
+    kwargs = dict(bbox_nm=BOX, base_url=server.base_url, cache_dir=str(tmp_path))
+    kwargs.update(params)
+    if when == "open":
+        with pytest.raises(error, match=pattern):
+            catalog.p105_psd(**kwargs)
+    else:
+        src = catalog.p105_psd(**kwargs)
+        with pytest.raises(error, match=pattern):
+            src.discover()
+        with pytest.raises(error, match=pattern):
+            src.read()
+    assert not (tmp_path / "wildenberg2023").exists(), "a refused request writes nothing"
+
+
+def test_cache_dir_that_is_a_file(catalog, server, tmp_path):
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match=r"cache_dir=.*a-file.* is a file; allowed: a folder"):
+        catalog.p14_psd(bbox_nm=BOX, base_url=server.base_url, cache_dir=str(f))
+
+
+def test_unknown_entry_names_the_allowed_ones(server, tmp_path):
+    cat = wildenberg_intake.open_catalog(base_url=server.base_url, cache_dir=str(tmp_path))
+    with pytest.raises(AttributeError, match=r"entry 'p999_psd' is unknown; allowed: \['p105_psd'"):
+        cat.p999_psd()
+    with pytest.raises(KeyError, match=r"entry 'p14_synapses' is unknown; allowed: "):
+        cat["p14_synapses"]
+
+
+def test_unreachable_base_url_names_the_layer(catalog, tmp_path):
+    src = catalog.p14_psd(base_url="http://127.0.0.1:9/nothing", cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"layer precomputed://http://127.0.0.1:9/nothing/mouse_v1_l4_p14/em_aligned"):
+        src.discover()

@@ -1,0 +1,79 @@
+"""A run killed with SIGKILL half way and rerun ends byte-identical to an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from wildenberg_intake.cache import StoreCache, file_sha256
+from wildenberg_intake.mirror import MirrorServer, build_mirror
+
+FETCH = """
+import sys, intake, wildenberg_intake
+cat = intake.open_catalog(wildenberg_intake.catalog_path())
+src = cat.p14_psd(base_url=sys.argv[1], cache_dir=sys.argv[2], workers=1, progress=False)
+print(src.materialise())
+"""
+
+
+def _run(base_url, cache_dir):
+    return subprocess.Popen([sys.executable, "-c", FETCH, base_url, str(cache_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _tree(path: Path) -> dict:
+    return {str(p.relative_to(path)): file_sha256(p) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def big_mirror(tmp_path_factory):
+    # 1100 x 520 x 16 label voxels: 3 x 2 output shards per array.
+    return build_mirror(tmp_path_factory.mktemp("mirror-big"), shape_xyz=(1100, 520, 16),
+                        experiments=("p14",))
+
+
+def test_sigkill_half_way_then_rerun_is_byte_identical(big_mirror, tmp_path):
+    # Latency stretches the run so that the kill lands with some shards done and some not.
+    with MirrorServer(big_mirror.root, latency=0.15) as server:
+        clean = _run(server.base_url, tmp_path / "clean")
+        out, err = clean.communicate(timeout=300)
+        assert clean.returncode == 0, err
+        clean_store = Path(out.strip())
+        full = [p for p in server.requests if "/em_aligned/12_12_40/" in p]
+
+        killed_cache = tmp_path / "killed"
+        proc = _run(server.base_url, killed_cache)
+        progress = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            found = list(killed_cache.glob("wildenberg2023/*/progress/raw/*"))
+            if len(found) >= 2:
+                progress = found[0].parent.parent
+                break
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert progress is not None, "the run never recorded two shards"
+        name = progress.parent.name
+        cache = StoreCache(killed_cache, name)
+        assert not cache.is_complete("raw") and not cache.is_complete("labels/psd")
+        done_before = cache.done_shards("raw")
+        assert 2 <= len(done_before) < 6
+
+        before = server.requests
+        rerun = _run(server.base_url, killed_cache)
+        out, err = rerun.communicate(timeout=300)
+        assert rerun.returncode == 0, err
+        fetched = server.requests - before
+
+    resumed_store = Path(out.strip())
+    assert resumed_store.name == clean_store.name and resumed_store.parent.name == clean_store.parent.name
+    assert cache.is_complete("raw") and cache.is_complete("labels/psd")
+    assert _tree(resumed_store) == _tree(clean_store)
+    # The resumed run did not fetch the whole raw array again: fewer EM requests than a full run.
+    em = [p for p in fetched if "/em_aligned/12_12_40/" in p]
+    assert 0 < len(em) < len(full)
