@@ -16,7 +16,17 @@ warnings.filterwarnings("ignore", message="Shell command not executed due to get
 
 from .catalog import catalog_path, default_cache_dir, entry_names  # noqa: E402  (light: yaml only)
 
-__all__ = ["__version__", "catalog_path", "default_cache_dir", "entry_names", "open_catalog"]
+_TRAINING = ("get_dataset", "get_loader", "get_wildenberg_data", "get_wildenberg_paths",
+             "get_wildenberg_dataset", "get_wildenberg_loader")
+__all__ = ["__version__", "catalog_path", "default_cache_dir", "entry_names", "open_catalog", *_TRAINING]
+
+
+def __getattr__(name):
+    # The torch adapter loads torch and torch-em: only when asked for.
+    if name in _TRAINING:
+        from . import training
+        return getattr(training, name)
+    raise AttributeError(f"module 'wildenberg_intake' has no attribute {name!r}")
 
 
 def open_catalog(**parameters):

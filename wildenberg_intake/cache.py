@@ -125,6 +125,33 @@ class StoreCache:
                                f"{tuple(shape)} and {dtype}. Delete {self.root} to rebuild it.")
         return arr
 
+    def label_view(self, label: str) -> Path:
+        """A zarr group `views/<label>.zarr` whose `raw` and `labels` link to this store's arrays.
+
+        Tools written for one label per store (torch-em's `raw_key="raw"`, `label_key="labels"`)
+        open it directly; nothing is copied.
+        """
+        import zarr
+        view = self.root / "views" / f"{label}.zarr"
+        if (view / "labels").exists():
+            return view
+        if not (self.zarr_path / "labels" / label / "zarr.json").exists():
+            raise FileNotFoundError(f"{self.zarr_path / 'labels' / label} does not exist yet; materialise it first")
+        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+        try:
+            zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes={"label": label})
+            os.symlink(Path("..") / ".." / "data.zarr" / "raw", tmp / "raw")
+            os.symlink(Path("..") / ".." / "data.zarr" / "labels" / label, tmp / "labels")
+            view.parent.mkdir(exist_ok=True)
+            try:
+                os.rename(tmp, view)
+            except OSError:  # made meanwhile by another process
+                if not (view / "labels").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return view
+
     # -- bookkeeping ----------------------------------------------------------------------------
     def shard_file(self, name: str, index) -> Path:
         return self.zarr_path / name / "c" / Path(*(str(i) for i in index))

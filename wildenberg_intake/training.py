@@ -1,0 +1,230 @@
+"""Torch adapter: catalog entries to torch-em datasets and loaders, plus drop-in reference functions.
+
+    from wildenberg_intake import get_loader
+    loader = get_loader(["p105_psd", "p14_psd"], patch_shape=(32, 256, 256), batch_size=2,
+                        cache_dir="...", split="train")
+
+`get_wildenberg_data/paths/dataset/loader` keep the exact signatures, defaults and return types of
+`torch_em.data.datasets.electron_microscopy.wildenberg`, backed by the catalog, so a training script
+written for the reference runs after changing its import line. The paths they return open with
+`raw_key="raw"` and `label_key="labels"`: each is a small zarr group whose `raw` and `labels` link
+to the shared store's arrays (raw is never copied per label).
+"""
+
+import os
+from typing import List, Literal, Optional, Sequence, Tuple, Union
+
+from torch.utils.data import DataLoader, Dataset
+
+from .catalog import LABELS, catalog_path, load_catalog_yaml
+
+EXPERIMENTS = ("p105", "p14")
+SPLITS = ("train", "val")
+
+
+def _entry_source(name: str, **parameters):
+    import intake
+    cat = intake.open_catalog(catalog_path())
+    if name not in cat:
+        raise ValueError(f"entry {name!r} is unknown; allowed: {list(cat)}")
+    return cat[name](**parameters)
+
+
+def resolve_sources(sources, **parameters) -> list:
+    """Catalog sources, entry names, a catalog, or a list mixing them -> a list of WildenbergSource.
+
+    `parameters` (bbox_nm, em_mip, seg_mip, cache_dir, base_url, workers, progress) apply to entries
+    given by name or catalog; sources already configured keep their own.
+    """
+    from .drivers import WildenbergSource
+    if isinstance(sources, (str, WildenbergSource)) or not isinstance(sources, Sequence):
+        if hasattr(sources, "walk") or hasattr(sources, "_cat"):  # an intake catalog (or our view of one)
+            sources = [sources[name] for name in list(sources)]
+            return [s if not parameters else s.configure_new(**parameters) for s in sources]
+        sources = [sources]
+    out = []
+    for s in sources:
+        if isinstance(s, str):
+            out.append(_entry_source(s, **parameters))
+        elif isinstance(s, WildenbergSource):
+            out.append(s)
+        else:
+            raise ValueError(f"sources={s!r} is not valid; allowed: entry names, catalog sources or a catalog")
+    if not out:
+        raise ValueError("sources=[] is empty; allowed: at least one entry name or catalog source")
+    return out
+
+
+def split_roi(source, split: Optional[str]):
+    """The region of `source`'s store that belongs to `split`, as declared in the catalog (z fractions)."""
+    if split is None:
+        return None
+    splits = load_catalog_yaml()["metadata"]["splits"]
+    if split not in splits:
+        raise ValueError(f"split={split!r} is unknown; allowed: {list(splits)} or None")
+    shape = source.plan.arrays[source.plan.label_name].shape
+    lo, hi = splits[split]["z_fraction"]
+    return (slice(int(round(lo * shape[0])), int(round(hi * shape[0]))), slice(None), slice(None))
+
+
+def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] = None,
+                offsets: Optional[List[List[int]]] = None, boundaries: bool = False, binary: bool = False,
+                download: bool = True, **kwargs) -> Dataset:
+    """A torch-em segmentation dataset over one or more catalog entries.
+
+    sources: entry names ("p105_psd"), catalog sources, a catalog, or a list of them. Entry
+        parameters (bbox_nm, em_mip, seg_mip, cache_dir, base_url, workers, progress) may be passed
+        here and apply to entries given by name.
+    split: "train" or "val": the catalog's reproducible split of each store along z; None for all.
+    offsets / boundaries / binary: label targets for instance (saturated) labels, as in torch-em:
+        affinities, boundaries, or a binary foreground mask.
+    download: fetch what is missing (default); if False, a missing store is an error.
+    kwargs: everything else goes to `torch_em.default_segmentation_dataset`.
+    """
+    import torch_em
+    from torch_em.data.datasets import util
+
+    entry_params = {k: kwargs.pop(k) for k in ("bbox_nm", "em_mip", "seg_mip", "cache_dir", "base_url",
+                                                "workers", "progress") if k in kwargs}
+    srcs = resolve_sources(sources, **entry_params)
+    kinds = {s.request.channel().kind for s in srcs}
+    if len(kinds) > 1:
+        raise ValueError(f"sources mix label kinds {sorted(kinds)}; allowed: entries of one kind "
+                         "(binary: psd, vesicle_cloud; instance: saturated)")
+    if len(patch_shape) != 3:
+        raise ValueError(f"patch_shape={tuple(patch_shape)!r} is not valid; allowed: three sizes (z, y, x)")
+    if (offsets is not None or boundaries or binary) and kinds != {"instance"}:
+        raise ValueError("offsets, boundaries and binary apply to instance labels (saturated) only; "
+                         f"these sources have {sorted(kinds)} labels")
+    paths = [label_view(s, download) for s in srcs]
+    if split is not None:
+        kwargs = util.update_kwargs(kwargs, "rois", [split_roi(s, split) for s in srcs])
+    if kinds == {"instance"}:
+        kwargs = util.update_kwargs(kwargs, "is_seg_dataset", True)
+        kwargs, _ = util.add_instance_label_transform(kwargs, add_binary_target=False, binary=binary,
+                                                      boundaries=boundaries, offsets=offsets)
+    return torch_em.default_segmentation_dataset(raw_paths=paths, raw_key="raw", label_paths=paths,
+                                                 label_key="labels", patch_shape=patch_shape, **kwargs)
+
+
+def get_loader(sources, patch_shape: Tuple[int, ...], batch_size: int, **kwargs) -> DataLoader:
+    """A torch DataLoader over `get_dataset(sources, patch_shape, ...)`; DataLoader keywords
+    (num_workers, shuffle, ...) and dataset keywords may be mixed, as in torch-em."""
+    import torch_em
+    from torch_em.data.datasets import util
+    ds_kwargs, loader_kwargs = util.split_kwargs(torch_em.default_segmentation_dataset, **kwargs)
+    for key in ("split", "offsets", "boundaries", "binary", "download", "bbox_nm", "em_mip", "seg_mip",
+                "cache_dir", "base_url", "workers", "progress"):
+        if key in loader_kwargs:
+            ds_kwargs[key] = loader_kwargs.pop(key)
+    ds = get_dataset(sources, patch_shape, **ds_kwargs)
+    return torch_em.get_data_loader(ds, batch_size=batch_size, **loader_kwargs)
+
+
+def label_view(source, download: bool = True) -> str:
+    """Path of a zarr group whose `raw` and `labels` are the store's raw and `source`'s label (links)."""
+    from .cache import StoreCache
+    from .engine import cache_for
+    cache: StoreCache = cache_for(source.plan)
+    names = ["raw", source.plan.label_name]
+    if not all(cache.is_complete(n) for n in names):
+        if not download:
+            raise RuntimeError(f"No cached data at {cache.root} for {source.request.experiment}/"
+                               f"{source.request.label}. Set download=True to fetch it.")
+        source.materialise()
+    return str(cache.label_view(source.request.label))
+
+
+# -- drop-in replacements for torch_em.data.datasets.electron_microscopy.wildenberg ---------------
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"Invalid {name}: '{value}'. Choose from {list(allowed)}.")
+
+
+def get_wildenberg_data(
+    path: Union[os.PathLike, str],
+    experiment: Literal["p105", "p14"],
+    label_choice: Literal["psd", "vesicle_cloud", "saturated"],
+    bounding_box: Optional[Tuple[float, ...]] = None,
+    em_mip: int = 1,
+    seg_mip: int = 0,
+    download: bool = False,
+) -> str:
+    """Cache one Wildenberg experiment and return a zarr path with arrays `raw` and `labels`.
+
+    Same signature and defaults as torch-em's reference; backed by the catalog entry
+    `<experiment>_<label_choice>` with `cache_dir=path`. The BossDB base URL comes from
+    $WILDENBERG_BOSSDB_URL when set (a mirror or an offline copy).
+    """
+    _check_choice("experiment", experiment, EXPERIMENTS)
+    _check_choice("label_choice", label_choice, LABELS)
+    params = dict(cache_dir=str(path), em_mip=em_mip, seg_mip=seg_mip)
+    if bounding_box is not None:
+        params["bbox_nm"] = list(bounding_box)
+    return label_view(_entry_source(f"{experiment}_{label_choice}", **params), download)
+
+
+def get_wildenberg_paths(
+    path: Union[os.PathLike, str],
+    experiments: Optional[Sequence[str]] = None,
+    label_choice: Literal["psd", "vesicle_cloud", "saturated"] = "psd",
+    bounding_box: Optional[Tuple[float, ...]] = None,
+    em_mip: int = 1,
+    seg_mip: int = 0,
+    download: bool = False,
+) -> List[str]:
+    """Paths of the cached stores for `experiments` (default both), as in torch-em's reference."""
+    exps = list(experiments) if experiments is not None else list(EXPERIMENTS)
+    return [get_wildenberg_data(path, e, label_choice, bounding_box, em_mip, seg_mip, download) for e in exps]
+
+
+def get_wildenberg_dataset(
+    path: Union[os.PathLike, str],
+    patch_shape: Tuple[int, int, int],
+    experiments: Optional[Sequence[str]] = None,
+    label_choice: Literal["psd", "vesicle_cloud", "saturated"] = "psd",
+    bounding_box: Optional[Tuple[float, ...]] = None,
+    em_mip: int = 1,
+    seg_mip: int = 0,
+    download: bool = False,
+    offsets: Optional[List[List[int]]] = None,
+    boundaries: bool = False,
+    **kwargs,
+) -> Dataset:
+    """The Wildenberg 2023 segmentation dataset, as torch-em's reference builds it."""
+    import torch_em
+    from torch_em.data.datasets import util
+    assert len(patch_shape) == 3
+    paths = get_wildenberg_paths(path, experiments, label_choice, bounding_box, em_mip, seg_mip, download)
+    if label_choice == "saturated":
+        kwargs = util.update_kwargs(kwargs, "is_seg_dataset", True)
+        kwargs, _ = util.add_instance_label_transform(kwargs, add_binary_target=False, boundaries=boundaries,
+                                                      offsets=offsets)
+    return torch_em.default_segmentation_dataset(raw_paths=paths, raw_key="raw", label_paths=paths,
+                                                 label_key="labels", patch_shape=patch_shape, **kwargs)
+
+
+def get_wildenberg_loader(
+    path: Union[os.PathLike, str],
+    batch_size: int,
+    patch_shape: Tuple[int, int, int],
+    experiments: Optional[Sequence[str]] = None,
+    label_choice: Literal["psd", "vesicle_cloud", "saturated"] = "psd",
+    bounding_box: Optional[Tuple[float, ...]] = None,
+    em_mip: int = 1,
+    seg_mip: int = 0,
+    download: bool = False,
+    offsets: Optional[List[List[int]]] = None,
+    boundaries: bool = False,
+    **kwargs,
+) -> DataLoader:
+    """The DataLoader for the Wildenberg 2023 dataset, as torch-em's reference builds it."""
+    import torch_em
+    from torch_em.data.datasets import util
+    ds_kwargs, loader_kwargs = util.split_kwargs(torch_em.default_segmentation_dataset, **kwargs)
+    ds = get_wildenberg_dataset(path=path, patch_shape=patch_shape, experiments=experiments,
+                                label_choice=label_choice, bounding_box=bounding_box, em_mip=em_mip,
+                                seg_mip=seg_mip, download=download, offsets=offsets, boundaries=boundaries,
+                                **ds_kwargs)
+    return torch_em.get_data_loader(ds, batch_size=batch_size, **loader_kwargs)
