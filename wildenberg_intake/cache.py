@@ -18,12 +18,14 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
 
 import numpy as np
 
+_RECORD = re.compile(r"\d+\.\d+\.\d+")  # a shard record's file name: i.j.k
 LAYOUT_VERSION = 1
 CHUNKS = (64, 128, 128)
 SHARDS = (128, 512, 512)
@@ -173,7 +175,10 @@ class StoreCache:
         if not folder.is_dir():
             return set()
         return {tuple(int(i) for i in p.name.split(".")) for p in folder.iterdir()
-                if p.is_file() and not p.name.startswith(".") and p.name != "COMPLETE"}
+                if _RECORD.fullmatch(p.name)}
+
+    def is_done(self, name: str, index) -> bool:
+        return self._record(name, index).is_file()
 
     def is_complete(self, name: str) -> bool:
         return (self.progress / name / "COMPLETE").is_file()

@@ -16,7 +16,7 @@ from intake.source.base import DataSource, Schema
 
 from . import __version__
 from .catalog import make_request
-from .engine import DEFAULT_WORKERS, cache_for, materialise
+from .engine import DEFAULT_CONNECTIONS, DEFAULT_WORKERS, cache_for, materialise
 from .plan import StorePlan, plan_store
 
 
@@ -32,7 +32,8 @@ class WildenbergSource(DataSource):
 
     Arguments are the catalog entry's declared fields (`dataset`: experiment, URLs, dtypes, box,
     axis swap; `label`) plus the user parameters bbox_nm, em_mip, seg_mip, cache_dir and base_url;
-    `workers` sets the parallel shard downloads and `progress` the progress bars.
+    `workers` sets the shard tasks at once (CPU), `connections` the chunk requests in flight, and
+    `progress` the progress bars.
     """
 
     name = "wildenberg"
@@ -41,11 +42,13 @@ class WildenbergSource(DataSource):
     partition_access = False
 
     def __init__(self, dataset: dict, label: str, parameters: dict | None = None,
-                 workers: int = DEFAULT_WORKERS, progress: bool = True, metadata=None, **user):
+                 workers: int = DEFAULT_WORKERS, progress: bool = True,
+                 connections: int = DEFAULT_CONNECTIONS, metadata=None, **user):
         # `dataset`: the experiment's declared fields; `parameters`: the user parameters as the
         # catalog rendered them; `user`: the same given directly (they win).
         self.request = make_request(**dataset, label=label, **{**(parameters or {}), **user})
         self.workers = workers
+        self.connections = connections
         self.progress = progress
         self._plan = None
         super().__init__(metadata=metadata)
@@ -86,9 +89,14 @@ class WildenbergSource(DataSource):
             self.dtype, self.shape, self.npartitions = self._schema.dtype, self._schema.shape, 1
             self.metadata = {**(self.metadata or {}), **self._schema.extra_metadata}
 
-    def materialise(self) -> str:
-        """Fetch what is missing (raw and this label) into the cache; return the zarr store path."""
-        path = materialise(self.plan, ["raw", self.plan.label_name], self.workers, self.progress)
+    def materialise(self, client=None) -> str:
+        """Fetch what is missing (raw and this label) into the cache; return the zarr store path.
+
+        client: a dask.distributed Client (or scheduler address) to run the shard tasks on its
+        workers; the cache folder must be on a filesystem they share.
+        """
+        path = materialise(self.plan, ["raw", self.plan.label_name], self.workers, self.progress,
+                           self.connections, client)
         self._schema = None  # `cached` in the metadata has changed
         return str(path)
 

@@ -1,24 +1,41 @@
-"""Materialisation engine: fill a store's arrays shard by shard, resumably.
+"""Materialisation engine: fill a store's arrays shard by shard, each source chunk fetched once, resumably.
 
-One task owns one output shard: it reads the shard's box from the source layer, writes the whole
-shard (zarr rewrites a shard on any partial write, so two writers in one shard would lose data),
-and only then records it done. Work already recorded is skipped, so a killed run resumes where it
-stopped and ends with exactly the bytes of an uninterrupted one.
+- One task owns one output shard: it gathers the source chunks the shard needs, writes the whole
+  shard (zarr rewrites a shard on any partial write, so two writers in one shard would lose data)
+  and only then records it done. Work already recorded is skipped, so a killed run resumes where
+  it stopped and ends with exactly the bytes of an uninterrupted one.
+- Each source chunk is fetched once. The output shards rarely line up with the source chunks, so
+  a chunk is often needed by two to eight shards: such a shared chunk's encoded bytes are staged
+  on disk (`staging/` in the store's folder) by whichever task fetches it first and deleted once
+  every shard that needs it is recorded. Staged files are renamed into place whole, so they too
+  survive a kill; a staged chunk is never fetched again.
+- Requests in flight (`connections`) are independent of the shard tasks (`workers`, CPU-bound:
+  decoding and compression release the GIL), and memory is bounded by the tasks in flight.
+- The same tasks run on a dask.distributed cluster (`client=`) over a shared filesystem.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
+import socket
 import sys
+import time
+import uuid
 from pathlib import Path
+
+import shutil
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .cache import StoreCache, shard_box, shard_grid
+from .cache import SHARDS, StoreCache, shard_box, shard_grid
+from .layers import Layer, place
 from .plan import ArraySource, StorePlan
 
-DEFAULT_WORKERS = 8
+DEFAULT_WORKERS = max(2, os.cpu_count() or 2)
+DEFAULT_CONNECTIONS = 16
+LOCK_STALE_SECONDS = 600  # a lock older than this, or whose process is gone, is taken over
 
 
 def store_attributes(plan: StorePlan) -> dict:
@@ -38,13 +55,198 @@ def cache_for(plan: StorePlan) -> StoreCache:
     return StoreCache(plan.request.cache_dir, plan.name)
 
 
-def materialise(plan: StorePlan, names=None, workers: int = DEFAULT_WORKERS, progress: bool = True) -> Path:
+# -- locks that a killed process cannot leave behind for ever --------------------------------------
+
+def _try_lock(path: Path) -> bool:
+    """Create lock file `path` exclusively; take it over if its holder is gone or it is stale."""
+    me = f"{socket.gethostname()} {os.getpid()} {uuid.uuid4().hex}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if not _stale(path):
+                return False
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return True
+    return False
+
+
+def _stale(path: Path) -> bool:
+    try:
+        host, pid, _ = path.read_text().split()
+        age = time.time() - path.stat().st_mtime
+    except (FileNotFoundError, ValueError):
+        return True  # vanished, or written only in part by a killed process
+    if age > LOCK_STALE_SECONDS:
+        return True
+    if host == socket.gethostname():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    return False
+
+
+def _unlock(path: Path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# -- staged chunks --------------------------------------------------------------------------------
+
+class ChunkStage:
+    """Encoded bytes of source chunks that several shards need: fetched once, kept until all are written."""
+
+    MISSING = b"\x00wildenberg-intake:404\x00"  # a chunk the server does not have (read as zeros)
+
+    def __init__(self, folder: Path, layer: Layer):
+        self.folder = folder
+        self.layer = layer
+
+    def _path(self, grid) -> Path:
+        return self.folder / ".".join(str(g) for g in grid)
+
+    def get(self, grid) -> bytes | None:
+        path = self._path(grid)
+        lock = path.with_name(path.name + ".lock")
+        while True:
+            if path.exists():
+                data = path.read_bytes()
+                return None if data == self.MISSING else data
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if _try_lock(lock):
+                try:
+                    if path.exists():
+                        continue
+                    data = self.layer.fetch_chunk(grid)
+                    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+                    tmp.write_bytes(self.MISSING if data is None else data)
+                    os.replace(tmp, path)
+                    return data
+                finally:
+                    _unlock(lock)
+            time.sleep(0.01)  # another task is fetching it
+
+    def release(self, grid):
+        try:
+            os.unlink(self._path(grid))
+        except FileNotFoundError:
+            pass
+
+
+# -- one shard --------------------------------------------------------------------------------------
+
+class ShardWriter:
+    """Everything one array's shard tasks need; picklable, so dask workers can run `write`."""
+
+    def __init__(self, plan: StorePlan, name: str, connections: int = DEFAULT_CONNECTIONS):
+        self.plan, self.name, self.connections = plan, name, connections
+        self.src = plan.arrays[name]
+        self._array = None
+        self._io = None
+
+    def __getstate__(self):
+        return {"plan": self.plan, "name": self.name, "connections": self.connections}
+
+    def __setstate__(self, state):
+        self.__init__(state["plan"], state["name"], state["connections"])
+
+    @property
+    def cache(self) -> StoreCache:
+        return cache_for(self.plan)
+
+    @property
+    def layer(self) -> Layer:
+        return self.plan.layers[self.name]
+
+    @property
+    def stage(self) -> ChunkStage:
+        return ChunkStage(self.cache.root / "staging" / self.name, self.layer)
+
+    def array(self):
+        if self._array is None:
+            import zarr
+            self._array = zarr.open_array(str(self.cache.zarr_path), path=self.name, mode="r+", zarr_format=3)
+        return self._array
+
+    def io(self) -> cf.ThreadPoolExecutor:
+        if self._io is None:
+            self._io = cf.ThreadPoolExecutor(self.connections, thread_name_prefix="wildenberg-io")
+        return self._io
+
+    def shards_of_chunk(self, grid) -> list[tuple]:
+        """Output shards that need source chunk `grid`."""
+        start, stop = self.layer.info.chunk_box(grid)
+        lo = [max(a - s, 0) // sh for a, s, sh in zip(start, self.src.start_zyx, SHARDS)]
+        hi = [(min(b - s, n) - 1) // sh for b, s, n, sh in zip(stop, self.src.start_zyx, self.src.shape, SHARDS)]
+        return [(i, j, k) for i in range(lo[0], hi[0] + 1) for j in range(lo[1], hi[1] + 1)
+                for k in range(lo[2], hi[2] + 1)]
+
+    def write(self, index) -> int:
+        """Fetch, assemble and write output shard `index`, then record it. Returns bytes written."""
+        cache, layer, src = self.cache, self.layer, self.src
+        lock = cache.progress / self.name / (".".join(map(str, index)) + ".lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        while not _try_lock(lock):  # another process is writing this shard
+            if index in cache.done_shards(self.name):
+                return 0
+            time.sleep(0.05)
+        try:
+            if cache.is_done(self.name, index):
+                return 0
+            start, stop = shard_box(index, src.shape)
+            g_start = np.add(src.start_zyx, start)
+            out = np.zeros(tuple(b - a for a, b in zip(start, stop)), dtype=src.dtype)
+            shared = []
+            futures = {}
+            for grid in layer.info.chunks_in(g_start, np.add(src.start_zyx, stop)):
+                if len(self.shards_of_chunk(grid)) > 1:
+                    shared.append(grid)
+                    futures[self.io().submit(self.stage.get, grid)] = grid
+                else:
+                    futures[self.io().submit(layer.fetch_chunk, grid)] = grid
+            for future in cf.as_completed(futures):  # decode while the other chunks arrive
+                grid = futures[future]
+                place(out, g_start, layer.info.chunk_box(grid)[0], layer.decode_chunk(grid, future.result()))
+            self.array()[tuple(slice(a, b) for a, b in zip(start, stop))] = out
+            cache.mark_done(self.name, index)  # only after the shard's bytes are written
+        finally:
+            _unlock(lock)
+        done = cache.done_shards(self.name)
+        for grid in shared:
+            if all(s in done for s in self.shards_of_chunk(grid)):
+                self.stage.release(grid)
+        return out.nbytes
+
+
+def _write_on_worker(writer: ShardWriter, index) -> int:
+    return writer.write(index)
+
+
+# -- the whole store --------------------------------------------------------------------------------
+
+def materialise(plan: StorePlan, names=None, workers: int = DEFAULT_WORKERS, progress: bool = True,
+                connections: int = DEFAULT_CONNECTIONS, client=None) -> Path:
     """Make arrays `names` (default: raw and the request's label) complete in the store; return its path.
 
     Arrays already complete are not touched; shards already recorded are not fetched again.
+    workers: shard tasks at once (CPU-bound); connections: chunk requests in flight per process.
+    client: a dask.distributed Client or scheduler address: run the shard tasks on its workers
+        (the cache folder must be on a filesystem they share).
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers={workers!r} is not valid; allowed: a positive integer")
+    for pname, value in (("workers", workers), ("connections", connections)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{pname}={value!r} is not valid; allowed: a positive integer")
     names = list(names) if names is not None else ["raw", plan.label_name]
     for name in names:
         if name not in plan.arrays:
@@ -55,67 +257,89 @@ def materialise(plan: StorePlan, names=None, workers: int = DEFAULT_WORKERS, pro
     cache.initialise(plan.key(), store_attributes(plan))
     for name in names:
         if not cache.is_complete(name):
-            _fill_array(cache, plan, plan.arrays[name], workers, progress)
+            src = plan.arrays[name]
+            cache.ensure_array(name, src.shape, src.dtype, src.is_label, array_attributes(src))
+            _fill_array(cache, ShardWriter(plan, name, connections), workers, progress, client)
     return cache.zarr_path
 
 
-def _fill_array(cache: StoreCache, plan: StorePlan, src: ArraySource, workers: int, progress: bool):
-    array = cache.ensure_array(src.name, src.shape, src.dtype, src.is_label, array_attributes(src))
-    layer = plan.layers[src.name]
+def _order(shards) -> list:
+    # z fastest: a chunk shared across a z boundary is released one task later.
+    return sorted(shards, key=lambda s: (s[1], s[2], s[0]))
+
+
+def _fill_array(cache: StoreCache, writer: ShardWriter, workers: int, progress: bool, client):
+    src = writer.src
     shards = shard_grid(src.shape)
-    todo = sorted(set(shards) - cache.done_shards(src.name))
-
-    def write_shard(index):
-        start, stop = shard_box(index, src.shape)
-        data = layer.read([s + a for s, a in zip(src.start_zyx, start)],
-                          [s + b for s, b in zip(src.start_zyx, stop)])
-        array[tuple(slice(a, b) for a, b in zip(start, stop))] = data
-        cache.mark_done(src.name, index)  # only after the shard's bytes are written
-        return data.nbytes
-
+    todo = _order(set(shards) - cache.done_shards(src.name))
     done_bytes = src.nbytes - sum(_box_bytes(i, src) for i in todo)
     bar = tqdm(total=src.nbytes, initial=done_bytes, unit="B", unit_scale=True, disable=not progress,
-               desc=f"{plan.request.experiment} {src.name}")
-    done = len(shards) - len(todo)
-    bar.set_postfix_str(f"{done}/{len(shards)} shards")
+               desc=f"{writer.plan.request.experiment} {src.name}")
+    state = {"done": len(shards) - len(todo)}
+
+    def advance(nbytes_index):
+        nbytes, index = nbytes_index
+        state["done"] += 1
+        bar.update(_box_bytes(index, src))
+        bar.set_postfix_str(f"{state['done']}/{len(shards)} shards")
+
+    bar.set_postfix_str(f"{state['done']}/{len(shards)} shards")
+    try:
+        if client is not None:
+            _run_on_dask(client, writer, todo, advance)
+        else:
+            _run_threads(writer, todo, workers, advance)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\nInterrupted: {state['done']}/{len(shards)} shards of {src.name} are recorded in {cache.root}; "
+              "run the same command again to resume.", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+        if writer._io is not None:
+            writer._io.shutdown(wait=True, cancel_futures=True)
+    cache.mark_complete(src.name, src.shape)
+    shutil.rmtree(cache.root / "staging" / src.name, ignore_errors=True)
+
+
+def _run_threads(writer: ShardWriter, todo, workers: int, advance):
     pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wildenberg")
-    pending = set()
+    pending = {}
     queue = iter(todo)
     try:
-        # Bounded submission keeps memory proportional to the workers, not to the volume.
-        for index in queue:
-            pending.add(pool.submit(write_shard, index))
-            if len(pending) >= 2 * workers:
-                finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                done += _collect(finished, bar)
-                bar.set_postfix_str(f"{done}/{len(shards)} shards")
-        while pending:
-            finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-            done += _collect(finished, bar)
-            bar.set_postfix_str(f"{done}/{len(shards)} shards")
-    except BaseException as e:
+        while True:
+            # Bounded submission keeps memory proportional to the workers, not to the volume.
+            for index in queue:
+                pending[pool.submit(writer.write, index)] = index
+                if len(pending) >= workers + 1:
+                    break
+            if not pending:
+                break
+            finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for f in finished:
+                advance((f.result(), pending.pop(f)))  # re-raises a task's error
+    except BaseException:
         for f in pending:
             f.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
-        if isinstance(e, KeyboardInterrupt):
-            print(f"\nInterrupted: {done}/{len(shards)} shards of {src.name} are recorded in {cache.root}; "
-                  "run the same command again to resume.", file=sys.stderr)
         raise
     pool.shutdown(wait=True)
-    bar.close()
-    cache.mark_complete(src.name, src.shape)
 
 
-def _collect(finished, bar) -> int:
-    for f in finished:
-        bar.update(f.result())  # re-raises a task's error
-    return len(finished)
+def _run_on_dask(client, writer: ShardWriter, todo, advance):
+    from dask.distributed import Client, as_completed
+    if isinstance(client, str):
+        client = Client(client)
+    futures = {client.submit(_write_on_worker, writer, index, pure=False, priority=-n): index
+               for n, index in enumerate(todo)}
+    try:
+        for future in as_completed(futures):
+            advance((future.result(), futures[future]))
+    except BaseException:
+        client.cancel(list(futures))
+        raise
 
 
 def _box_bytes(index, src: ArraySource) -> int:
     start, stop = shard_box(index, src.shape)
-    n = 1
-    for a, b in zip(start, stop):
-        n *= b - a
-    return n * np.dtype(src.dtype).itemsize
+    return int(np.prod([b - a for a, b in zip(start, stop)])) * np.dtype(src.dtype).itemsize

@@ -1,26 +1,37 @@
-"""Remote layer access: a precomputed layer's geometry from its info file, and reads in physical (z, y, x).
+"""Remote layer access: a precomputed layer's geometry, its chunk grid, and chunk reads in physical (z, y, x).
 
 cloud-volume indexes (x, y, z); p105's EM layer additionally has x and y transposed. Everything
 outside this module sees physical (z, y, x) only: the swap is undone here, once.
+
+Chunks are fetched through `transfer.Fetcher` (404 = empty chunk, faults retried and never zeros)
+and decoded with cloud-volume's codecs, so every encoding cloud-volume reads (raw, jpeg, png,
+compressed_segmentation; gzip Content-Encoding; the sharded format) is read the same way.
+Fetching and decoding are separate steps so that the engine can fetch each chunk once and keep
+its encoded bytes until every shard that needs it is written.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import itertools
 import json
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from .transfer import Fetcher, TransferError
 
 SUPPORTED_DTYPES = ("uint8", "uint16", "uint32", "uint64")
 SUPPORTED_ENCODINGS = ("raw", "jpeg", "png", "compressed_segmentation")
 MAX_LAYER_VOXELS = 10**14  # far beyond any real layer; catches a hostile or broken info file
+MAX_CHUNK_VOXELS = 2**28  # 256 Mi voxels: no real chunk comes near; refused before allocating
 
 
 class LayerError(ValueError):
-    """A layer's info file or data is unusable."""
+    """A layer's info file or data is unusable; the message names the layer."""
 
 
 @dataclass(frozen=True)
@@ -35,8 +46,12 @@ class LayerInfo:
     resolution_zyx: tuple  # nm per voxel
     offset_zyx: tuple  # voxels
     size_zyx: tuple  # voxels
+    chunk_zyx: tuple  # voxels
     n_mips: int
     info_sha256: str  # hash of the whole info file, canonical JSON
+    scale_key: str = ""
+    sharding: dict | None = field(default=None, compare=False)
+    cseg_block_size: tuple | None = None
 
     @property
     def start_nm_zyx(self) -> np.ndarray:
@@ -54,13 +69,40 @@ class LayerInfo:
         lo, hi = np.asarray(self.offset_zyx), np.add(self.offset_zyx, self.size_zyx)
         return np.clip(start, lo, hi), np.clip(stop, lo, hi)
 
+    def chunks_in(self, start_zyx, stop_zyx) -> list[tuple]:
+        """Grid indices (z, y, x) of the chunks that intersect voxel box [start, stop)."""
+        ranges = []
+        for a in range(3):
+            lo = (int(start_zyx[a]) - self.offset_zyx[a]) // self.chunk_zyx[a]
+            hi = -(-(int(stop_zyx[a]) - self.offset_zyx[a]) // self.chunk_zyx[a])
+            ranges.append(range(max(lo, 0), hi))
+        return list(itertools.product(*ranges))
+
+    def chunk_box(self, grid) -> tuple:
+        """(start, stop) voxels (z, y, x) of chunk `grid`, clipped at the layer's edge."""
+        start = tuple(o + g * c for o, g, c in zip(self.offset_zyx, grid, self.chunk_zyx))
+        stop = tuple(min(s + c, o + n) for s, c, o, n in zip(start, self.chunk_zyx, self.offset_zyx, self.size_zyx))
+        return start, stop
+
 
 def _canonical_sha256(info: dict) -> str:
     return hashlib.sha256(json.dumps(info, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _ints(url, mip, name, value, n=3):
+    try:
+        out = [int(v) for v in value]
+        if len(out) != n or any(float(v) != o for v, o in zip(value, out)):
+            raise ValueError
+        return out
+    except (TypeError, ValueError):
+        raise LayerError(f"layer {url}: scale {mip} {name} {value!r} is not {n} integers") from None
+
+
 def parse_info(url: str, info: dict, mip: int, swap_xy: bool, param: str = "mip") -> LayerInfo:
     """Validate an info file and describe mip `mip`; errors name the layer and the bad field."""
+    if not isinstance(info, dict):
+        raise LayerError(f"layer {url}: info file is not a JSON object")
     try:
         scales = info["scales"]
         dtype = str(info["data_type"])
@@ -76,74 +118,189 @@ def parse_info(url: str, info: dict, mip: int, swap_xy: bool, param: str = "mip"
     if not 0 <= mip < len(scales):
         raise ValueError(f"{param}={mip} does not exist for layer {url}; allowed: {list(range(len(scales)))}")
     scale = scales[mip]
+    if not isinstance(scale, dict):
+        raise LayerError(f"layer {url}: scale {mip} is not a JSON object")
+    for key in ("resolution", "voxel_offset", "size", "encoding", "chunk_sizes", "key"):
+        if key not in scale:
+            raise LayerError(f"layer {url}: scale {mip} lacks '{key}'")
     try:
         res = [float(v) for v in scale["resolution"]]
-        off = [int(v) for v in scale["voxel_offset"]]
-        size = [int(v) for v in scale["size"]]
-        encoding = str(scale["encoding"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise LayerError(f"layer {url}: scale {mip} lacks or mangles {e}") from None
-    if len(res) != 3 or len(off) != 3 or len(size) != 3:
-        raise LayerError(f"layer {url}: scale {mip} resolution/voxel_offset/size must have 3 values")
-    if not all(math.isfinite(r) and r > 0 for r in res):
-        raise LayerError(f"layer {url}: scale {mip} resolution {res} must be positive")
+    except (TypeError, ValueError):
+        raise LayerError(f"layer {url}: scale {mip} resolution {scale['resolution']!r} is not 3 numbers") from None
+    off = _ints(url, mip, "voxel_offset", scale["voxel_offset"])
+    size = _ints(url, mip, "size", scale["size"])
+    chunks = scale["chunk_sizes"]
+    chunk = _ints(url, mip, "chunk_sizes[0]", chunks[0] if isinstance(chunks, list) and chunks else chunks)
+    encoding = str(scale["encoding"])
+    if len(res) != 3 or not all(math.isfinite(r) and r > 0 for r in res):
+        raise LayerError(f"layer {url}: scale {mip} resolution {res} must be 3 positive numbers")
     if min(size) <= 0 or math.prod(size) > MAX_LAYER_VOXELS:
         raise LayerError(f"layer {url}: scale {mip} size {size} is empty or implausibly large")
+    if min(chunk) <= 0 or math.prod(chunk) > MAX_CHUNK_VOXELS:
+        raise LayerError(f"layer {url}: scale {mip} chunk size {chunk} is empty or implausibly large")
     if encoding not in SUPPORTED_ENCODINGS:
         raise LayerError(f"layer {url}: encoding {encoding!r} is not supported; allowed: {SUPPORTED_ENCODINGS}")
+    block = None
+    if encoding == "compressed_segmentation":
+        block = tuple(_ints(url, mip, "compressed_segmentation_block_size",
+                            scale.get("compressed_segmentation_block_size")))
+    sharding = scale.get("sharding")
+    if sharding is not None and not (isinstance(sharding, dict)
+                                     and sharding.get("@type") == "neuroglancer_uint64_sharded_v1"):
+        raise LayerError(f"layer {url}: scale {mip} sharding {sharding!r} is not neuroglancer_uint64_sharded_v1")
     order = (1, 0, 2) if swap_xy else (0, 1, 2)  # cloud-volume axis holding physical x, y, z
-    return LayerInfo(
-        url=url, mip=mip, swap_xy=swap_xy, dtype=dtype, encoding=encoding,
-        resolution_zyx=tuple(res[order[a]] for a in (2, 1, 0)),
-        offset_zyx=tuple(off[order[a]] for a in (2, 1, 0)),
-        size_zyx=tuple(size[order[a]] for a in (2, 1, 0)),
-        n_mips=len(scales), info_sha256=_canonical_sha256(info),
-    )
+
+    def zyx(v):
+        return tuple(v[order[a]] for a in (2, 1, 0))
+    return LayerInfo(url=url, mip=mip, swap_xy=swap_xy, dtype=dtype, encoding=encoding,
+                     resolution_zyx=zyx(res), offset_zyx=zyx(off), size_zyx=zyx(size), chunk_zyx=zyx(chunk),
+                     n_mips=len(scales), info_sha256=_canonical_sha256(info), scale_key=str(scale["key"]),
+                     sharding=sharding, cseg_block_size=block)
+
+
+def http_url(url: str) -> str:
+    return url.removeprefix("precomputed://").rstrip("/")
+
+
+def fetch_info(url: str, fetcher: Fetcher) -> dict:
+    """A layer's info file, parsed; errors name the layer."""
+    try:
+        body = fetcher.get(f"{http_url(url)}/info")
+    except TransferError as e:
+        raise LayerError(f"layer {url}: could not read its info file: {e}") from e
+    if body is None:
+        raise LayerError(f"layer {url}: no info file (404); is the base URL right?")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LayerError(f"layer {url}: info file is not valid JSON: {e}") from None
 
 
 class Layer:
-    """Reads one layer at one mip through cloud-volume, returning physical (z, y, x) arrays.
+    """One layer at one mip: fetch and decode chunks, or read a box, in physical (z, y, x).
 
-    Safe to share between threads: each thread gets its own CloudVolume over the same info.
+    Safe to share between threads. Picklable (for dask workers): it carries the info, not connections.
     """
 
-    def __init__(self, url: str, mip: int, swap_xy: bool, param: str = "mip", info: dict | None = None):
-        from cloudvolume import CloudVolume
-
+    def __init__(self, url: str, mip: int, swap_xy: bool, param: str = "mip", info: dict | None = None,
+                 fetcher: Fetcher | None = None):
         self.url = url
-        self._local = threading.local()
-        if info is None:
-            try:
-                info = CloudVolume(url, mip=0, progress=False, parallel=1).info
-            except Exception as e:  # cloud-volume raises many types for a missing or bad layer
-                raise LayerError(f"layer {url}: could not read its info file: {e}") from e
-        self._info_dict = info
-        self.info = parse_info(url, info, mip, swap_xy, param)
+        self.fetcher = fetcher or Fetcher()
+        self._info_dict = info if info is not None else fetch_info(url, self.fetcher)
+        self.info = parse_info(url, self._info_dict, mip, swap_xy, param)
+        self._minishards = {}
+        self._lock = threading.Lock()
 
-    def _cv(self):
-        cv = getattr(self._local, "cv", None)
-        if cv is None:
-            from cloudvolume import CloudVolume
-            # fill_missing: a chunk the server answers 404 for is empty (zeros), as on BossDB.
-            cv = CloudVolume(self.url, mip=self.info.mip, info=self._info_dict, provenance={},
-                             fill_missing=True, progress=False, parallel=1, cache=False)
-            self._local.cv = cv
-        return cv
+    def __getstate__(self):
+        return {"url": self.url, "info": self._info_dict, "mip": self.info.mip, "swap_xy": self.info.swap_xy,
+                "policy": self.fetcher.policy}
+
+    def __setstate__(self, state):
+        self.__init__(state["url"], state["mip"], state["swap_xy"], info=state["info"],
+                      fetcher=Fetcher(state["policy"]))
+
+    # -- cloud-volume's axis order for one chunk ---------------------------------------------------
+    def _cv(self, zyx):
+        z, y, x = zyx
+        return (y, x, z) if self.info.swap_xy else (x, y, z)
+
+    def chunk_name(self, grid) -> str:
+        """The chunk's file name in the unsharded layout, e.g. '0-512_0-512_0-16' (cloud-volume axes)."""
+        start, stop = self.info.chunk_box(grid)
+        a, b = self._cv(start), self._cv(stop)
+        return "_".join(f"{lo}-{hi}" for lo, hi in zip(a, b))
+
+    def fetch_chunk(self, grid) -> bytes | None:
+        """The chunk's encoded bytes, or None if the server has no such chunk (an empty chunk)."""
+        base = f"{http_url(self.url)}/{self.info.scale_key}"
+        if self.info.sharding is None:
+            return self.fetcher.get(f"{base}/{self.chunk_name(grid)}")
+        return self._fetch_sharded(base, grid)
+
+    def decode_chunk(self, grid, data: bytes | None) -> np.ndarray:
+        """Decoded chunk as a C-order (z, y, x) array; zeros for a missing chunk."""
+        from cloudvolume import chunks
+        start, stop = self.info.chunk_box(grid)
+        shape_zyx = tuple(b - a for a, b in zip(start, stop))
+        if data is None:
+            return np.zeros(shape_zyx, dtype=self.info.dtype)
+        cv_shape = (*self._cv(shape_zyx), 1)
+        try:
+            arr = chunks.decode(data, self.info.encoding, shape=cv_shape, dtype=self.info.dtype,
+                                block_size=self.info.cseg_block_size)
+        except Exception as e:  # each codec raises its own types for a corrupt chunk
+            raise LayerError(f"layer {self.url}: chunk {self.chunk_name(grid)} does not decode to "
+                             f"{cv_shape} {self.info.dtype}: {type(e).__name__}: {e}") from None
+        arr = np.asarray(arr)
+        if arr.ndim == 3:
+            arr = arr[..., None]
+        if tuple(arr.shape) != cv_shape:
+            raise LayerError(f"layer {self.url}: chunk {self.chunk_name(grid)} decoded to {arr.shape}, "
+                             f"its box is {cv_shape}")
+        arr = arr[..., 0].transpose((2, 0, 1) if self.info.swap_xy else (2, 1, 0))
+        return np.ascontiguousarray(arr, dtype=self.info.dtype)
 
     def read(self, start_zyx, stop_zyx) -> np.ndarray:
-        """Voxels [start, stop) in this layer's physical voxel coordinates, as a C-order (z, y, x) array."""
-        (z0, y0, x0), (z1, y1, x1) = (int(v) for v in start_zyx), (int(v) for v in stop_zyx)
-        if self.info.swap_xy:
-            block = self._cv()[y0:y1, x0:x1, z0:z1]
-            order = (2, 0, 1)  # cloud-volume (phys y, phys x, z) -> (z, y, x)
-        else:
-            block = self._cv()[x0:x1, y0:y1, z0:z1]
-            order = (2, 1, 0)
-        block = np.asarray(block)
-        if block.ndim == 4:
-            block = block[..., 0]
-        expected = (z1 - z0, y1 - y0, x1 - x0)
-        out = np.ascontiguousarray(block.transpose(order), dtype=self.info.dtype)
-        if out.shape != expected:
-            raise LayerError(f"layer {self.url}: read {out.shape} voxels for a box of {expected}")
+        """Voxels [start, stop) of this layer's physical voxel grid (zeros outside it), C-order (z, y, x)."""
+        start, stop = np.asarray(start_zyx, int), np.asarray(stop_zyx, int)
+        out = np.zeros(tuple(stop - start), dtype=self.info.dtype)
+        for grid in self.info.chunks_in(start, stop):
+            place(out, start, self.info.chunk_box(grid)[0], self.decode_chunk(grid, self.fetch_chunk(grid)))
         return out
+
+    # -- the sharded format --------------------------------------------------------------------
+    def _fetch_sharded(self, base: str, grid) -> bytes | None:
+        from cloudvolume.datasource.precomputed.common import compressed_morton_code
+        from cloudvolume.datasource.precomputed.sharding import ShardingSpecification
+        spec = ShardingSpecification.from_dict(self.info.sharding)
+        grid_size = self._cv(tuple(-(-n // c) for n, c in zip(self.info.size_zyx, self.info.chunk_zyx)))
+        code = int(compressed_morton_code(self._cv(grid), grid_size))
+        loc = spec.compute_shard_location(code)
+        url = f"{base}/{loc.shard_number}.shard"
+        index = self._minishard_index(url, spec, int(loc.minishard_number))
+        if index is None:
+            return None
+        rows = index[index[:, 0] == code]
+        if len(rows) == 0:
+            return None  # not in the shard: an empty chunk
+        offset, size = int(rows[0, 1]), int(rows[0, 2])
+        data = self.fetcher.get(url, (offset, offset + size))
+        if data is None or len(data) != size:
+            raise LayerError(f"layer {self.url}: shard {url} lost chunk {code} between index and data reads")
+        return gzip.decompress(data) if spec.data_encoding == "gzip" else data
+
+    def _minishard_index(self, url, spec, minishard):
+        key = (url, minishard)
+        with self._lock:
+            if key in self._minishards:
+                return self._minishards[key]
+        raw = self.fetcher.get(url, (minishard * 16, minishard * 16 + 16))
+        index = None
+        if raw is not None:
+            start, end = (int(v) + spec.index_length() for v in np.frombuffer(raw, dtype="<u8"))
+            if end > start:
+                data = self.fetcher.get(url, (start, end))
+                if data is None:
+                    raise LayerError(f"layer {self.url}: shard {url} vanished while being read")
+                if spec.minishard_index_encoding == "gzip":
+                    data = gzip.decompress(data)
+                table = np.frombuffer(data, dtype="<u8").reshape(3, -1).T.copy()
+                table[:, 0] = np.cumsum(table[:, 0])
+                table[:, 1] = np.cumsum(table[:, 1])
+                table[1:, 1] += np.cumsum(table[:-1, 2])
+                table[:, 1] += spec.index_length()
+                index = table
+        with self._lock:
+            self._minishards[key] = index
+        return index
+
+
+def place(out: np.ndarray, out_start, src_start, src: np.ndarray):
+    """Copy the part of `src` (placed at global `src_start`) that falls inside `out` (at `out_start`)."""
+    out_start, src_start = np.asarray(out_start), np.asarray(src_start)
+    lo = np.maximum(out_start, src_start)
+    hi = np.minimum(out_start + out.shape, src_start + src.shape)
+    if np.any(hi <= lo):
+        return
+    out[tuple(slice(a, b) for a, b in zip(lo - out_start, hi - out_start))] = \
+        src[tuple(slice(a, b) for a, b in zip(lo - src_start, hi - src_start))]

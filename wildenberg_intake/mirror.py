@@ -305,10 +305,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 server.bytes_sent += len(body)
 
     def do_GET(self):
-        self._answer(True)
+        self._quietly(True)
 
     def do_HEAD(self):
-        self._answer(False)
+        self._quietly(False)
+
+    def _quietly(self, send_body):
+        try:
+            self._answer(send_body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away (killed, or gave up): nothing to answer
 
 
 class _Server(http.server.ThreadingHTTPServer):

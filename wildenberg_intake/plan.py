@@ -17,6 +17,7 @@ import numpy as np
 from .cache import LAYOUT, LAYOUT_VERSION
 from .catalog import Request
 from .layers import Layer, LayerInfo
+from .transfer import Fetcher, RetryPolicy
 
 
 @dataclass(frozen=True)
@@ -63,15 +64,21 @@ class StorePlan:
         return f"{self.request.experiment}-{digest[:16]}"
 
     @property
+    def fetcher(self) -> Fetcher:
+        return self.layers["raw"].fetcher
+
+    @property
     def label_name(self) -> str:
         return f"labels/{self.request.label}"
 
 
-def plan_store(request: Request) -> StorePlan:
+def plan_store(request: Request, policy: RetryPolicy | None = None) -> StorePlan:
     """Read the layers' info files (no voxel data) and lay out the store for `request`."""
-    layers = {"raw": Layer(request.em_url, request.em_mip, request.em_axes_swapped, "em_mip")}
+    fetcher = Fetcher(policy)
+    layers = {"raw": Layer(request.em_url, request.em_mip, request.em_axes_swapped, "em_mip", fetcher=fetcher)}
     for ch in request.label_channels:
-        layers[f"labels/{ch.name}"] = Layer(request.url(ch.channel), request.seg_mip, False, "seg_mip")
+        layers[f"labels/{ch.name}"] = Layer(request.url(ch.channel), request.seg_mip, False, "seg_mip",
+                                            fetcher=fetcher)
 
     x0, x1, y0, y1, z0, z1 = request.bbox_nm
     lo = np.array([z0, y0, x0], dtype=float)

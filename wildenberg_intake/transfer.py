@@ -1,0 +1,127 @@
+"""Transfer: fetch bytes over HTTP(S) or from local files, telling a missing object from a fault.
+
+BossDB serves public volumes from S3. A 404 means the object does not exist (for a chunk: empty,
+zeros). Anything else that is not a complete 200/206 answer (5xx, 429, a reset connection, a body
+shorter than its Content-Length, a broken gzip stream, a timeout) is a transient fault: retried
+with exponential backoff a bounded number of times, then raised as `TransferError` naming the URL
+and the failure. A fault is never turned into zeros. 403 and other 4xx answers are errors at once.
+
+cloud-volume's own transfer layer retries every exception seven times with waits up to a minute
+and zero-fills 403 like 404 when fill_missing is on; this module replaces it for reads.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import requests
+
+
+class TransferError(IOError):
+    """A fetch that failed for good: the URL and the last failure are in the message."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How transient faults are retried: `attempts` tries in all, waits growing from `backoff` seconds."""
+
+    attempts: int = 6
+    backoff: float = 0.25
+    max_wait: float = 8.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+    def wait(self, attempt: int) -> float:
+        return min(self.max_wait, self.backoff * 2 ** attempt) * (0.5 + random.random() / 2)
+
+
+def to_fetchable(url: str) -> str:
+    """Public bucket URLs as HTTPS (s3://b/p -> https://b.s3.amazonaws.com/p, gs://b/p -> storage.googleapis.com)."""
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        return f"https://{parsed.netloc}.s3.amazonaws.com{parsed.path}"
+    if parsed.scheme == "gs":
+        return f"https://storage.googleapis.com/{parsed.netloc}{parsed.path}"
+    return url
+
+
+class Fetcher:
+    """Thread-safe GETs with the retry policy; counts attempts, retries and bytes for reports."""
+
+    def __init__(self, policy: RetryPolicy | None = None):
+        self.policy = policy or RetryPolicy()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self.stats = {"requests": 0, "retries": 0, "bytes": 0, "missing": 0}
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            self._local.session = session
+        return session
+
+    def _count(self, **kw):
+        with self._lock:
+            for k, v in kw.items():
+                self.stats[k] += v
+
+    def get(self, url: str, byte_range: tuple[int, int] | None = None) -> bytes | None:
+        """The object's bytes (decompressed if served with Content-Encoding), or None if it does not exist.
+
+        byte_range: (start, stop) for a part of the object, stop exclusive.
+        """
+        url = to_fetchable(url)
+        if url.startswith("file://"):
+            return self._get_file(Path(urlparse(url).path), byte_range)
+        headers = {"Range": f"bytes={byte_range[0]}-{byte_range[1] - 1}"} if byte_range else {}
+        last = None
+        for attempt in range(self.policy.attempts):
+            if attempt:
+                self._count(retries=1)
+                time.sleep(self.policy.wait(attempt - 1))
+            self._count(requests=1)
+            try:
+                resp = self._session().get(url, headers=headers,
+                                           timeout=(self.policy.connect_timeout, self.policy.read_timeout))
+                body = resp.content  # raises on a reset, a truncated body or a broken gzip stream
+            except requests.RequestException as e:
+                last = f"{type(e).__name__}: {e}"
+                continue
+            if resp.status_code == 404:
+                self._count(missing=1)
+                return None
+            if resp.status_code in (200, 206):
+                expected = resp.headers.get("Content-Length")
+                if expected is not None and "Content-Encoding" not in resp.headers and len(body) != int(expected):
+                    last = f"truncated body: {len(body)} of {expected} bytes"
+                    continue
+                if byte_range and resp.status_code == 200:  # server ignored the range
+                    body = body[byte_range[0]:byte_range[1]]
+                self._count(bytes=len(body))
+                return body
+            if resp.status_code == 429 or resp.status_code >= 500:
+                last = f"HTTP {resp.status_code}"
+                continue
+            raise TransferError(f"GET {url} answered HTTP {resp.status_code}; only 404 means a missing object")
+        raise TransferError(f"GET {url} failed {self.policy.attempts} times; last failure: {last}")
+
+    def _get_file(self, path: Path, byte_range):
+        for candidate, gz in ((path, False), (path.with_name(path.name + ".gz"), True)):
+            if candidate.is_file():
+                data = candidate.read_bytes()
+                if gz:
+                    import gzip
+                    data = gzip.decompress(data)
+                self._count(requests=1, bytes=len(data))
+                return data[byte_range[0]:byte_range[1]] if byte_range else data
+        self._count(requests=1, missing=1)
+        return None
