@@ -18,7 +18,14 @@ from .catalog import catalog_path, default_cache_dir, entry_names  # noqa: E402 
 
 _TRAINING = ("get_dataset", "get_loader", "get_wildenberg_data", "get_wildenberg_paths",
              "get_wildenberg_dataset", "get_wildenberg_loader")
-__all__ = ["__version__", "catalog_path", "default_cache_dir", "entry_names", "open_catalog", *_TRAINING]
+__all__ = ["__version__", "catalog_path", "default_cache_dir", "entry_names", "open_catalog", "verify",
+           *_TRAINING]
+
+
+def verify(path) -> dict:
+    """Reread a cached store (its folder or data.zarr) and report missing and corrupted shards per array."""
+    from .cache import StoreCache
+    return StoreCache.at(path).verify()
 
 
 def __getattr__(name):

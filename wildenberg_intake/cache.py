@@ -161,10 +161,30 @@ class StoreCache:
     def _record(self, name: str, index) -> Path:
         return self.progress / name / ".".join(str(i) for i in index)
 
-    def mark_done(self, name: str, index) -> dict:
-        """Record shard `index` of `name` as written, with the checksum of its file."""
+    @classmethod
+    def at(cls, path) -> "StoreCache":
+        """The store whose folder (or whose data.zarr) is `path`."""
+        path = Path(path)
+        root = path.parent if path.name == "data.zarr" else path
+        if not (root / "data.zarr" / "zarr.json").is_file():
+            raise ValueError(f"path={str(path)!r} is not a wildenberg-intake store; allowed: a folder "
+                             "<cache_dir>/wildenberg2023/<store> or its data.zarr")
+        return cls(root.parent.parent, root.name)
+
+    def arrays(self) -> list[str]:
+        """Names of the arrays the store holds: raw, labels/<label>."""
+        out = [n for n in ("raw",) if (self.zarr_path / n / "zarr.json").is_file()]
+        labels = self.zarr_path / "labels"
+        if labels.is_dir():
+            out += sorted(f"labels/{p.name}" for p in labels.iterdir() if (p / "zarr.json").is_file())
+        return out
+
+    def mark_done(self, name: str, index, missing_chunks=()) -> dict:
+        """Record shard `index` of `name` as written, with the checksum of its file and the source
+        chunks the server answered 404 for (read as zeros)."""
         path = self.shard_file(name, index)
-        record = {"sha256": file_sha256(path), "bytes": path.stat().st_size if path.exists() else 0}
+        record = {"sha256": file_sha256(path), "bytes": path.stat().st_size if path.exists() else 0,
+                  "missing_chunks": sorted(missing_chunks)}
         target = self._record(name, index)
         target.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(target, json.dumps(record).encode())
@@ -183,8 +203,61 @@ class StoreCache:
     def is_complete(self, name: str) -> bool:
         return (self.progress / name / "COMPLETE").is_file()
 
+    def record(self, name: str, index) -> dict | None:
+        try:
+            return json.loads(self._record(name, index).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
     def mark_complete(self, name: str, shape):
+        """Mark array `name` complete once every shard is recorded; note the 404 chunks in its attributes."""
         missing = set(shard_grid(shape)) - self.done_shards(name)
         if missing:
             raise RuntimeError(f"{self.zarr_path / name}: {len(missing)} shards are not recorded as written")
+        empty = sorted({c for i in shard_grid(shape) for c in (self.record(name, i) or {}).get("missing_chunks", [])})
+        meta_path = self.zarr_path / name / "zarr.json"
+        meta = json.loads(meta_path.read_text())
+        meta.setdefault("attributes", {})["missing_source_chunks"] = {
+            "count": len(empty), "chunks": empty,
+            "meaning": "source chunks the server answered 404 for; stored as zeros (empty, not unfetched)"}
+        _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
         _atomic_write(self.progress / name / "COMPLETE", b"")
+
+    # -- integrity --------------------------------------------------------------------------------
+    def verify(self) -> dict:
+        """Reread every shard and compare it with its record.
+
+        Returns {array: {"complete": bool, "missing": [shard], "corrupt": [shard], "unfetched": [shard]}}:
+        missing = recorded but its file is gone; corrupt = its bytes differ from the record;
+        unfetched = not recorded yet (a run that has not finished).
+        """
+        import zarr
+        report = {}
+        for name in self.arrays():
+            shape = zarr.open_array(str(self.zarr_path), path=name, mode="r", zarr_format=3).shape
+            entry = {"complete": self.is_complete(name), "missing": [], "corrupt": [], "unfetched": []}
+            for index in shard_grid(shape):
+                rec = self.record(name, index)
+                if rec is None:
+                    entry["unfetched"].append(index)
+                    continue
+                actual = file_sha256(self.shard_file(name, index))
+                if actual == rec["sha256"]:
+                    continue
+                entry["missing" if actual is None else "corrupt"].append(index)
+            report[name] = entry
+        return report
+
+    def invalidate(self, name: str, shards):
+        """Forget shards (their records, files and the array's COMPLETE mark) so the next run rewrites them."""
+        _remove(self.progress / name / "COMPLETE")
+        for index in shards:
+            _remove(self._record(name, index))
+            _remove(self.shard_file(name, index))
+
+
+def _remove(path: Path):
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

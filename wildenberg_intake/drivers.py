@@ -18,6 +18,7 @@ from . import __version__
 from .catalog import make_request
 from .engine import DEFAULT_CONNECTIONS, DEFAULT_WORKERS, cache_for, materialise
 from .plan import StorePlan, plan_store
+from .transfer import RetryPolicy
 
 
 def _memory_bytes() -> int:
@@ -32,7 +33,8 @@ class WildenbergSource(DataSource):
 
     Arguments are the catalog entry's declared fields (`dataset`: experiment, URLs, dtypes, box,
     axis swap; `label`) plus the user parameters bbox_nm, em_mip, seg_mip, cache_dir and base_url;
-    `workers` sets the shard tasks at once (CPU), `connections` the chunk requests in flight, and
+    `workers` sets the shard tasks at once (CPU), `connections` the chunk requests in flight,
+    `retry` the retry policy for transient faults (fields of `transfer.RetryPolicy`), and
     `progress` the progress bars.
     """
 
@@ -43,12 +45,13 @@ class WildenbergSource(DataSource):
 
     def __init__(self, dataset: dict, label: str, parameters: dict | None = None,
                  workers: int = DEFAULT_WORKERS, progress: bool = True,
-                 connections: int = DEFAULT_CONNECTIONS, metadata=None, **user):
+                 connections: int = DEFAULT_CONNECTIONS, retry: dict | None = None, metadata=None, **user):
         # `dataset`: the experiment's declared fields; `parameters`: the user parameters as the
         # catalog rendered them; `user`: the same given directly (they win).
         self.request = make_request(**dataset, label=label, **{**(parameters or {}), **user})
         self.workers = workers
         self.connections = connections
+        self.retry = RetryPolicy(**(retry or {})) if not isinstance(retry, RetryPolicy) else retry
         self.progress = progress
         self._plan = None
         super().__init__(metadata=metadata)
@@ -57,7 +60,7 @@ class WildenbergSource(DataSource):
     def plan(self) -> StorePlan:
         """The store layout: reads the layers' info files once, no voxel data."""
         if self._plan is None:
-            self._plan = plan_store(self.request)
+            self._plan = plan_store(self.request, self.retry)
         return self._plan
 
     def _get_schema(self):
@@ -99,6 +102,26 @@ class WildenbergSource(DataSource):
                            self.connections, client)
         self._schema = None  # `cached` in the metadata has changed
         return str(path)
+
+    def verify(self) -> dict:
+        """Reread the cached store and report missing and corrupted shards by array and position
+        (see `StoreCache.verify`); nothing is fetched."""
+        cache = cache_for(self.plan)
+        return cache.verify() if cache.zarr_path.exists() else {}
+
+    def repair(self) -> dict:
+        """Refetch only the shards `verify` finds missing or corrupted; returns what was repaired."""
+        cache = cache_for(self.plan)
+        bad = {}
+        for name, entry in self.verify().items():
+            shards = entry["missing"] + entry["corrupt"]
+            if shards:
+                cache.invalidate(name, shards)
+                bad[name] = shards
+        names = [n for n in cache.arrays() if n in self.plan.arrays] if cache.zarr_path.exists() else None
+        materialise(self.plan, names, self.workers, self.progress, self.connections)
+        self._schema = None
+        return bad
 
     def to_dask(self):
         """The entry as an xarray Dataset lazily backed by the cached zarr store (materialised first)."""

@@ -207,7 +207,7 @@ class ShardWriter:
             start, stop = shard_box(index, src.shape)
             g_start = np.add(src.start_zyx, start)
             out = np.zeros(tuple(b - a for a, b in zip(start, stop)), dtype=src.dtype)
-            shared = []
+            shared, missing = [], []
             futures = {}
             for grid in layer.info.chunks_in(g_start, np.add(src.start_zyx, stop)):
                 if len(self.shards_of_chunk(grid)) > 1:
@@ -216,10 +216,17 @@ class ShardWriter:
                 else:
                     futures[self.io().submit(layer.fetch_chunk, grid)] = grid
             for future in cf.as_completed(futures):  # decode while the other chunks arrive
-                grid = futures[future]
-                place(out, g_start, layer.info.chunk_box(grid)[0], layer.decode_chunk(grid, future.result()))
-            self.array()[tuple(slice(a, b) for a, b in zip(start, stop))] = out
-            cache.mark_done(self.name, index)  # only after the shard's bytes are written
+                grid, data = futures[future], future.result()
+                if data is None:
+                    missing.append(layer.chunk_name(grid))
+                place(out, g_start, layer.info.chunk_box(grid)[0], layer.decode_chunk(grid, data))
+            try:
+                self.array()[tuple(slice(a, b) for a, b in zip(start, stop))] = out
+                cache.mark_done(self.name, index, missing)  # only after the shard's bytes are written
+            except OSError as e:
+                raise OSError(e.errno, f"writing shard {index} of {self.name} under {cache.root} failed: "
+                                       f"{e.strerror or e}. The store is incomplete; free space or fix the "
+                                       "folder and run again to resume.") from e
         finally:
             _unlock(lock)
         done = cache.done_shards(self.name)
@@ -254,11 +261,16 @@ def materialise(plan: StorePlan, names=None, workers: int = DEFAULT_WORKERS, pro
     cache = cache_for(plan)
     if all(cache.is_complete(n) for n in names):
         return cache.zarr_path  # nothing to write: works on a read-only cache too
-    cache.initialise(plan.key(), store_attributes(plan))
+    try:
+        cache.initialise(plan.key(), store_attributes(plan))
+        for name in names:
+            src = plan.arrays[name]
+            if not cache.is_complete(name):
+                cache.ensure_array(name, src.shape, src.dtype, src.is_label, array_attributes(src))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write the cache folder {cache.root}: {e.strerror or e}") from e
     for name in names:
         if not cache.is_complete(name):
-            src = plan.arrays[name]
-            cache.ensure_array(name, src.shape, src.dtype, src.is_label, array_attributes(src))
             _fill_array(cache, ShardWriter(plan, name, connections), workers, progress, client)
     return cache.zarr_path
 

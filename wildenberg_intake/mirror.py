@@ -16,7 +16,10 @@ different data).
 from __future__ import annotations
 
 import http.server
+import random
 import re
+import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -275,8 +278,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if server.latency:
             time.sleep(server.latency)
         target, gzipped = self._resolve()
+        path = self.path.split("?", 1)[0]
         with server.lock:
-            server.requests[self.path.split("?", 1)[0]] += 1
+            server.requests[path] += 1
+            fault = server.faults.draw(path) if server.faults else None
+        if fault == "slow":
+            time.sleep(server.faults.slow_seconds)
+        elif fault == "error":
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if target is None:
             self.send_response(404)
             self.send_header("Content-Length", "0")
@@ -299,6 +311,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
+        if send_body and fault in ("reset", "truncate"):
+            self.wfile.write(body[:len(body) // 2])
+            self.wfile.flush()
+            if fault == "reset":  # RST instead of FIN: the client sees "connection reset"
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR) if fault == "truncate" else None
+            return
         if send_body:
             self.wfile.write(body)
             with server.lock:
@@ -317,6 +337,46 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             pass  # the client went away (killed, or gave up): nothing to answer
 
 
+@dataclass
+class Faults:
+    """Faults the server injects, by rate and seed: 5xx answers, connections reset mid-body,
+    bodies cut short of their Content-Length, slow answers. `fail_paths`: paths (substrings)
+    that always answer 503. Only chunk data is hit unless `include_info` is set."""
+
+    error_rate: float = 0.0
+    reset_rate: float = 0.0
+    truncate_rate: float = 0.0
+    slow_rate: float = 0.0
+    slow_seconds: float = 0.5
+    seed: int = 0
+    fail_paths: tuple = ()
+    include_info: bool = False
+    injected: Counter = field(default_factory=Counter)
+
+    def __post_init__(self):
+        for name in ("error_rate", "reset_rate", "truncate_rate", "slow_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}={value!r} is not valid; allowed: a rate between 0 and 1")
+        self._rng = random.Random(self.seed)
+
+    def draw(self, path: str):
+        """The fault for this request, or None (called under the server's lock)."""
+        if any(p in path for p in self.fail_paths):
+            self.injected["error"] += 1
+            return "error"
+        if path.endswith(("/info", "/provenance")) and not self.include_info:
+            return None
+        r = self._rng.random()
+        for kind, rate in (("error", self.error_rate), ("reset", self.reset_rate),
+                           ("truncate", self.truncate_rate), ("slow", self.slow_rate)):
+            if r < rate:
+                self.injected[kind] += 1
+                return kind
+            r -= rate
+        return None
+
+
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256  # Python's default of 5 drops connections under parallel load
@@ -329,9 +389,10 @@ class MirrorServer:
     ...     base_url = server.base_url  # http://127.0.0.1:PORT/wildenberg2023
     """
 
-    def __init__(self, root, latency: float = 0.0, port: int = 0):
+    def __init__(self, root, latency: float = 0.0, port: int = 0, faults: Faults | None = None):
         self.root = Path(root).resolve()
         self.latency = float(latency)
+        self.faults = faults
         self.port = int(port)
         self._server = None
         self._thread = None
@@ -346,6 +407,7 @@ class MirrorServer:
         self._server = _Server(("127.0.0.1", self.port), _Handler)
         self._server.root = self.root
         self._server.latency = self.latency
+        self._server.faults = self.faults
         self._server.lock = threading.Lock()
         self._server.requests = Counter()
         self._server.bytes_sent = 0
@@ -362,6 +424,13 @@ class MirrorServer:
             self._server.server_close()
             self._thread.join()
             self._server = None
+
+    def set_faults(self, faults: Faults | None):
+        """Change the injected faults while serving (None: no faults)."""
+        self.faults = faults
+        if self._server is not None:
+            with self._server.lock:
+                self._server.faults = faults
 
     @property
     def url(self) -> str:
