@@ -221,6 +221,11 @@ class StoreCache:
             "count": len(empty), "chunks": empty,
             "meaning": "source chunks the server answered 404 for; stored as zeros (empty, not unfetched)"}
         _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
+        # Temporary files of writes cut short by a kill (zarr's *.partial, our .*.tmp): every shard
+        # is recorded now, so no live writer can own one.
+        for leftover in [*(self.zarr_path / name).rglob("*.partial"), *(self.zarr_path / name).rglob(".*.tmp"),
+                         *(self.progress / name).glob(".*.tmp")]:
+            _remove(leftover)
         _atomic_write(self.progress / name / "COMPLETE", b"")
 
     # -- integrity --------------------------------------------------------------------------------
