@@ -25,6 +25,7 @@ CASES = [
     (dict(em_mip=-1), ValueError, r"em_mip=-1.*non-negative integer", "open"),
     (dict(em_mip="one"), ValueError, r"em_mip='one'.*non-negative integer", "open"),
     (dict(em_mip=1.5), ValueError, r"em_mip=1.5.*non-negative integer", "open"),
+    (dict(raw_codec="gzip"), ValueError, r"raw_codec='gzip' is not supported; allowed: \['zstd1'", "open"),
     (dict(base_url="ftp://example.org/wildenberg2023"), ValueError, r"base_url=.*unsupported scheme 'ftp'", "open"),
 ]
 

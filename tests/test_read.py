@@ -161,3 +161,16 @@ def test_open_catalog_with_overrides(mirror, server, tmp_path):
     ds = cat.p14_vesicle_cloud(bbox_nm=BOX["p14"]).read()
     _check(ds, mirror, "p14", "vesicle_cloud", BOX["p14"])
     assert Path(ds.attrs["store"]).is_relative_to(tmp_path)
+
+
+def test_raw_codec_is_an_option_with_its_own_store(catalog, mirror, server, tmp_path):
+    fast = catalog.p14_psd(bbox_nm=BOX["p14"], base_url=server.base_url, cache_dir=str(tmp_path))
+    ref = catalog.p14_psd(bbox_nm=BOX["p14"], raw_codec="zstd6", base_url=server.base_url, cache_dir=str(tmp_path))
+    assert fast.materialise() != ref.materialise()
+    def blosc(path):
+        meta = json.loads((Path(path) / "zarr.json").read_text())
+        return [c for c in meta["codecs"][0]["configuration"]["codecs"] if c["name"] == "blosc"][0]["configuration"]
+    for src, level in ((fast, 1), (ref, 6)):
+        assert blosc(Path(src.materialise()) / "raw")["clevel"] == level
+        assert blosc(Path(src.materialise()) / "labels" / "psd")["clevel"] == 6  # labels keep the reference's
+    np.testing.assert_array_equal(fast.read()["raw"].values, ref.read()["raw"].values)

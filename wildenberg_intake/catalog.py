@@ -78,6 +78,7 @@ class Request:
     cache_dir: Path
     base_url: str
     citation: str = ""
+    raw_codec: str = "zstd1"
 
     def url(self, channel: str) -> str:
         """cloud-volume URL of a channel of this experiment under the base URL."""
@@ -165,6 +166,17 @@ def check_base_url(value, default: str) -> str:
     return value
 
 
+def check_codec(value) -> str:
+    """The raw EM codec: a name from cache.CODECS; empty for the default (zstd1)."""
+    from .cache import CODECS
+    value = _parse(value)
+    if value in (None, "", []):
+        return "zstd1"
+    if value not in CODECS:
+        raise ValueError(f"raw_codec={value!r} is not supported; allowed: {list(CODECS)}")
+    return value
+
+
 def check_cache_dir(value) -> Path:
     """A folder (created if missing); empty for the default cache folder. A file is refused."""
     value = "" if value is None else value
@@ -179,7 +191,7 @@ def check_cache_dir(value) -> Path:
 def make_request(*, experiment, label, bossdb_experiment, em_channel, em_axes_swapped,
                  annotated_bbox_nm, label_channels, bossdb_url, em_dtype="uint8",
                  bbox_nm=None, em_mip=1, seg_mip=0, cache_dir=None, base_url=None,
-                 citation="", **_declared) -> Request:
+                 raw_codec=None, citation="", **_declared) -> Request:
     """Validate one catalog entry's arguments (declared fields plus user parameters)."""
     channels = tuple(LabelChannel(name, spec["channel"], spec["dtype"], spec["kind"])
                      for name, spec in label_channels.items())
@@ -194,5 +206,5 @@ def make_request(*, experiment, label, bossdb_experiment, em_channel, em_axes_sw
         bbox_nm=check_bbox(bbox_nm, annotated_bbox_nm),
         em_mip=check_mip("em_mip", em_mip), seg_mip=check_mip("seg_mip", seg_mip),
         cache_dir=check_cache_dir(cache_dir), base_url=check_base_url(base_url, bossdb_url),
-        citation=str(citation or "").strip(),
+        citation=str(citation or "").strip(), raw_codec=check_codec(raw_codec),
     )

@@ -266,7 +266,7 @@ def materialise(plan: StorePlan, names=None, workers: int = DEFAULT_WORKERS, pro
         for name in names:
             src = plan.arrays[name]
             if not cache.is_complete(name):
-                cache.ensure_array(name, src.shape, src.dtype, src.is_label, array_attributes(src))
+                cache.ensure_array(name, src.shape, src.dtype, src.is_label, array_attributes(src), src.codec)
     except OSError as e:
         raise OSError(e.errno, f"cannot write the cache folder {cache.root}: {e.strerror or e}") from e
     for name in names:

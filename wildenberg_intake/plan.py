@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cache import LAYOUT, LAYOUT_VERSION
+from .cache import LABEL_CODEC, LAYOUT, LAYOUT_VERSION
 from .catalog import Request
 from .layers import Layer, LayerInfo
 from .transfer import Fetcher, RetryPolicy
@@ -30,6 +30,7 @@ class ArraySource:
     shape: tuple  # (z, y, x)
     dtype: str
     is_label: bool
+    codec: str = "zstd6"
 
     @property
     def origin_nm_zyx(self) -> tuple:
@@ -42,7 +43,7 @@ class ArraySource:
     def key(self) -> dict:
         """Everything about this array that changes its bytes."""
         return {"url": self.layer.url, "mip": self.layer.mip, "swap_xy": self.layer.swap_xy,
-                "dtype": self.dtype, "info_sha256": self.layer.info_sha256,
+                "dtype": self.dtype, "codec": self.codec, "info_sha256": self.layer.info_sha256,
                 "start_zyx": list(self.start_zyx), "shape": list(self.shape)}
 
 
@@ -102,7 +103,8 @@ def plan_store(request: Request, policy: RetryPolicy | None = None) -> StorePlan
                                  f"{expected!r}")
         arrays[name] = ArraySource(name=name, layer=layer.info, start_zyx=tuple(int(v) for v in start),
                                    shape=tuple(int(v) for v in stop - start), dtype=layer.info.dtype,
-                                   is_label=name != "raw")
+                                   is_label=name != "raw",
+                                   codec=request.raw_codec if name == "raw" else LABEL_CODEC)
     return StorePlan(request=request, bbox_nm=tuple(float(v) for v in bbox), arrays=arrays, layers=layers)
 
 
