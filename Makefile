@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch and torchvision as a matching pair (torch-em needs torchvision); pip finds them on disk here.
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install --quiet -e ".[torch,test]"
+	$(PY) -m pip install --quiet -e ".[torch,test,distributed]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -282,6 +282,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with server.lock:
             server.requests[path] += 1
             fault = server.faults.draw(path) if server.faults else None
+        if server.bandwidth and target is not None:  # per-response bandwidth, like a remote store
+            time.sleep(target.stat().st_size / server.bandwidth)
         if fault == "slow":
             time.sleep(server.faults.slow_seconds)
         elif fault == "error":
@@ -395,9 +397,11 @@ class MirrorServer:
     ...     base_url = server.base_url  # http://127.0.0.1:PORT/wildenberg2023
     """
 
-    def __init__(self, root, latency: float = 0.0, port: int = 0, faults: Faults | None = None):
+    def __init__(self, root, latency: float = 0.0, port: int = 0, faults: Faults | None = None,
+                 bandwidth: float = 0.0):
         self.root = Path(root).resolve()
         self.latency = float(latency)
+        self.bandwidth = float(bandwidth)  # bytes per second per response; 0 for unlimited
         self.faults = faults
         self.port = int(port)
         self._server = None
@@ -413,6 +417,7 @@ class MirrorServer:
         self._server = _Server(("127.0.0.1", self.port), _Handler)
         self._server.root = self.root
         self._server.latency = self.latency
+        self._server.bandwidth = self.bandwidth
         self._server.faults = self.faults
         self._server.lock = threading.Lock()
         self._server.requests = Counter()
