@@ -1,0 +1,184 @@
+"""Materialisation speed, fetch amplification and memory: this package against torch-em's reference module.
+
+    .venv/bin/python benchmarks/materialise.py [--size 1400 1400 80] [--latency 0 0.03] [--bandwidth-mbit 200]
+                                               [--scales 0.5 1 2] [--cases p105_psd p105_saturated p14_psd]
+
+Writes a BossDB-layout mirror, serves it on 127.0.0.1 (with optional per-request latency and
+per-response bandwidth) and, for each case, runs the reference `get_wildenberg_data` and this
+package's catalog entry side by side, each in its own process, on the same box. Prints MB/s of
+output (raw plus labels, uncompressed), requests and bytes fetched against the minimum (the source
+chunks the box touches), peak RSS, the ratios to the reference, and the CPU floor: the CPU seconds
+of decoding alone plus encoding alone, divided by the cores.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from wildenberg_intake.mirror import MirrorServer, build_mirror
+
+RUN = r"""
+import json, os, sys, time
+kind, exp, label, base, cache, box, codec = sys.argv[1:8]
+box = json.loads(box)
+if kind == "reference":
+    from torch_em.data.datasets.electron_microscopy import wildenberg as ref
+    ref.WILDENBERG_S3_BASE = "precomputed://" + base
+    import tqdm, functools
+    ref.tqdm = functools.partial(tqdm.tqdm, disable=True)
+else:
+    import intake, wildenberg_intake
+    cat = intake.open_catalog(wildenberg_intake.catalog_path())
+t = time.perf_counter()
+if kind == "reference":
+    path = ref.get_wildenberg_data(cache, exp, label, bounding_box=box, download=True)
+else:
+    src = cat[f"{exp}_{label}"](bbox_nm=box, base_url=base, cache_dir=cache, progress=False, raw_codec=codec)
+    path = src.materialise()
+seconds = time.perf_counter() - t
+# VmHWM: this process's peak resident memory (ru_maxrss would include the parent's, kept across exec).
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(json.dumps({"seconds": seconds, "maxrss_mb": int(hwm) / 1024, "path": path}))
+"""
+
+
+def run(kind, exp, label, base, cache, box, codec="zstd1"):
+    out = subprocess.run([sys.executable, "-c", RUN, kind, exp, label, base, str(cache), json.dumps(box), codec],
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def output_bytes(path):
+    import zarr
+    g = zarr.open_group(path, mode="r")
+    arrays = [g["raw"], g["labels"]] if "labels" in g and hasattr(g["labels"], "shape") else None
+    if arrays is None:
+        return None
+    return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in arrays)
+
+
+def minimum_fetch(mirror_root, plan, label_name):
+    """Source chunks the box touches, and their bytes on the server."""
+    n, size = 0, 0
+    for name in ("raw", label_name):
+        src, layer = plan.arrays[name], plan.layers[name]
+        for grid in layer.info.chunks_in(src.start_zyx, np.add(src.start_zyx, src.shape)):
+            path = Path(mirror_root) / layer.url.split("127.0.0.1")[1].split("/", 1)[1] / layer.info.scale_key / \
+                layer.chunk_name(grid)
+            p = path if path.exists() else path.with_name(path.name + ".gz")
+            n += 1
+            size += p.stat().st_size if p.exists() else 0
+    return n, size
+
+
+def cpu_floor(plan, label_name, codec, cores):
+    """CPU seconds of decoding every source chunk once plus encoding the output once, over the cores."""
+    from numcodecs import Blosc
+    from wildenberg_intake.cache import CHUNKS, CODECS, LABEL_CODEC
+    decode = encode = 0.0
+    for name in ("raw", label_name):
+        src, layer = plan.arrays[name], plan.layers[name]
+        t = time.process_time()
+        out = layer.read(src.start_zyx, np.add(src.start_zyx, src.shape))  # fetch is I/O; decode dominates
+        decode += time.process_time() - t
+        cname, level = CODECS[codec if name == "raw" else LABEL_CODEC]
+        shuffle = Blosc.BITSHUFFLE if (name != "raw" and out.dtype.itemsize > 1) else Blosc.SHUFFLE
+        blosc = Blosc(cname, level, shuffle)
+        t = time.process_time()
+        for z in range(0, out.shape[0], CHUNKS[0]):
+            for y in range(0, out.shape[1], CHUNKS[1]):
+                for x in range(0, out.shape[2], CHUNKS[2]):
+                    blosc.encode(np.ascontiguousarray(out[z:z + CHUNKS[0], y:y + CHUNKS[1], x:x + CHUNKS[2]]))
+        encode += time.process_time() - t
+    return decode, encode, (decode + encode) / cores
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, nargs=3, default=(1400, 1400, 80), help="mirror label voxels x y z")
+    parser.add_argument("--latency", type=float, nargs="+", default=(0.0, 0.03), help="seconds per request")
+    parser.add_argument("--bandwidth-mbit", type=float, default=0, help="per response; 0 = unlimited")
+    parser.add_argument("--cases", nargs="+", default=("p105_psd", "p105_saturated", "p14_psd"))
+    parser.add_argument("--scales", type=float, nargs="+", default=(0.25, 0.5, 1.0),
+                        help="box sizes (fractions of the mirror's xy) for the cost-per-GB sweep")
+    parser.add_argument("--codec", default="zstd1", help="raw codec for this package (zstd6 = the reference's)")
+    parser.add_argument("--mirror", type=Path, help="reuse (or write once) a mirror in this folder")
+    args = parser.parse_args()
+    cores = os.cpu_count()
+    import intake
+    import wildenberg_intake
+    cat = intake.open_catalog(wildenberg_intake.catalog_path())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t = time.perf_counter()
+        if args.mirror and (args.mirror / "wildenberg2023").exists():
+            from types import SimpleNamespace
+            mirror = SimpleNamespace(root=args.mirror)
+            print(f"mirror reused from {args.mirror}; {cores} cores\n")
+        else:
+            mirror = build_mirror(args.mirror or tmp / "mirror", shape_xyz=args.size)
+            print(f"mirror of {args.size} label voxels written in {time.perf_counter() - t:.0f} s; {cores} cores\n")
+        header = (f"{'case':16s} {'latency':>7s} {'impl':9s} {'MB out':>7s} {'s':>6s} {'MB/s':>7s} {'x ref':>6s} "
+                  f"{'requests':>9s} {'req/min':>7s} {'MB fetched':>10s} {'fetch/min':>9s} {'peak RSS MB':>11s} "
+                  f"{'floor s':>7s} {'% floor':>7s}")
+        print(header)
+        print("-" * len(header))
+        for latency in args.latency:
+            bw = args.bandwidth_mbit * 1e6 / 8
+            for case in args.cases:
+                exp, label = case.split("_", 1)
+                with MirrorServer(mirror.root, latency=latency, bandwidth=bw) as server:
+                    src = cat[case](base_url=server.base_url, cache_dir=str(tmp / "probe"), progress=False,
+                                    raw_codec=args.codec)
+                    box = list(src.plan.bbox_nm)
+                    n_min, bytes_min = minimum_fetch(mirror.root, src.plan, src.plan.label_name)
+                    dec, enc, floor = cpu_floor(src.plan, src.plan.label_name, args.codec, cores)
+                    results = {}
+                    for kind in ("reference", "package"):
+                        before, sent = server.requests, server.bytes_sent
+                        r = run(kind, exp, label, server.base_url, tmp / f"{kind}-{case}-{latency}", box, args.codec)
+                        fetched = server.requests - before
+                        r["requests"] = sum(n for p, n in fetched.items() if not p.endswith(("/info", "/provenance")))
+                        r["bytes"] = server.bytes_sent - sent
+                        view = r["path"] if kind == "reference" else str(Path(r["path"]).parent / "views" / f"{label}.zarr")
+                        if kind == "package":
+                            from wildenberg_intake.cache import StoreCache
+                            view = str(StoreCache.at(r["path"]).label_view(label))
+                        r["out"] = output_bytes(view)
+                        results[kind] = r
+                    ref = results["reference"]
+                    for kind, r in results.items():
+                        mbps = r["out"] / r["seconds"] / 1e6
+                        print(f"{case:16s} {latency * 1000:5.0f}ms {kind:9s} {r['out'] / 1e6:7.0f} {r['seconds']:6.1f} "
+                              f"{mbps:7.1f} {ref['seconds'] / r['seconds']:6.2f} {r['requests']:9d} "
+                              f"{r['requests'] / n_min:7.2f} {r['bytes'] / 1e6:10.1f} {r['bytes'] / bytes_min:9.2f} "
+                              f"{r['maxrss_mb']:11.0f} {floor:7.1f} {100 * floor / r['seconds']:6.0f}%")
+                    print(f"{'':16s} floor: decode {dec:.1f} CPU s + encode {enc:.1f} CPU s over {cores} cores; "
+                          f"minimum {n_min} requests, {bytes_min / 1e6:.1f} MB")
+
+        print("\ncost per GB and memory against box size (p14_psd, this package, no latency):")
+        with MirrorServer(mirror.root) as server:
+            full = cat.p14_psd(base_url=server.base_url, cache_dir=str(tmp / "probe"), progress=False).plan.bbox_nm
+            for scale in args.scales:
+                box = list(full)
+                box[1] = box[0] + (box[1] - box[0]) * scale
+                box[3] = box[2] + (box[3] - box[2]) * scale
+                r = run("package", "p14", "psd", server.base_url, tmp / f"scale-{scale}", box, args.codec)
+                from wildenberg_intake.cache import StoreCache
+                out = output_bytes(str(StoreCache.at(r["path"]).label_view("psd")))
+                print(f"  box x/y scale {scale:4.2f}: {out / 1e6:7.0f} MB out, {r['seconds'] / (out / 1e9):6.1f} s/GB, "
+                      f"peak RSS {r['maxrss_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
