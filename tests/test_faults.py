@@ -202,23 +202,22 @@ def test_verify_finds_and_repair_restores_deleted_and_truncated_shards(big, cata
 
 
 def test_disk_full_names_the_folder_and_leaves_a_resumable_store(big, catalog, tmp_path, monkeypatch):
-    import zarr.core.array as zarray
-    real = zarray.Array.__setitem__
+    real = StoreCache.write_shard
     calls = {"n": 0}
 
-    def full(self, key, value):
+    def full(self, name, index, data):
         calls["n"] += 1
         if calls["n"] >= 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, key, value)
+        return real(self, name, index, data)
 
     with MirrorServer(big.root) as server:
         src = catalog.p14_psd(base_url=server.base_url, cache_dir=str(tmp_path), workers=1, progress=False)
-        monkeypatch.setattr(zarray.Array, "__setitem__", full)
+        monkeypatch.setattr(StoreCache, "write_shard", full)
         with pytest.raises(OSError, match=rf"No space left on device.*incomplete.*run again to resume") as info:
             src.materialise()
         assert str(tmp_path) in str(info.value)
-        monkeypatch.setattr(zarray.Array, "__setitem__", real)
+        monkeypatch.setattr(StoreCache, "write_shard", real)
         cache = StoreCache(tmp_path, src.plan.name)
         assert not cache.is_complete("raw") and len(cache.done_shards("raw")) == 1
         ds = src.read()

@@ -29,7 +29,7 @@ import shutil
 import numpy as np
 from tqdm.auto import tqdm
 
-from .cache import SHARDS, StoreCache, shard_box, shard_grid
+from .cache import SHARDS, StoreCache, encode_shard, shard_box, shard_grid
 from .layers import Layer, place
 from .plan import ArraySource, StorePlan
 
@@ -221,7 +221,7 @@ class ShardWriter:
                     missing.append(layer.chunk_name(grid))
                 place(out, g_start, layer.info.chunk_box(grid)[0], layer.decode_chunk(grid, data))
             try:
-                self.array()[tuple(slice(a, b) for a, b in zip(start, stop))] = out
+                cache.write_shard(self.name, index, encode_shard(out, src.codec, src.is_label))
                 cache.mark_done(self.name, index, missing)  # only after the shard's bytes are written
             except OSError as e:
                 raise OSError(e.errno, f"writing shard {index} of {self.name} under {cache.root} failed: "
