@@ -29,6 +29,10 @@ def verify(path) -> dict:
 
 
 def __getattr__(name):
+    # Built on first use so that importing the package stays cheap and intake is not imported
+    # while intake itself is loading this package's entry points.
+    if name == "cat":
+        return open_catalog()
     # The torch adapter loads torch and torch-em: only when asked for.
     if name in _TRAINING:
         from . import training

@@ -232,12 +232,12 @@ class StoreCache:
             out += sorted(f"labels/{p.name}" for p in labels.iterdir() if (p / "zarr.json").is_file())
         return out
 
-    def mark_done(self, name: str, index, missing_chunks=()) -> dict:
-        """Record shard `index` of `name` as written, with the checksum of its file and the source
-        chunks the server answered 404 for (read as zeros)."""
+    def mark_done(self, name: str, index, missing_chunks=(), content_sha256: str | None = None) -> dict:
+        """Record shard `index` of `name` as written, with the checksum of its file, of its voxels
+        (C order, uncompressed) and the source chunks the server answered 404 for (read as zeros)."""
         path = self.shard_file(name, index)
         record = {"sha256": file_sha256(path), "bytes": path.stat().st_size if path.exists() else 0,
-                  "missing_chunks": sorted(missing_chunks)}
+                  "content_sha256": content_sha256, "missing_chunks": sorted(missing_chunks)}
         target = self._record(name, index)
         target.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(target, json.dumps(record).encode())
@@ -280,6 +280,28 @@ class StoreCache:
                          *(self.progress / name).glob(".*.tmp")]:
             _remove(leftover)
         _atomic_write(self.progress / name / "COMPLETE", b"")
+
+    def content_checksum(self, name: str, shape) -> str:
+        """Checksum of an array's voxels, independent of compression: sha256 over its shards'
+        content hashes in grid order (recorded as they were written)."""
+        hashes = []
+        for index in shard_grid(shape):
+            rec = self.record(name, index)
+            if rec is None or not rec.get("content_sha256"):
+                raise RuntimeError(f"{self.zarr_path / name}: shard {index} has no content record; is it complete?")
+            hashes.append(rec["content_sha256"])
+        return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+
+    def recompute_content_checksum(self, name: str) -> str:
+        """The same checksum computed from the voxels on disk now (reads the whole array, shard by shard)."""
+        import zarr
+        arr = zarr.open_array(str(self.zarr_path), path=name, mode="r", zarr_format=3)
+        hashes = []
+        for index in shard_grid(arr.shape):
+            start, stop = shard_box(index, arr.shape)
+            block = np.ascontiguousarray(arr[tuple(slice(a, b) for a, b in zip(start, stop))])
+            hashes.append(hashlib.sha256(block.tobytes()).hexdigest())
+        return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
 
     # -- integrity --------------------------------------------------------------------------------
     def verify(self) -> dict:

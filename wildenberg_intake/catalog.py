@@ -28,7 +28,7 @@ LABELS = ("psd", "vesicle_cloud", "saturated")
 def catalog_path() -> str:
     """Path of the packaged catalog YAML (works from a wheel and from a source checkout)."""
     here = Path(__file__).resolve().parent
-    for candidate in (here / "catalog" / CATALOG_FILE, here.parent / "catalog" / CATALOG_FILE):
+    for candidate in (here / "catalog_files" / CATALOG_FILE, here.parent / "catalog" / CATALOG_FILE):
         if candidate.is_file():
             return str(candidate)
     raise FileNotFoundError(f"the packaged catalog {CATALOG_FILE} was not found beside {here}")

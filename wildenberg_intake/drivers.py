@@ -21,6 +21,16 @@ from .plan import StorePlan, plan_store
 from .transfer import RetryPolicy
 
 
+def entry_source(name: str, **parameters):
+    """Catalog entry `name` of the packaged catalog, configured with `parameters`."""
+    import intake
+    from .catalog import catalog_path
+    cat = intake.open_catalog(catalog_path())
+    if name not in cat:
+        raise ValueError(f"entry {name!r} is unknown; allowed: {list(cat)}")
+    return cat[name](**parameters)
+
+
 def _memory_bytes() -> int:
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -34,7 +44,8 @@ class WildenbergSource(DataSource):
     Arguments are the catalog entry's declared fields (`dataset`: experiment, URLs, dtypes, box,
     axis swap; `label`) plus the user parameters bbox_nm, em_mip, seg_mip, cache_dir and base_url;
     `workers` sets the shard tasks at once (CPU), `connections` the chunk requests in flight,
-    `retry` the retry policy for transient faults (fields of `transfer.RetryPolicy`), and
+    `retry` the retry policy for transient faults (fields of `transfer.RetryPolicy`), `lock` a
+    lock file whose pinned info files, box and voxel checksums the data must match, and
     `progress` the progress bars.
     """
 
@@ -45,7 +56,8 @@ class WildenbergSource(DataSource):
 
     def __init__(self, dataset: dict, label: str, parameters: dict | None = None,
                  workers: int = DEFAULT_WORKERS, progress: bool = True,
-                 connections: int = DEFAULT_CONNECTIONS, retry: dict | None = None, metadata=None, **user):
+                 connections: int = DEFAULT_CONNECTIONS, retry: dict | None = None, lock: str | None = None,
+                 metadata=None, **user):
         # `dataset`: the experiment's declared fields; `parameters`: the user parameters as the
         # catalog rendered them; `user`: the same given directly (they win).
         self.request = make_request(**dataset, label=label, **{**(parameters or {}), **user})
@@ -54,13 +66,30 @@ class WildenbergSource(DataSource):
         self.retry = RetryPolicy(**(retry or {})) if not isinstance(retry, RetryPolicy) else retry
         self.progress = progress
         self._plan = None
+        self.entry_name = f"{self.request.experiment}_{self.request.label}"
+        self.lock = None
+        if lock:
+            from .lock import read_lock
+            entries = read_lock(lock)["entries"]
+            if self.entry_name not in entries:
+                raise ValueError(f"lock={str(lock)!r} does not pin {self.entry_name}; it pins {sorted(entries)}")
+            self.lock = entries[self.entry_name]
         super().__init__(metadata=metadata)
 
     @property
     def plan(self) -> StorePlan:
         """The store layout: reads the layers' info files once, no voxel data."""
         if self._plan is None:
-            self._plan = plan_store(self.request, self.retry)
+            plan = plan_store(self.request, self.retry)
+            if self.lock is not None:
+                from .lock import check_plan
+                self._plan = plan
+                try:
+                    check_plan(self.entry_name, self.lock, self)
+                except Exception:
+                    self._plan = None
+                    raise
+            self._plan = plan
         return self._plan
 
     def _get_schema(self):
@@ -100,6 +129,9 @@ class WildenbergSource(DataSource):
         """
         path = materialise(self.plan, ["raw", self.plan.label_name], self.workers, self.progress,
                            self.connections, client)
+        if self.lock is not None:
+            from .lock import check_content
+            check_content(self.entry_name, self.lock, self)
         self._schema = None  # `cached` in the metadata has changed
         return str(path)
 

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import hashlib
 import os
 import socket
 import sys
@@ -222,7 +223,7 @@ class ShardWriter:
                 place(out, g_start, layer.info.chunk_box(grid)[0], layer.decode_chunk(grid, data))
             try:
                 cache.write_shard(self.name, index, encode_shard(out, src.codec, src.is_label))
-                cache.mark_done(self.name, index, missing)  # only after the shard's bytes are written
+                cache.mark_done(self.name, index, missing, hashlib.sha256(out).hexdigest())  # only after the shard's bytes are written
             except OSError as e:
                 raise OSError(e.errno, f"writing shard {index} of {self.name} under {cache.root} failed: "
                                        f"{e.strerror or e}. The store is incomplete; free space or fix the "

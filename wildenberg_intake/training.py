@@ -16,18 +16,11 @@ from typing import List, Literal, Optional, Sequence, Tuple, Union
 
 from torch.utils.data import DataLoader, Dataset
 
-from .catalog import LABELS, catalog_path, load_catalog_yaml
+from .catalog import LABELS, load_catalog_yaml
+from .drivers import entry_source
 
 EXPERIMENTS = ("p105", "p14")
 SPLITS = ("train", "val")
-
-
-def _entry_source(name: str, **parameters):
-    import intake
-    cat = intake.open_catalog(catalog_path())
-    if name not in cat:
-        raise ValueError(f"entry {name!r} is unknown; allowed: {list(cat)}")
-    return cat[name](**parameters)
 
 
 def resolve_sources(sources, **parameters) -> list:
@@ -45,7 +38,7 @@ def resolve_sources(sources, **parameters) -> list:
     out = []
     for s in sources:
         if isinstance(s, str):
-            out.append(_entry_source(s, **parameters))
+            out.append(entry_source(s, **parameters))
         elif isinstance(s, WildenbergSource):
             out.append(s)
         else:
@@ -162,7 +155,7 @@ def get_wildenberg_data(
     params = dict(cache_dir=str(path), em_mip=em_mip, seg_mip=seg_mip)
     if bounding_box is not None:
         params["bbox_nm"] = list(bounding_box)
-    return label_view(_entry_source(f"{experiment}_{label_choice}", **params), download)
+    return label_view(entry_source(f"{experiment}_{label_choice}", **params), download)
 
 
 def get_wildenberg_paths(
