@@ -80,10 +80,12 @@ def _try_lock(path: Path) -> bool:
 
 def _stale(path: Path) -> bool:
     try:
-        host, pid, _ = path.read_text().split()
         age = time.time() - path.stat().st_mtime
-    except (FileNotFoundError, ValueError):
-        return True  # vanished, or written only in part by a killed process
+        host, pid, _ = path.read_text().split()
+    except FileNotFoundError:
+        return True  # vanished
+    except ValueError:  # being written right now, or written only in part by a killed process
+        return age > 10
     if age > LOCK_STALE_SECONDS:
         return True
     if host == socket.gethostname():

@@ -253,6 +253,40 @@ def build_mirror(root, shape_xyz=(300, 260, 20), experiments=("p105", "p14"),
     return mirror
 
 
+def copy_box(source_base_url: str, output, entry: str, bbox_nm=None) -> int:
+    """Copy the chunks of a box of one entry's experiment (EM and every label layer, at the entry's
+    default mips) from any precomputed source into a BossDB-layout folder that `MirrorServer` or a
+    file:// base URL can serve: for clusters whose compute nodes cannot reach BossDB.
+
+    Chunks are written uncompressed, one file each (a sharded source is copied unsharded; its info
+    file says so, so stores made from the copy get their own cache keys). Returns the chunks copied.
+    """
+    import json
+    from .drivers import entry_source
+    params = {"base_url": source_base_url}
+    if bbox_nm is not None:
+        params["bbox_nm"] = list(bbox_nm)
+    source = entry_source(entry, **params)
+    plan = source.plan
+    out_root = Path(output) / "wildenberg2023" / source.request.bossdb_experiment
+    copied = 0
+    for name, layer in plan.layers.items():
+        src = plan.arrays[name]
+        channel = layer.url.rstrip("/").rsplit("/", 1)[1]
+        info = json.loads(json.dumps(layer._info_dict))
+        for scale in info["scales"]:
+            scale.pop("sharding", None)
+        folder = out_root / channel / layer.info.scale_key
+        folder.mkdir(parents=True, exist_ok=True)
+        (out_root / channel / "info").write_text(json.dumps(info))
+        for grid in layer.info.chunks_in(src.start_zyx, np.add(src.start_zyx, src.shape)):
+            data = layer.fetch_chunk(grid)
+            if data is not None:  # a chunk missing upstream stays missing (empty)
+                (folder / layer.chunk_name(grid)).write_bytes(data)
+                copied += 1
+    return copied
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     """Serves files like S3: `X.gz` on disk is served as `X` with Content-Encoding: gzip."""
 

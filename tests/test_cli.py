@@ -1,0 +1,171 @@
+"""The command line, discovery through intake, lock files and mirrors of a box."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+import intake
+from wildenberg_intake import cli
+from wildenberg_intake.cache import StoreCache
+from wildenberg_intake.mirror import MirrorServer
+
+BOX = ["101", "2990", "95", "2777", "99", "501"]
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_catalog_is_discovered_through_intake_and_the_driver_by_short_name():
+    assert "wildenberg2023" in list(intake.cat)
+    cat = intake.cat.wildenberg2023
+    assert sorted(cat) == sorted(f"{e}_{l}" for e in ("p105", "p14") for l in ("psd", "vesicle_cloud", "saturated"))
+    from wildenberg_intake.drivers import WildenbergSource
+    assert intake.registry["wildenberg"] is WildenbergSource
+
+
+def test_importing_the_package_is_cheap():
+    code = ("import sys, wildenberg_intake; "
+            "print(sorted(m for m in ('intake', 'zarr', 'cloudvolume', 'torch', 'dask') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_list_and_help(capsys):
+    code, out, _ = run(capsys, "list")
+    assert code == 0 and "p105_saturated" in out and "uint32" in out and "(904, 11328, 10000)" in out
+    for command in ("list", "describe", "fetch", "verify", "lock", "preview", "mirror", "serve", "demo"):
+        with pytest.raises(SystemExit) as e:
+            cli.main([command, "--help"])
+        assert e.value.code == 0
+        assert "usage: wildenberg-intake " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["fetch", "p99_psd"], r"entry 'p99_psd' is unknown; allowed: \['p105_psd'"),
+    (["fetch", "p14_psd", "--bbox-nm", "5", "1", "0", "1", "0", "1"], r"bbox_nm=.*inverted along x"),
+    (["fetch", "p14_psd", "--em-mip", "x"], r"em_mip='x' is not valid"),
+    (["fetch", "p14_psd", "--base-url", "ftp://x"], r"unsupported scheme 'ftp'"),
+    (["verify", "/nonexistent/store"], r"is unknown|not a wildenberg-intake store"),
+    (["verify", "--lock", "/nonexistent.lock"], r"lock='/nonexistent.lock' does not exist"),
+    (["serve", "/nonexistent"], r"holds no wildenberg2023/ mirror"),
+])
+def test_user_mistakes_get_one_line_and_exit_2(argv, pattern, capsys):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    import re
+    assert re.search(pattern, err), err
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    exe = Path(sys.executable).parent / "wildenberg-intake"
+    if not exe.exists():
+        pytest.skip("package not installed with its console script")
+    done = subprocess.run([str(exe), "describe", "p14_psd", "--em-mip", "-3"], capture_output=True, text=True)
+    assert done.returncode == 2 and "em_mip=-3" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_describe_fetch_verify_preview(server, tmp_path, capsys):
+    common = ["--base-url", server.base_url, "--cache-dir", str(tmp_path), "--bbox-nm", *BOX]
+    code, out, err = run(capsys, "describe", "p14_saturated", *common)
+    assert code == 0, err
+    desc = json.loads(out)
+    assert desc["layers"]["raw"]["encoding"] == "raw" and desc["resolved"]["cached"] is False
+    assert desc["catalog"]["bossdb_experiment"] == "mouse_v1_l4_p14"
+    code, out, _ = run(capsys, "fetch", "p14_saturated", "--quiet", *common)
+    assert code == 0 and "data.zarr" in out
+    store = out.split(": ", 1)[1].split(" (")[0]
+    code, out, _ = run(capsys, "verify", store)
+    assert code == 0 and "raw: complete; every recorded shard is intact" in out
+    png = tmp_path / "slice.png"
+    code, out, _ = run(capsys, "preview", "p14_saturated", *common, "--z", "3", "-o", str(png))
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+    image = np.asarray(Image.open(png))
+    assert image.shape[:2] == zarr.open_group(store, mode="r")["raw"].shape[1:]
+    assert len({tuple(p) for p in image.reshape(-1, 3)[::7]}) > 50  # grey EM plus coloured instances
+    code, _, err = run(capsys, "preview", "p14_saturated", *common, "--z", "999", "-o", str(png))
+    assert code == 2 and "z=999 is not valid; allowed: a slice index from 0 to" in err
+    StoreCache.at(store).shard_file("raw", (0, 0, 0)).write_bytes(b"broken")
+    code, out, _ = run(capsys, "verify", store)
+    assert code == 1 and "raw: complete; corrupt [(0, 0, 0)]" in out
+
+
+def test_lock_pins_bytes_across_caches_and_refuses_a_changed_info(mirror, tmp_path, capsys):
+    root = tmp_path / "mirror"
+    shutil.copytree(mirror.root, root)
+    lock = tmp_path / "wildenberg.lock"
+    with MirrorServer(root) as server:
+        base = ["--base-url", server.base_url]
+        code, out, err = run(capsys, "lock", "p14_psd", "p105_saturated", "--bbox-nm", *BOX, "-o", str(lock),
+                             "--quiet", "--cache-dir", str(tmp_path / "a"), *base)
+        assert code == 0, err
+        pinned = json.loads(lock.read_text())
+        assert pinned["catalog_version"] == "2023.1.0"
+        assert set(pinned["entries"]) == {"p14_psd", "p105_saturated"}
+        entry = pinned["entries"]["p14_psd"]
+        assert entry["urls"] == {"raw": "mouse_v1_l4_p14/em_aligned", "labels": "mouse_v1_l4_p14/psd_autoseg"}
+        # The same locked entries materialised into another cache hold the same bytes.
+        code, out, err = run(capsys, "fetch", "--lock", str(lock), "--quiet", "--cache-dir", str(tmp_path / "b"), *base)
+        assert code == 0, err
+        code, out, err = run(capsys, "verify", "--lock", str(lock), "--cache-dir", str(tmp_path / "b"), *base)
+        assert code == 0 and out.count("matches the lock") == 2, err
+        from wildenberg_intake.drivers import entry_source
+        srcs = [entry_source("p14_psd", lock=str(lock), base_url=server.base_url, cache_dir=str(d), progress=False,
+                             bbox_nm=entry["parameters"]["bbox_nm"]) for d in (tmp_path / "a", tmp_path / "b")]
+        stores = [Path(s.materialise()) for s in srcs]
+        assert stores[0] != stores[1]
+        assert all(StoreCache.at(s).recompute_content_checksum("raw") == entry["content_sha256"]["raw"] for s in stores)
+        # Upstream changes its info file: the lock refuses it.
+        info_path = root / "wildenberg2023/mouse_v1_l4_p14/em_aligned/info"
+        info = json.loads(info_path.read_text())
+        info["scales"][1]["encoding"] = "jpeg"
+        info_path.write_text(json.dumps(info))
+        code, out, err = run(capsys, "verify", "--lock", str(lock), "--cache-dir", str(tmp_path / "b"), *base)
+        assert code == 1 and "info file of precomputed://" in err and "changed since the lock was made" in err
+        # A different box is refused too.
+        with pytest.raises(ValueError, match=r"p14_psd: parameters .* differ from the lock"):
+            entry_source("p14_psd", lock=str(lock), base_url=server.base_url, cache_dir=str(tmp_path / "a"),
+                         bbox_nm=[0, 2000, 0, 2000, 0, 400]).discover()
+
+
+def test_locked_source_refuses_bytes_that_differ(server, tmp_path, capsys):
+    lock = tmp_path / "w.lock"
+    code, _, err = run(capsys, "lock", "p14_psd", "--bbox-nm", *BOX, "-o", str(lock), "--quiet",
+                       "--cache-dir", str(tmp_path), "--base-url", server.base_url)
+    assert code == 0, err
+    pinned = json.loads(lock.read_text())
+    pinned["entries"]["p14_psd"]["content_sha256"]["labels"] = "0" * 64
+    lock.write_text(json.dumps(pinned))
+    from wildenberg_intake.drivers import entry_source
+    src = entry_source("p14_psd", lock=str(lock), base_url=server.base_url, cache_dir=str(tmp_path),
+                       bbox_nm=[float(v) for v in BOX], progress=False)
+    with pytest.raises(ValueError, match=r"p14_psd: labels in .* does not hold the locked bytes"):
+        src.read()
+
+
+def test_mirror_commands_synthetic_and_a_copied_box(server, mirror, tmp_path, capsys):
+    code, out, _ = run(capsys, "mirror", "-o", str(tmp_path / "synthetic"), "--shape", "100", "90", "8")
+    assert code == 0 and (tmp_path / "synthetic/wildenberg2023/mouse_v1_l4_p105/em/info").exists()
+    copy = tmp_path / "copy"
+    code, out, err = run(capsys, "mirror", "-o", str(copy), "--source", server.base_url, "--entry", "p14_psd",
+                         "--bbox-nm", *BOX)
+    assert code == 0, err
+    # The copy serves the box with the same voxels, over file:// as over HTTP.
+    from wildenberg_intake.drivers import entry_source
+    bbox = [float(v) for v in BOX]
+    original = entry_source("p14_psd", base_url=server.base_url, cache_dir=str(tmp_path / "o"), bbox_nm=bbox,
+                            progress=False).read()
+    copied = entry_source("p14_psd", base_url=f"file://{copy}/wildenberg2023", cache_dir=str(tmp_path / "c"),
+                          bbox_nm=bbox, progress=False).read()
+    np.testing.assert_array_equal(original["raw"].values, copied["raw"].values)
+    np.testing.assert_array_equal(original["labels"].values, copied["labels"].values)

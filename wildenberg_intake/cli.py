@@ -1,0 +1,236 @@
+"""Command line: `wildenberg-intake list | describe | fetch | verify | lock | preview | mirror | serve | demo`.
+
+Every command has --help. A user's mistake (a bad value, an unknown entry, an unreachable server)
+prints one line on stderr and exits 2; only bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_MISMATCH = 1
+
+
+def _entry_args(p, many=True):
+    p.add_argument("entries" if many else "entry", nargs=many if isinstance(many, str) else ("+" if many else None),
+                   metavar="ENTRY",
+                   help="catalog entry, e.g. p105_psd (see `wildenberg-intake list`)")
+    p.add_argument("--bbox-nm", nargs=6, metavar=("X0", "X1", "Y0", "Y1", "Z0", "Z1"),
+                   help="box in nm (default: the annotated box)")
+    p.add_argument("--em-mip", help="EM mip (0: 6 nm, 1: 12 nm, 2: 24 nm; default 1)")
+    p.add_argument("--seg-mip", help="label mip (default 0)")
+    p.add_argument("--raw-codec", help="Blosc codec of the cached raw EM (default zstd1)")
+    p.add_argument("--cache-dir", help="cache folder (default $WILDENBERG_INTAKE_CACHE or ~/.cache/wildenberg-intake)")
+    p.add_argument("--base-url", help="BossDB base URL: a mirror or an offline copy (default $WILDENBERG_BOSSDB_URL or BossDB)")
+
+
+def _params(args, **extra) -> dict:
+    out = {k: getattr(args, k) for k in ("em_mip", "seg_mip", "raw_codec", "cache_dir", "base_url")
+           if getattr(args, k, None) is not None}
+    if getattr(args, "bbox_nm", None):
+        out["bbox_nm"] = list(args.bbox_nm)
+    return {**out, **extra}
+
+
+def _source(name, args, **extra):
+    from .drivers import entry_source
+    return entry_source(name, **_params(args, **extra))
+
+
+def cmd_list(args):
+    from .catalog import load_catalog_yaml
+    cat = load_catalog_yaml()
+    print(f"{'entry':20s} {'experiment':10s} {'label':14s} {'dtype':7s} {'annotated box (nm) x0 x1 y0 y1 z0 z1':40s} full size (z, y, x) at 12 nm")
+    for name, entry in cat["sources"].items():
+        ds, label = entry["args"]["dataset"], entry["args"]["label"]
+        box = ds["annotated_bbox_nm"]
+        res = ds["resolutions_nm"]["labels_mip0_nm"]
+        size = [int((box[5] - box[4]) / res[2]), int((box[3] - box[2]) / res[1]), int((box[1] - box[0]) / res[0])]
+        print(f"{name:20s} {ds['experiment']:10s} {label:14s} {ds['label_channels'][label]['dtype']:7s} "
+              f"{' '.join(str(v) for v in box):40s} {tuple(size)}")
+
+
+def cmd_describe(args):
+    from .catalog import load_catalog_yaml
+    src = _source(args.entry, args, progress=False)
+    meta = src.discover()["metadata"]
+    entry = load_catalog_yaml()["sources"][args.entry]
+    out = {"entry": args.entry, "description": entry.get("description"), "catalog": entry["args"]["dataset"],
+           "label": entry["args"]["label"], "resolved": meta,
+           "layers": {name: {"url": l.url, "mip": l.info.mip, "encoding": l.info.encoding, "dtype": l.info.dtype,
+                             "resolution_nm_zyx": l.info.resolution_zyx, "voxel_offset_zyx": l.info.offset_zyx,
+                             "size_zyx": l.info.size_zyx, "chunk_zyx": l.info.chunk_zyx,
+                             "sharded": l.info.sharding is not None, "mips": l.info.n_mips,
+                             "info_sha256": l.info.info_sha256}
+                      for name, l in src.plan.layers.items()}}
+    print(json.dumps(out, indent=2, default=list))
+
+
+def cmd_fetch(args):
+    extra = {"workers": args.workers} if args.workers else {}
+    if args.lock:
+        from .lock import open_locked
+        sources = open_locked(args.lock, **_params(args, progress=not args.quiet, **extra))
+    elif args.entries:
+        sources = {name: _source(name, args, progress=not args.quiet, **extra) for name in args.entries}
+    else:
+        raise ValueError("fetch needs ENTRY names or --lock FILE")
+    for name, src in sources.items():
+        t = time.perf_counter()
+        path = src.materialise(client=args.scheduler)
+        print(f"{name}: {path} ({time.perf_counter() - t:.1f} s)")
+
+
+def cmd_verify(args):
+    from .cache import StoreCache
+    bad = 0
+    if args.lock:
+        from .lock import check_content, open_locked
+        for name, src in open_locked(args.lock, **_params(args, progress=False)).items():
+            src.plan  # checks parameters and info files
+            found = check_content(name, src.lock, src, recompute=True)
+            print(f"{name}: matches the lock (raw {found['raw'][:12]}..., labels {found['labels'][:12]}...)")
+        return 0
+    if args.target is None:
+        raise ValueError("verify needs PATH or ENTRY, or --lock FILE")
+    target = Path(args.target)
+    cache = StoreCache.at(target) if target.exists() else StoreCache.at(_source(args.target, args).materialise())
+    for name, entry in cache.verify().items():
+        state = "complete" if entry["complete"] else f"incomplete ({len(entry['unfetched'])} shards not fetched yet)"
+        problems = [f"missing {entry['missing']}"] * bool(entry["missing"]) + \
+                   [f"corrupt {entry['corrupt']}"] * bool(entry["corrupt"])
+        bad += bool(problems)
+        print(f"{name}: {state}; " + ("; ".join(problems) if problems else "every recorded shard is intact"))
+    return EXIT_MISMATCH if bad else 0
+
+
+def cmd_lock(args):
+    from .lock import make_lock, write_lock
+    sources = {name: _source(name, args, progress=not args.quiet) for name in args.entries}
+    write_lock(args.output, make_lock(sources))
+    print(f"wrote {args.output} pinning {', '.join(sources)}")
+
+
+def cmd_preview(args):
+    from .preview import render
+    src = _source(args.entry, args, progress=False)
+    render(src, args.z, args.output)
+    print(f"wrote {args.output}")
+
+
+def cmd_mirror(args):
+    if args.source:
+        from .mirror import copy_box
+        n = copy_box(args.source, args.output, args.entry, args.bbox_nm)
+        print(f"copied {n} chunks of {args.entry}'s layers into {args.output}")
+    else:
+        from .mirror import build_mirror
+        build_mirror(args.output, shape_xyz=args.shape, em_encoding=args.em_encoding,
+                     label_encoding=args.label_encoding, sharded=args.sharded)
+        print(f"wrote a synthetic BossDB-layout mirror to {args.output}; serve it with "
+              f"`wildenberg-intake serve {args.output}`")
+
+
+def cmd_serve(args):
+    from .mirror import MirrorServer
+    if not Path(args.folder, "wildenberg2023").is_dir():
+        raise ValueError(f"folder={args.folder!r} holds no wildenberg2023/ mirror; allowed: a folder written by "
+                         "`wildenberg-intake mirror`")
+    with MirrorServer(args.folder, port=args.port) as server:
+        print(f"serving {args.folder} at {server.base_url} (Ctrl-C to stop); use base_url={server.base_url}",
+              flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+def cmd_demo(args):
+    from .demo import run
+    return 0 if run(Path(args.folder)) else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wildenberg-intake", description="The Wildenberg 2023 synapse FIB-SEM "
+                                "dataset from BossDB: catalog, cache, verification, previews and mirrors.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("list", help="catalog entries with experiment, label, dtype and full size").set_defaults(run=cmd_list)
+
+    d = sub.add_parser("describe", help="everything the catalog and the layers' info files say, and the cache state")
+    _entry_args(d, many=False)
+    d.set_defaults(run=cmd_describe)
+
+    f = sub.add_parser("fetch", help="materialise entries (or a lock file's entries) into the cache")
+    _entry_args(f, many="*")
+    f.add_argument("--lock", help="fetch every entry of this lock file with its pinned parameters")
+    f.add_argument("--workers", type=int, default=None, help="shard tasks at once (default: the cores)")
+    f.add_argument("--scheduler", help="dask.distributed scheduler address to run the shard tasks on")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
+    f.set_defaults(run=cmd_fetch)
+
+    v = sub.add_parser("verify", help="reread a cached store and report missing or corrupted shards; "
+                                      "with --lock, prove the cache holds exactly the locked bytes")
+    v.add_argument("target", nargs="?", metavar="PATH|ENTRY", help="a store folder, its data.zarr, or an entry")
+    v.add_argument("--lock", help="a lock file from `wildenberg-intake lock`")
+    v.add_argument("--cache-dir")
+    v.add_argument("--base-url")
+    v.set_defaults(run=cmd_verify)
+
+    lk = sub.add_parser("lock", help="materialise entries and pin them in a lock file")
+    _entry_args(lk)
+    lk.add_argument("-o", "--output", required=True, help="lock file to write, e.g. wildenberg.lock")
+    lk.add_argument("--quiet", action="store_true")
+    lk.set_defaults(run=cmd_lock)
+
+    pv = sub.add_parser("preview", help="PNG of an EM slice with its labels overlaid and a scale bar")
+    _entry_args(pv, many=False)
+    pv.add_argument("--z", type=int, required=True, help="slice index in the store (0 = first)")
+    pv.add_argument("-o", "--output", required=True, help="PNG file to write")
+    pv.set_defaults(run=cmd_preview)
+
+    m = sub.add_parser("mirror", help="write a BossDB-layout mirror: synthetic, or a copy of a box of a "
+                                      "precomputed source (for compute nodes without internet)")
+    m.add_argument("-o", "--output", required=True, help="folder to write")
+    m.add_argument("--source", help="base URL to copy from (e.g. BossDB's); omit for a synthetic mirror")
+    m.add_argument("--entry", default="p105_psd", help="with --source: whose experiment's layers to copy")
+    m.add_argument("--bbox-nm", nargs=6, metavar=("X0", "X1", "Y0", "Y1", "Z0", "Z1"), help="with --source: the box")
+    m.add_argument("--shape", type=int, nargs=3, default=(600, 520, 24), metavar=("X", "Y", "Z"),
+                   help="synthetic: label voxels at 12 x 12 x 40 nm")
+    m.add_argument("--em-encoding", default="raw", help="synthetic: raw or jpeg")
+    m.add_argument("--label-encoding", default="raw", help="synthetic: raw or compressed_segmentation")
+    m.add_argument("--sharded", action="store_true", help="synthetic: the sharded precomputed format")
+    m.set_defaults(run=cmd_mirror)
+
+    s = sub.add_parser("serve", help="serve a mirror folder over HTTP on 127.0.0.1")
+    s.add_argument("folder")
+    s.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    s.set_defaults(run=cmd_serve)
+
+    dm = sub.add_parser("demo", help="the main job: mirror, serve and read p105_psd through the catalog")
+    dm.add_argument("--folder", default="demo-cache")
+    dm.set_defaults(run=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from .layers import LayerError
+    from .transfer import TransferError
+    try:
+        return args.run(args) or 0
+    except (ValueError, LayerError, TransferError, OSError, KeyError, MemoryError) as e:
+        print(f"wildenberg-intake {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_MISMATCH if type(e).__name__ == "LockMismatch" else EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
