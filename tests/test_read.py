@@ -113,7 +113,8 @@ def test_second_label_reuses_raw_without_refetching(catalog, mirror, server, tmp
     assert server.requests_under(sat_prefix) > sat_before
     import zarr
     group = zarr.open_group(path, mode="r")
-    assert sorted(group["labels"].array_keys()) == ["psd", "saturated"]
+    assert sorted(group["labels"].group_keys()) == ["psd", "saturated"]
+    assert group["labels"].attrs["ome"]["labels"] == ["psd", "saturated"]
     _check(sat.read(), mirror, "p105", "saturated", BOX["p105"])
 
 
@@ -172,5 +173,23 @@ def test_raw_codec_is_an_option_with_its_own_store(catalog, mirror, server, tmp_
         return [c for c in meta["codecs"][0]["configuration"]["codecs"] if c["name"] == "blosc"][0]["configuration"]
     for src, level in ((fast, 1), (ref, 6)):
         assert blosc(Path(src.materialise()) / "raw")["clevel"] == level
-        assert blosc(Path(src.materialise()) / "labels" / "psd")["clevel"] == 6  # labels keep the reference's
+        assert blosc(Path(src.materialise()) / "labels" / "psd" / "0")["clevel"] == 6  # labels keep the reference's
     np.testing.assert_array_equal(fast.read()["raw"].values, ref.read()["raw"].values)
+
+
+def test_the_store_is_valid_ome_zarr_0_5(catalog, server, tmp_path):
+    yaozarrs = pytest.importorskip("yaozarrs")
+    src = catalog.p105_psd(bbox_nm=BOX["p105"], base_url=server.base_url, cache_dir=str(tmp_path))
+    path = src.materialise()
+    catalog.p105_saturated(bbox_nm=BOX["p105"], base_url=server.base_url, cache_dir=str(tmp_path)).materialise()
+    yaozarrs.validate_zarr_store(path)
+    import zarr
+    root = zarr.open_group(path, mode="r")
+    ms = root.attrs["ome"]["multiscales"][0]
+    assert [a["name"] for a in ms["axes"]] == ["z", "y", "x"] and ms["axes"][0]["unit"] == "nanometer"
+    scale, translation = ms["datasets"][0]["coordinateTransformations"]
+    assert scale["scale"] == [40.0, 12.0, 12.0]
+    ds = src.read()
+    assert translation["translation"] == [float(ds["z"][0]), float(ds["y"][0]), float(ds["x"][0])]
+    label = zarr.open_group(path, mode="r")["labels/saturated"]
+    assert "image-label" in label.attrs["ome"] and label.attrs["ome"]["multiscales"][0]["datasets"][0]["path"] == "0"

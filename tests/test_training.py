@@ -53,7 +53,7 @@ def test_patches_equal_the_cached_arrays(entry, split, server, tmp_path):
     src = training.resolve_sources(entry, bbox_nm=BOX[experiment], base_url=server.base_url,
                                    cache_dir=str(tmp_path))[0]
     group = zarr.open_group(src.materialise(), mode="r")
-    raw_all, lab_all = group["raw"][:], group[f"labels/{label}"][:]
+    raw_all, lab_all = group["raw"][:], group[f"labels/{label}/0"][:]
     roi = training.split_roi(src, split) if split else (slice(None),) * 3
     raw_all, lab_all = raw_all[roi], lab_all[roi]
     if split == "val":
@@ -113,7 +113,7 @@ def test_binary_targets_from_instances(server, tmp_path):
                                                      cache_dir=str(tmp_path))[0].materialise(), mode="r")
     _, labels = ds[0]
     assert labels.dtype == torch.float32
-    np.testing.assert_array_equal(labels[0].numpy(), (group["labels/saturated"][windows[-1]] > 0).astype("float32"))
+    np.testing.assert_array_equal(labels[0].numpy(), (group["labels/saturated/0"][windows[-1]] > 0).astype("float32"))
     with pytest.raises(ValueError, match="instance labels"):
         training.get_dataset("p14_psd", PATCH, boundaries=True, base_url=server.base_url, cache_dir=str(tmp_path))
 

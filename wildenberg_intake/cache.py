@@ -2,7 +2,8 @@
 
     <cache_dir>/wildenberg2023/<experiment>-<hash>/
         source.json                  everything the store's name derives from (readable)
-        data.zarr/                   zarr v3: raw, labels/<label>; (z, y, x)
+        data.zarr/                   zarr v3 + OME-Zarr 0.5, (z, y, x): the image `raw`, and each label
+                                     as an image-label group labels/<label> holding its array `0`
         progress/<array>/<i>.<j>.<k> one record per shard written: its sha256 and size
         progress/<array>/COMPLETE    written only after every shard of the array is recorded
 
@@ -86,6 +87,20 @@ def encode_shard(block: np.ndarray, codec: str, is_label: bool) -> bytes | None:
     return b"".join(parts) + index_bytes + crc
 
 
+def array_path(name: str) -> str:
+    """Where array `name` lives in the zarr store: raw at `raw`, label <l> at `labels/<l>/0`
+    (OME-Zarr puts each label in an image-label group of its own, level 0 its full resolution)."""
+    return f"{name}/0" if name.startswith("labels/") else name
+
+
+def ome_multiscale(name: str, resolution_zyx, origin_nm_zyx, path: str) -> dict:
+    """An OME-Zarr 0.5 multiscales entry with one level: axes z, y, x in nanometres."""
+    return {"name": name, "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
+            "datasets": [{"path": path, "coordinateTransformations": [
+                {"type": "scale", "scale": [float(v) for v in resolution_zyx]},
+                {"type": "translation", "translation": [float(v) for v in origin_nm_zyx]}]}]}
+
+
 def shard_grid(shape) -> list[tuple]:
     """Indices (i, j, k) of the output shards covering an array of `shape`."""
     counts = [-(-int(n) // s) for n, s in zip(shape, SHARDS)]
@@ -147,10 +162,17 @@ class StoreCache:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def ensure_array(self, name: str, shape, dtype: str, is_label: bool, attributes: dict, codec: str = LABEL_CODEC):
-        """Open array `name`, creating its metadata atomically if missing; refuse a mismatching one."""
+    def ensure_array(self, name: str, shape, dtype: str, is_label: bool, attributes: dict, codec: str = LABEL_CODEC,
+                     ome: dict | None = None):
+        """Open array `name`, creating its metadata atomically if missing; refuse a mismatching one.
+
+        ome: for a label, its OME-Zarr multiscales entry (its group is made an image-label group)."""
         import zarr
-        target = self.zarr_path / name
+        target = self.zarr_path / array_path(name)
+        if name.startswith("labels/") and ome is not None:
+            self._ensure_group(name, {"ome": {"version": "0.5", "multiscales": [ome],
+                                              "image-label": {"source": {"image": "../../"}}}})
+            self._update_label_list()
         if not (target / "zarr.json").exists():
             tmp = self.root / f".tmp-{uuid.uuid4().hex}"
             try:
@@ -165,11 +187,20 @@ class StoreCache:
                         os.replace(tmp / "zarr.json", target / "zarr.json")
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        arr = zarr.open_array(str(self.zarr_path), path=name, mode="r+", zarr_format=3)
+        arr = zarr.open_array(str(self.zarr_path), path=array_path(name), mode="r+", zarr_format=3)
         if tuple(arr.shape) != tuple(shape) or str(arr.dtype) != str(dtype):
             raise RuntimeError(f"cached array {target} has shape {arr.shape} and dtype {arr.dtype}; expected "
                                f"{tuple(shape)} and {dtype}. Delete {self.root} to rebuild it.")
         return arr
+
+    def _update_label_list(self):
+        """labels/zarr.json lists every label group present (OME-Zarr `labels`), rewritten atomically."""
+        folder = self.zarr_path / "labels"
+        present = sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file())
+        meta = json.loads((folder / "zarr.json").read_text())
+        if meta.get("attributes", {}).get("ome", {}).get("labels") != present:
+            meta.setdefault("attributes", {})["ome"] = {"version": "0.5", "labels": present}
+            _atomic_write(folder / "zarr.json", json.dumps(meta, indent=2).encode())
 
     def label_view(self, label: str) -> Path:
         """A zarr group `views/<label>.zarr` whose `raw` and `labels` link to this store's arrays.
@@ -181,13 +212,13 @@ class StoreCache:
         view = self.root / "views" / f"{label}.zarr"
         if (view / "labels").exists():
             return view
-        if not (self.zarr_path / "labels" / label / "zarr.json").exists():
+        if not (self.zarr_path / array_path(f"labels/{label}") / "zarr.json").exists():
             raise FileNotFoundError(f"{self.zarr_path / 'labels' / label} does not exist yet; materialise it first")
         tmp = self.root / f".tmp-{uuid.uuid4().hex}"
         try:
             zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes={"label": label})
             os.symlink(Path("..") / ".." / "data.zarr" / "raw", tmp / "raw")
-            os.symlink(Path("..") / ".." / "data.zarr" / "labels" / label, tmp / "labels")
+            os.symlink(Path("..") / ".." / "data.zarr" / array_path(f"labels/{label}"), tmp / "labels")
             view.parent.mkdir(exist_ok=True)
             try:
                 os.rename(tmp, view)
@@ -200,7 +231,7 @@ class StoreCache:
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def shard_file(self, name: str, index) -> Path:
-        return self.zarr_path / name / "c" / Path(*(str(i) for i in index))
+        return self.zarr_path / array_path(name) / "c" / Path(*(str(i) for i in index))
 
     def write_shard(self, name: str, index, data: bytes | None):
         """Put an encoded shard in place whole (renamed from a temporary file); None removes it."""
@@ -229,7 +260,8 @@ class StoreCache:
         out = [n for n in ("raw",) if (self.zarr_path / n / "zarr.json").is_file()]
         labels = self.zarr_path / "labels"
         if labels.is_dir():
-            out += sorted(f"labels/{p.name}" for p in labels.iterdir() if (p / "zarr.json").is_file())
+            out += sorted(f"labels/{p.name}" for p in labels.iterdir()
+                          if (self.zarr_path / array_path(f"labels/{p.name}") / "zarr.json").is_file())
         return out
 
     def mark_done(self, name: str, index, missing_chunks=(), content_sha256: str | None = None) -> dict:
@@ -268,7 +300,7 @@ class StoreCache:
         if missing:
             raise RuntimeError(f"{self.zarr_path / name}: {len(missing)} shards are not recorded as written")
         empty = sorted({c for i in shard_grid(shape) for c in (self.record(name, i) or {}).get("missing_chunks", [])})
-        meta_path = self.zarr_path / name / "zarr.json"
+        meta_path = self.zarr_path / array_path(name) / "zarr.json"
         meta = json.loads(meta_path.read_text())
         meta.setdefault("attributes", {})["missing_source_chunks"] = {
             "count": len(empty), "chunks": empty,
@@ -276,7 +308,8 @@ class StoreCache:
         _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
         # Temporary files of writes cut short by a kill (zarr's *.partial, our .*.tmp): every shard
         # is recorded now, so no live writer can own one.
-        for leftover in [*(self.zarr_path / name).rglob("*.partial"), *(self.zarr_path / name).rglob(".*.tmp"),
+        folder = self.zarr_path / array_path(name)
+        for leftover in [*folder.rglob("*.partial"), *folder.rglob(".*.tmp"),
                          *(self.progress / name).glob(".*.tmp")]:
             _remove(leftover)
         _atomic_write(self.progress / name / "COMPLETE", b"")
@@ -295,7 +328,7 @@ class StoreCache:
     def recompute_content_checksum(self, name: str) -> str:
         """The same checksum computed from the voxels on disk now (reads the whole array, shard by shard)."""
         import zarr
-        arr = zarr.open_array(str(self.zarr_path), path=name, mode="r", zarr_format=3)
+        arr = zarr.open_array(str(self.zarr_path), path=array_path(name), mode="r", zarr_format=3)
         hashes = []
         for index in shard_grid(arr.shape):
             start, stop = shard_box(index, arr.shape)
@@ -314,7 +347,7 @@ class StoreCache:
         import zarr
         report = {}
         for name in self.arrays():
-            shape = zarr.open_array(str(self.zarr_path), path=name, mode="r", zarr_format=3).shape
+            shape = zarr.open_array(str(self.zarr_path), path=array_path(name), mode="r", zarr_format=3).shape
             entry = {"complete": self.is_complete(name), "missing": [], "corrupt": [], "unfetched": []}
             for index in shard_grid(shape):
                 rec = self.record(name, index)

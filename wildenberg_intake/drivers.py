@@ -161,7 +161,8 @@ class WildenbergSource(DataSource):
         import zarr
         path = self.materialise()
         group = zarr.open_group(path, mode="r")
-        arrays = {"raw": da.from_zarr(group["raw"]), "labels": da.from_zarr(group[self.plan.label_name])}
+        from .cache import array_path
+        arrays = {"raw": da.from_zarr(group["raw"]), "labels": da.from_zarr(group[array_path(self.plan.label_name)])}
         return self._dataset(arrays)
 
     def read(self):

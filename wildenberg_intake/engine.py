@@ -30,7 +30,7 @@ import shutil
 import numpy as np
 from tqdm.auto import tqdm
 
-from .cache import SHARDS, StoreCache, encode_shard, shard_box, shard_grid
+from .cache import SHARDS, StoreCache, array_path, encode_shard, ome_multiscale, shard_box, shard_grid
 from .layers import Layer, place
 from .plan import ArraySource, StorePlan
 
@@ -41,8 +41,10 @@ LOCK_STALE_SECONDS = 600  # a lock older than this, or whose process is gone, is
 
 def store_attributes(plan: StorePlan) -> dict:
     """Root attributes of a store: what it is and where it came from."""
-    req = plan.request
-    return {"experiment": req.experiment, "bossdb_experiment": req.bossdb_experiment,
+    req, raw = plan.request, plan.arrays["raw"]
+    return {"ome": {"version": "0.5", "multiscales": [
+                ome_multiscale("raw", raw.layer.resolution_zyx, raw.origin_nm_zyx, "raw")]},
+            "experiment": req.experiment, "bossdb_experiment": req.bossdb_experiment,
             "bbox_nm": list(plan.bbox_nm), "em_mip": req.em_mip, "seg_mip": req.seg_mip,
             "em_url": req.em_url, "citation": req.citation, "wildenberg_intake_store": plan.name}
 
@@ -179,7 +181,8 @@ class ShardWriter:
     def array(self):
         if self._array is None:
             import zarr
-            self._array = zarr.open_array(str(self.cache.zarr_path), path=self.name, mode="r+", zarr_format=3)
+            self._array = zarr.open_array(str(self.cache.zarr_path), path=array_path(self.name), mode="r+",
+                                          zarr_format=3)
         return self._array
 
     def io(self) -> cf.ThreadPoolExecutor:
@@ -269,7 +272,8 @@ def materialise(plan: StorePlan, names=None, workers: int = DEFAULT_WORKERS, pro
         for name in names:
             src = plan.arrays[name]
             if not cache.is_complete(name):
-                cache.ensure_array(name, src.shape, src.dtype, src.is_label, array_attributes(src), src.codec)
+                cache.ensure_array(name, src.shape, src.dtype, src.is_label, array_attributes(src), src.codec,
+                                   ome_multiscale(name, src.layer.resolution_zyx, src.origin_nm_zyx, "0"))
     except OSError as e:
         raise OSError(e.errno, f"cannot write the cache folder {cache.root}: {e.strerror or e}") from e
     for name in names:
