@@ -169,3 +169,23 @@ def test_mirror_commands_synthetic_and_a_copied_box(server, mirror, tmp_path, ca
                           bbox_nm=bbox, progress=False).read()
     np.testing.assert_array_equal(original["raw"].values, copied["raw"].values)
     np.testing.assert_array_equal(original["labels"].values, copied["labels"].values)
+
+
+def test_an_installed_wheel_carries_its_catalog_and_entry_points(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "wheel"), str(root)], capture_output=True, text=True)
+    if built.returncode:
+        pytest.skip(f"cannot build a wheel here: {built.stderr[-300:]}")
+    import zipfile
+    wheel = next((tmp_path / "wheel").glob("*.whl"))
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    code = ("import intake, wildenberg_intake as w; "
+            "print(w.__file__); print(w.catalog_path()); print(sorted(intake.cat.wildenberg2023))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert out.returncode == 0, out.stderr
+    module, catalog, entries = out.stdout.strip().splitlines()
+    assert module.startswith(str(tmp_path / "site")) and catalog.startswith(str(tmp_path / "site"))
+    assert catalog.endswith("wildenberg_intake/catalog_files/wildenberg.yaml")
+    assert "p105_psd" in entries
