@@ -173,3 +173,29 @@ def test_a_reference_training_script_runs_after_changing_its_import(server, tmp_
     path = next(tmp_path.glob("wildenberg2023/*/views/psd.zarr"))
     assert (path / "raw").is_symlink() and (path / "labels").is_symlink()
     assert zarr.open_group(str(path), mode="r")["labels"].dtype == np.uint8
+
+
+def test_several_label_channels_as_one_target(server, tmp_path):
+    ds = training.get_dataset("p105_psd", PATCH, labels=["psd", "vesicle_cloud", "saturated"], bbox_nm=BOX["p105"],
+                              base_url=server.base_url, cache_dir=str(tmp_path), progress=False,
+                              raw_transform=identity, transform=identity2)
+    windows = _record_windows(ds)
+    src = training.resolve_sources("p105_psd", bbox_nm=BOX["p105"], base_url=server.base_url,
+                                   cache_dir=str(tmp_path))[0]
+    group = zarr.open_group(src.materialise(), mode="r")
+    raw, labels = ds[0]
+    bb = windows[-1]
+    assert labels.shape == (3, *PATCH)
+    for c, name in enumerate(["psd", "vesicle_cloud", "saturated"]):
+        np.testing.assert_array_equal(labels[c].numpy(), group[f"labels/{name}/0"][bb].astype("float32"))
+    np.testing.assert_array_equal(raw[0].numpy(), group["raw"][bb].astype("float32"))
+    # Raw is stored once for all three.
+    assert sorted(group["labels"].group_keys()) == ["psd", "saturated", "vesicle_cloud"]
+    loader = training.get_loader("p105_psd", PATCH, batch_size=2, num_workers=2, labels=["psd", "vesicle_cloud"],
+                                 bbox_nm=BOX["p105"], base_url=server.base_url, cache_dir=str(tmp_path),
+                                 progress=False, n_samples=4)
+    shapes = [tuple(y.shape) for _, y in loader]
+    assert shapes == [(2, 2, *PATCH)] * 2
+    with pytest.raises(ValueError, match=r"labels=\['psd', 'synapse'\] is not valid"):
+        training.get_dataset("p105_psd", PATCH, labels=["psd", "synapse"], base_url=server.base_url,
+                             cache_dir=str(tmp_path))

@@ -14,6 +14,7 @@ to the shared store's arrays (raw is never copied per label).
 import os
 from typing import List, Literal, Optional, Sequence, Tuple, Union
 
+import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from .catalog import LABELS, load_catalog_yaml
@@ -60,9 +61,52 @@ def split_roi(source, split: Optional[str]):
     return (slice(int(round(lo * shape[0])), int(round(hi * shape[0]))), slice(None), slice(None))
 
 
+class _StackedLabels:
+    """Several label arrays of one store read as one (channel, z, y, x) array, window by window."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+        self.shape = (len(arrays), *arrays[0].shape)
+        self.ndim = 4
+        self.dtype = np.result_type(*[a.dtype for a in arrays])
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        return np.stack([np.asarray(a[key[1:]]) for a in self.arrays]).astype(self.dtype)[key[0]]
+
+
+def _with_label(source, label: str):
+    """The same source (experiment, box, mips, cache, URLs) for another label channel."""
+    kwargs = {k: v for k, v in source._captured_init_kwargs.items() if k not in ("lock", "metadata")}
+    return type(source)(**{**kwargs, "label": label})
+
+
+def _open_labels(paths, roi):
+    from torch_em.util import load_data as _load  # torch-em's own opener
+    from elf.wrapper import RoiWrapper
+    arrays = [_load(p, "labels") for p in paths]
+    return _StackedLabels([RoiWrapper(a, roi) if roi is not None else a for a in arrays])
+
+
+def _make_multi_label(ds, paths):
+    """Turn torch-em's SegmentationDataset over the first label into one over all `paths`' labels."""
+    from torch_em.data import SegmentationDataset
+
+    class MultiLabelSegmentationDataset(SegmentationDataset):
+        def __setstate__(self, state):  # reopened in each loader worker
+            super().__setstate__(state)
+            self.labels = _open_labels(self.multi_label_paths, self.roi)
+
+    ds.__class__ = MultiLabelSegmentationDataset
+    ds.multi_label_paths = paths
+    ds._with_label_channels = True
+    ds.labels = _open_labels(paths, ds.roi)
+    return ds
+
+
 def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] = None,
                 offsets: Optional[List[List[int]]] = None, boundaries: bool = False, binary: bool = False,
-                download: bool = True, **kwargs) -> Dataset:
+                labels: Optional[Sequence[str]] = None, download: bool = True, **kwargs) -> Dataset:
     """A torch-em segmentation dataset over one or more catalog entries.
 
     sources: entry names ("p105_psd"), catalog sources, a catalog, or a list of them. Entry
@@ -71,6 +115,8 @@ def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] =
     split: "train" or "val": the catalog's reproducible split of each store along z; None for all.
     offsets / boundaries / binary: label targets for instance (saturated) labels, as in torch-em:
         affinities, boundaries, or a binary foreground mask.
+    labels: several label choices at once (e.g. ["psd", "vesicle_cloud"]) as a multi-channel
+        target, one channel each, in this order; every source's experiment and box are used.
     download: fetch what is missing (default); if False, a missing store is an error.
     kwargs: everything else goes to `torch_em.default_segmentation_dataset`.
     """
@@ -89,6 +135,16 @@ def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] =
     if (offsets is not None or boundaries or binary) and kinds != {"instance"}:
         raise ValueError("offsets, boundaries and binary apply to instance labels (saturated) only; "
                          f"these sources have {sorted(kinds)} labels")
+    if labels is not None:
+        labels = list(labels)
+        unknown = [l for l in labels if l not in LABELS]
+        if unknown or not labels:
+            raise ValueError(f"labels={labels!r} is not valid; allowed: a non-empty list of {list(LABELS)}")
+        if offsets is not None or boundaries or binary:
+            raise ValueError("labels (several channels) cannot be combined with offsets, boundaries or binary")
+        per_label = [[s if l == s.request.label else _with_label(s, l) for s in srcs] for l in labels]
+        label_paths = [[label_view(s, download) for s in group] for group in per_label]
+        srcs = per_label[0]
     paths = [label_view(s, download) for s in srcs]
     if split is not None:
         kwargs = util.update_kwargs(kwargs, "rois", [split_roi(s, split) for s in srcs])
@@ -96,8 +152,15 @@ def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] =
         kwargs = util.update_kwargs(kwargs, "is_seg_dataset", True)
         kwargs, _ = util.add_instance_label_transform(kwargs, add_binary_target=False, binary=binary,
                                                       boundaries=boundaries, offsets=offsets)
-    return torch_em.default_segmentation_dataset(raw_paths=paths, raw_key="raw", label_paths=paths,
-                                                 label_key="labels", patch_shape=patch_shape, **kwargs)
+    if labels is not None:
+        kwargs = util.update_kwargs(kwargs, "is_seg_dataset", True)
+    ds = torch_em.default_segmentation_dataset(raw_paths=paths, raw_key="raw", label_paths=paths,
+                                               label_key="labels", patch_shape=patch_shape, **kwargs)
+    if labels is not None and len(labels) > 0:
+        inner = list(ds.datasets) if hasattr(ds, "datasets") else [ds]
+        for i, d in enumerate(inner):
+            _make_multi_label(d, [group[i] for group in label_paths])
+    return ds
 
 
 def get_loader(sources, patch_shape: Tuple[int, ...], batch_size: int, **kwargs) -> DataLoader:
@@ -106,7 +169,7 @@ def get_loader(sources, patch_shape: Tuple[int, ...], batch_size: int, **kwargs)
     import torch_em
     from torch_em.data.datasets import util
     ds_kwargs, loader_kwargs = util.split_kwargs(torch_em.default_segmentation_dataset, **kwargs)
-    for key in ("split", "offsets", "boundaries", "binary", "download", "bbox_nm", "em_mip", "seg_mip",
+    for key in ("split", "offsets", "boundaries", "binary", "labels", "download", "bbox_nm", "em_mip", "seg_mip",
                 "cache_dir", "base_url", "workers", "progress"):
         if key in loader_kwargs:
             ds_kwargs[key] = loader_kwargs.pop(key)
