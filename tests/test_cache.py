@@ -36,3 +36,26 @@ def test_encode_shard_equals_zarr_python(dtype, is_label, codec, tmp_path):
             target.write_bytes(blob)
     np.testing.assert_array_equal(out[:], data)
     assert cache  # noqa
+
+
+def test_fast_reader_equals_zarr_on_random_windows(tmp_path):
+    from wildenberg_intake.cache import encode_shard
+    from wildenberg_intake.reader import ShardedArrayReader
+    rng = np.random.default_rng(1)
+    shape = (150, 600, 530)
+    data = np.zeros(shape, dtype="uint32")
+    data[20:140, 50:580, :500] = rng.integers(0, 70000, size=(120, 530, 500))
+    folder = tmp_path / "arr"
+    arr = zarr.create_array(store=str(folder), shape=shape, chunks=CHUNKS, shards=SHARDS, dtype="uint32",
+                            fill_value=0, compressors=compressor("uint32", True, "zstd6"))
+    arr[:] = data
+    reader = ShardedArrayReader(folder, cache_mb=8)  # small: the LRU evicts
+    assert reader.shape == shape and reader.dtype == np.uint32 and reader.ndim == 3
+    for _ in range(40):
+        start = [int(rng.integers(0, n)) for n in shape]
+        stop = [int(min(n, a + rng.integers(1, 300))) for a, n in zip(start, shape)]
+        key = tuple(slice(a, b) for a, b in zip(start, stop))
+        np.testing.assert_array_equal(reader[key], data[key])
+    np.testing.assert_array_equal(reader[:], data)
+    import pickle
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(reader))[5:9], data[5:9])

@@ -58,6 +58,10 @@ def test_patches_equal_the_cached_arrays(entry, split, server, tmp_path):
     raw_all, lab_all = raw_all[roi], lab_all[roi]
     if split == "val":
         assert 0 < raw_all.shape[0] < group["raw"].shape[0]
+    inner = ds.datasets[0] if hasattr(ds, "datasets") else ds
+    from wildenberg_intake.reader import ShardedArrayReader
+    reader = getattr(inner.raw, "_wrapped", inner.raw) if split else inner.raw
+    assert isinstance(reader, ShardedArrayReader) or "Roi" in type(inner.raw).__name__
     np.random.seed(0)
     for i in range(4):
         raw, labels = ds[i]

@@ -12,6 +12,7 @@ to the shared store's arrays (raw is never copied per label).
 """
 
 import os
+from pathlib import Path
 from typing import List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -81,26 +82,40 @@ def _with_label(source, label: str):
     return type(source)(**{**kwargs, "label": label})
 
 
-def _open_labels(paths, roi):
-    from torch_em.util import load_data as _load  # torch-em's own opener
+def _attach_readers(ds):
+    """Read a SegmentationDataset's windows with the cache's fast reader (see reader.py)."""
     from elf.wrapper import RoiWrapper
-    arrays = [_load(p, "labels") for p in paths]
-    return _StackedLabels([RoiWrapper(a, roi) if roi is not None else a for a in arrays])
+    from .reader import ShardedArrayReader
+
+    def wrap(array):
+        return RoiWrapper(array, ds.roi) if ds.roi is not None else array
+    ds.raw = wrap(ShardedArrayReader(Path(ds.raw_path) / ds.raw_key))
+    paths = getattr(ds, "multi_label_paths", None)
+    if paths:
+        ds.labels = _StackedLabels([wrap(ShardedArrayReader(Path(p) / "labels")) for p in paths])
+    else:
+        ds.labels = wrap(ShardedArrayReader(Path(ds.label_path) / ds.label_key))
 
 
-def _make_multi_label(ds, paths):
-    """Turn torch-em's SegmentationDataset over the first label into one over all `paths`' labels."""
+def _fast(ds, label_paths=None):
+    """Swap torch-em's zarr-python reads for the fast reader, in this process and in loader workers;
+    with `label_paths` (per label, one path per volume), the target has one channel per label."""
     from torch_em.data import SegmentationDataset
 
-    class MultiLabelSegmentationDataset(SegmentationDataset):
-        def __setstate__(self, state):  # reopened in each loader worker
+    class CachedStoreDataset(SegmentationDataset):
+        def __setstate__(self, state):  # loader workers reopen their arrays
             super().__setstate__(state)
-            self.labels = _open_labels(self.multi_label_paths, self.roi)
+            _attach_readers(self)
 
-    ds.__class__ = MultiLabelSegmentationDataset
-    ds.multi_label_paths = paths
-    ds._with_label_channels = True
-    ds.labels = _open_labels(paths, ds.roi)
+    inner = list(ds.datasets) if hasattr(ds, "datasets") else [ds]
+    for i, d in enumerate(inner):
+        if type(d) is not SegmentationDataset:
+            continue  # a dataset type we do not know: leave it alone
+        d.__class__ = CachedStoreDataset
+        if label_paths is not None:
+            d.multi_label_paths = [group[i] for group in label_paths]
+            d._with_label_channels = True
+        _attach_readers(d)
     return ds
 
 
@@ -156,11 +171,7 @@ def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] =
         kwargs = util.update_kwargs(kwargs, "is_seg_dataset", True)
     ds = torch_em.default_segmentation_dataset(raw_paths=paths, raw_key="raw", label_paths=paths,
                                                label_key="labels", patch_shape=patch_shape, **kwargs)
-    if labels is not None and len(labels) > 0:
-        inner = list(ds.datasets) if hasattr(ds, "datasets") else [ds]
-        for i, d in enumerate(inner):
-            _make_multi_label(d, [group[i] for group in label_paths])
-    return ds
+    return _fast(ds, label_paths if labels is not None else None)
 
 
 def get_loader(sources, patch_shape: Tuple[int, ...], batch_size: int, **kwargs) -> DataLoader:
@@ -257,8 +268,8 @@ def get_wildenberg_dataset(
         kwargs = util.update_kwargs(kwargs, "is_seg_dataset", True)
         kwargs, _ = util.add_instance_label_transform(kwargs, add_binary_target=False, boundaries=boundaries,
                                                       offsets=offsets)
-    return torch_em.default_segmentation_dataset(raw_paths=paths, raw_key="raw", label_paths=paths,
-                                                 label_key="labels", patch_shape=patch_shape, **kwargs)
+    return _fast(torch_em.default_segmentation_dataset(raw_paths=paths, raw_key="raw", label_paths=paths,
+                                                       label_key="labels", patch_shape=patch_shape, **kwargs))
 
 
 def get_wildenberg_loader(
