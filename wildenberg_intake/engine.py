@@ -21,8 +21,10 @@ import hashlib
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 import shutil
@@ -30,13 +32,14 @@ import shutil
 import numpy as np
 from tqdm.auto import tqdm
 
-from .cache import SHARDS, StoreCache, array_path, encode_shard, ome_multiscale, shard_box, shard_grid
+from .cache import SHARDS, StoreCache, encode_shard, ome_multiscale, shard_box, shard_grid
 from .layers import Layer, place
 from .plan import ArraySource, StorePlan
 
 DEFAULT_WORKERS = max(2, os.cpu_count() or 2)
 DEFAULT_CONNECTIONS = 16
-LOCK_STALE_SECONDS = 600  # a lock older than this, or whose process is gone, is taken over
+LOCK_STALE_SECONDS = 600
+DECODED_CACHE_BYTES = 128 * 2**20  # decoded shared chunks kept per process  # a lock older than this, or whose process is gone, is taken over
 
 
 def store_attributes(plan: StorePlan) -> dict:
@@ -157,8 +160,10 @@ class ShardWriter:
     def __init__(self, plan: StorePlan, name: str, connections: int = DEFAULT_CONNECTIONS):
         self.plan, self.name, self.connections = plan, name, connections
         self.src = plan.arrays[name]
-        self._array = None
         self._io = None
+        self._lock = threading.Lock()
+        self._decoded = OrderedDict()  # grid -> (decoded chunk, was 404): shared chunks decoded once
+        self._decoded_bytes = 0
 
     def __getstate__(self):
         return {"plan": self.plan, "name": self.name, "connections": self.connections}
@@ -178,12 +183,21 @@ class ShardWriter:
     def stage(self) -> ChunkStage:
         return ChunkStage(self.cache.root / "staging" / self.name, self.layer)
 
-    def array(self):
-        if self._array is None:
-            import zarr
-            self._array = zarr.open_array(str(self.cache.zarr_path), path=array_path(self.name), mode="r+",
-                                          zarr_format=3)
-        return self._array
+    def _remember(self, grid, decoded, missing):
+        """Keep a decoded shared chunk for the other shards that need it (bounded, least recent out)."""
+        with self._lock:
+            self._decoded[grid] = (decoded, missing)
+            self._decoded_bytes += decoded.nbytes
+            while self._decoded_bytes > DECODED_CACHE_BYTES and len(self._decoded) > 1:
+                _, (old, _) = self._decoded.popitem(last=False)
+                self._decoded_bytes -= old.nbytes
+
+    def _recall(self, grid):
+        with self._lock:
+            if grid in self._decoded:
+                self._decoded.move_to_end(grid)
+                return self._decoded[grid]
+        return None
 
     def io(self) -> cf.ThreadPoolExecutor:
         if self._io is None:
@@ -218,6 +232,12 @@ class ShardWriter:
             for grid in layer.info.chunks_in(g_start, np.add(src.start_zyx, stop)):
                 if len(self.shards_of_chunk(grid)) > 1:
                     shared.append(grid)
+                    known = self._recall(grid)
+                    if known is not None:
+                        place(out, g_start, layer.info.chunk_box(grid)[0], known[0])
+                        if known[1]:
+                            missing.append(layer.chunk_name(grid))
+                        continue
                     futures[self.io().submit(self.stage.get, grid)] = grid
                 else:
                     futures[self.io().submit(layer.fetch_chunk, grid)] = grid
@@ -225,7 +245,10 @@ class ShardWriter:
                 grid, data = futures[future], future.result()
                 if data is None:
                     missing.append(layer.chunk_name(grid))
-                place(out, g_start, layer.info.chunk_box(grid)[0], layer.decode_chunk(grid, data))
+                decoded = layer.decode_chunk(grid, data)
+                if grid in shared:
+                    self._remember(grid, decoded, data is None)
+                place(out, g_start, layer.info.chunk_box(grid)[0], decoded)
             try:
                 cache.write_shard(self.name, index, encode_shard(out, src.codec, src.is_label))
                 cache.mark_done(self.name, index, missing, hashlib.sha256(out).hexdigest())  # only after the shard's bytes are written
