@@ -233,14 +233,16 @@ class StoreCache:
     def shard_file(self, name: str, index) -> Path:
         return self.zarr_path / array_path(name) / "c" / Path(*(str(i) for i in index))
 
-    def write_shard(self, name: str, index, data: bytes | None):
-        """Put an encoded shard in place whole (renamed from a temporary file); None removes it."""
+    def write_shard(self, name: str, index, data: bytes | None) -> str | None:
+        """Put an encoded shard in place whole (renamed from a temporary file); None removes it.
+        Returns the sha256 of what was written (None for no file)."""
         path = self.shard_file(name, index)
         if data is None:
             _remove(path)
-            return
+            return None
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, data)
+        return hashlib.sha256(data).hexdigest()
 
     def _record(self, name: str, index) -> Path:
         return self.progress / name / ".".join(str(i) for i in index)
@@ -264,11 +266,14 @@ class StoreCache:
                           if (self.zarr_path / array_path(f"labels/{p.name}") / "zarr.json").is_file())
         return out
 
-    def mark_done(self, name: str, index, missing_chunks=(), content_sha256: str | None = None) -> dict:
+    def mark_done(self, name: str, index, missing_chunks=(), content_sha256: str | None = None,
+                  file_hash: str | bool = False) -> dict:
         """Record shard `index` of `name` as written, with the checksum of its file, of its voxels
-        (C order, uncompressed) and the source chunks the server answered 404 for (read as zeros)."""
+        (C order, uncompressed) and the source chunks the server answered 404 for (read as zeros).
+        file_hash: the file's sha256 if the caller has it (None: no file); else the file is read."""
         path = self.shard_file(name, index)
-        record = {"sha256": file_sha256(path), "bytes": path.stat().st_size if path.exists() else 0,
+        sha = file_sha256(path) if file_hash is False else file_hash
+        record = {"sha256": sha, "bytes": path.stat().st_size if sha is not None else 0,
                   "content_sha256": content_sha256, "missing_chunks": sorted(missing_chunks)}
         target = self._record(name, index)
         target.parent.mkdir(parents=True, exist_ok=True)

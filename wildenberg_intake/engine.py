@@ -250,8 +250,8 @@ class ShardWriter:
                     self._remember(grid, decoded, data is None)
                 place(out, g_start, layer.info.chunk_box(grid)[0], decoded)
             try:
-                cache.write_shard(self.name, index, encode_shard(out, src.codec, src.is_label))
-                cache.mark_done(self.name, index, missing, hashlib.sha256(out).hexdigest())  # only after the shard's bytes are written
+                written = cache.write_shard(self.name, index, encode_shard(out, src.codec, src.is_label))
+                cache.mark_done(self.name, index, missing, hashlib.sha256(out).hexdigest(), written)  # only after the shard's bytes are written
             except OSError as e:
                 raise OSError(e.errno, f"writing shard {index} of {self.name} under {cache.root} failed: "
                                        f"{e.strerror or e}. The store is incomplete; free space or fix the "
