@@ -39,7 +39,8 @@ from .plan import ArraySource, StorePlan
 DEFAULT_WORKERS = max(2, os.cpu_count() or 2)
 DEFAULT_CONNECTIONS = 16
 LOCK_STALE_SECONDS = 600
-DECODED_CACHE_BYTES = 128 * 2**20  # decoded shared chunks kept per process  # a lock older than this, or whose process is gone, is taken over
+DECODED_CACHE_BYTES = 64 * 2**20  # decoded shared chunks kept per process
+INFLIGHT_BYTES_PER_TASK = 48 * 2**20  # fetched chunk bodies per shard task  # a lock older than this, or whose process is gone, is taken over
 
 
 def store_attributes(plan: StorePlan) -> dict:
@@ -227,8 +228,7 @@ class ShardWriter:
             start, stop = shard_box(index, src.shape)
             g_start = np.add(src.start_zyx, start)
             out = np.zeros(tuple(b - a for a, b in zip(start, stop)), dtype=src.dtype)
-            shared, missing = [], []
-            futures = {}
+            shared, missing, work = [], [], []
             for grid in layer.info.chunks_in(g_start, np.add(src.start_zyx, stop)):
                 if len(self.shards_of_chunk(grid)) > 1:
                     shared.append(grid)
@@ -238,11 +238,24 @@ class ShardWriter:
                         if known[1]:
                             missing.append(layer.chunk_name(grid))
                         continue
-                    futures[self.io().submit(self.stage.get, grid)] = grid
+                    work.append((self.stage.get, grid))
                 else:
-                    futures[self.io().submit(layer.fetch_chunk, grid)] = grid
-            for future in cf.as_completed(futures):  # decode while the other chunks arrive
-                grid, data = futures[future], future.result()
+                    work.append((layer.fetch_chunk, grid))
+            # A window of fetches per task, sized by bytes, so that bodies arriving faster than they
+            # are decoded cannot pile up (16 inflated uint32 chunks would be 256 MB).
+            chunk_bytes = int(np.prod(layer.info.chunk_zyx)) * np.dtype(src.dtype).itemsize
+            window = max(2, min(self.connections, INFLIGHT_BYTES_PER_TASK // chunk_bytes))
+            queue, futures = iter(work), {}
+            for fn, grid in queue:
+                futures[self.io().submit(fn, grid)] = grid
+                if len(futures) >= window:
+                    break
+            while futures:  # decode while the other chunks arrive
+                future = next(cf.as_completed(futures))
+                grid, data = futures.pop(future), future.result()
+                for fn, g in queue:
+                    futures[self.io().submit(fn, g)] = g
+                    break
                 if data is None:
                     missing.append(layer.chunk_name(grid))
                 decoded = layer.decode_chunk(grid, data)
