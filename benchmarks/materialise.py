@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wildenberg_intake.cache import StoreCache
 from wildenberg_intake.mirror import MirrorServer, build_mirror
 
 RUN = r"""
@@ -150,11 +151,8 @@ def main():
                         fetched = server.requests - before
                         r["requests"] = sum(n for p, n in fetched.items() if not p.endswith(("/info", "/provenance")))
                         r["bytes"] = server.bytes_sent - sent
-                        view = r["path"] if kind == "reference" else str(Path(r["path"]).parent / "views" / f"{label}.zarr")
-                        if kind == "package":
-                            from wildenberg_intake.cache import StoreCache
-                            view = str(StoreCache.at(r["path"]).label_view(label))
-                        r["out"] = output_bytes(view)
+                        view = r["path"] if kind == "reference" else StoreCache.at(r["path"]).label_view(label)
+                        r["out"] = output_bytes(str(view))
                         results[kind] = r
                     ref = results["reference"]
                     for kind, r in results.items():
@@ -174,7 +172,6 @@ def main():
                 box[1] = box[0] + (box[1] - box[0]) * scale
                 box[3] = box[2] + (box[3] - box[2]) * scale
                 r = run("package", "p14", "psd", server.base_url, tmp / f"scale-{scale}", box, args.codec)
-                from wildenberg_intake.cache import StoreCache
                 out = output_bytes(str(StoreCache.at(r["path"]).label_view("psd")))
                 print(f"  box x/y scale {scale:4.2f}: {out / 1e6:7.0f} MB out, {r['seconds'] / (out / 1e9):6.1f} s/GB, "
                       f"peak RSS {r['maxrss_mb']:.0f} MB")

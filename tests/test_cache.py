@@ -39,7 +39,6 @@ def test_encode_shard_equals_zarr_python(dtype, is_label, codec, tmp_path):
 
 
 def test_fast_reader_equals_zarr_on_random_windows(tmp_path):
-    from wildenberg_intake.cache import encode_shard
     from wildenberg_intake.reader import ShardedArrayReader
     rng = np.random.default_rng(1)
     shape = (150, 600, 530)

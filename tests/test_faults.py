@@ -2,7 +2,6 @@
 
 import errno
 import json
-import os
 import re
 import shutil
 import signal
@@ -67,7 +66,6 @@ def test_exhausted_retries_name_the_url_and_record_nothing_of_that_shard(big, ca
         done = cache.done_shards("raw")
         assert len(done) < 6
         for index in done:  # whatever was recorded does not contain the failed chunk
-            box = src.plan.arrays["raw"]
             assert victim not in json.dumps(cache.record("raw", index))
         server.set_faults(None)
         ds = src.read()  # resumes and completes once the server recovers
@@ -214,7 +212,7 @@ def test_disk_full_names_the_folder_and_leaves_a_resumable_store(big, catalog, t
     with MirrorServer(big.root) as server:
         src = catalog.p14_psd(base_url=server.base_url, cache_dir=str(tmp_path), workers=1, progress=False)
         monkeypatch.setattr(StoreCache, "write_shard", full)
-        with pytest.raises(OSError, match=rf"No space left on device.*incomplete.*run again to resume") as info:
+        with pytest.raises(OSError, match=r"No space left on device.*incomplete.*run again to resume") as info:
             src.materialise()
         assert str(tmp_path) in str(info.value)
         monkeypatch.setattr(StoreCache, "write_shard", real)

@@ -238,7 +238,7 @@ class StoreCache:
         Returns the sha256 of what was written (None for no file)."""
         path = self.shard_file(name, index)
         if data is None:
-            _remove(path)
+            path.unlink(missing_ok=True)
             return None
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, data)
@@ -266,14 +266,12 @@ class StoreCache:
                           if (self.zarr_path / array_path(f"labels/{p.name}") / "zarr.json").is_file())
         return out
 
-    def mark_done(self, name: str, index, missing_chunks=(), content_sha256: str | None = None,
-                  file_hash: str | bool = False) -> dict:
-        """Record shard `index` of `name` as written, with the checksum of its file, of its voxels
-        (C order, uncompressed) and the source chunks the server answered 404 for (read as zeros).
-        file_hash: the file's sha256 if the caller has it (None: no file); else the file is read."""
+    def mark_done(self, name: str, index, file_hash: str | None, content_sha256: str, missing_chunks=()) -> dict:
+        """Record shard `index` of `name` as written: the sha256 of its file as `write_shard` returned it
+        (None: no file), of its voxels (C order, uncompressed), and the source chunks the server
+        answered 404 for (read as zeros)."""
         path = self.shard_file(name, index)
-        sha = file_sha256(path) if file_hash is False else file_hash
-        record = {"sha256": sha, "bytes": path.stat().st_size if sha is not None else 0,
+        record = {"sha256": file_hash, "bytes": path.stat().st_size if file_hash is not None else 0,
                   "content_sha256": content_sha256, "missing_chunks": sorted(missing_chunks)}
         target = self._record(name, index)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -316,7 +314,7 @@ class StoreCache:
         folder = self.zarr_path / array_path(name)
         for leftover in [*folder.rglob("*.partial"), *folder.rglob(".*.tmp"),
                          *(self.progress / name).glob(".*.tmp")]:
-            _remove(leftover)
+            leftover.unlink(missing_ok=True)
         _atomic_write(self.progress / name / "COMPLETE", b"")
 
     def content_checksum(self, name: str, shape) -> str:
@@ -368,14 +366,7 @@ class StoreCache:
 
     def invalidate(self, name: str, shards):
         """Forget shards (their records, files and the array's COMPLETE mark) so the next run rewrites them."""
-        _remove(self.progress / name / "COMPLETE")
+        (self.progress / name / "COMPLETE").unlink(missing_ok=True)
         for index in shards:
-            _remove(self._record(name, index))
-            _remove(self.shard_file(name, index))
-
-
-def _remove(path: Path):
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
+            self._record(name, index).unlink(missing_ok=True)
+            self.shard_file(name, index).unlink(missing_ok=True)

@@ -21,7 +21,7 @@ def run(folder: Path, shape_xyz=(600, 520, 24), entry: str = "p105_psd") -> bool
     import intake
 
     from .catalog import catalog_path
-    from .mirror import EXPERIMENTS, build_mirror, MirrorServer
+    from .mirror import EXPERIMENTS, build_mirror
 
     folder = Path(folder)
     print(f"Writing a BossDB-layout mirror of {shape_xyz} label voxels to {folder / 'mirror'} ...")

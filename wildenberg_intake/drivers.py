@@ -83,12 +83,7 @@ class WildenbergSource(DataSource):
             plan = plan_store(self.request, self.retry)
             if self.lock is not None:
                 from .lock import check_plan
-                self._plan = plan
-                try:
-                    check_plan(self.entry_name, self.lock, self)
-                except Exception:
-                    self._plan = None
-                    raise
+                check_plan(self.entry_name, self.lock, plan)
             self._plan = plan
         return self._plan
 

@@ -24,10 +24,9 @@ import sys
 import threading
 import time
 import uuid
+import shutil
 from collections import OrderedDict
 from pathlib import Path
-
-import shutil
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -38,9 +37,9 @@ from .plan import ArraySource, StorePlan
 
 DEFAULT_WORKERS = max(2, os.cpu_count() or 2)
 DEFAULT_CONNECTIONS = 16
-LOCK_STALE_SECONDS = 600
+LOCK_STALE_SECONDS = 600  # a lock older than this, or whose process is gone, is taken over
 DECODED_CACHE_BYTES = 64 * 2**20  # decoded shared chunks kept per process
-INFLIGHT_BYTES_PER_TASK = 48 * 2**20  # fetched chunk bodies per shard task  # a lock older than this, or whose process is gone, is taken over
+INFLIGHT_BYTES_PER_TASK = 48 * 2**20  # fetched chunk bodies per shard task
 
 
 def store_attributes(plan: StorePlan) -> dict:
@@ -73,10 +72,7 @@ def _try_lock(path: Path) -> bool:
         except FileExistsError:
             if not _stale(path):
                 return False
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            path.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as f:
             f.write(me)
@@ -102,13 +98,6 @@ def _stale(path: Path) -> bool:
         except PermissionError:
             return False
     return False
-
-
-def _unlock(path: Path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 # -- staged chunks --------------------------------------------------------------------------------
@@ -143,14 +132,11 @@ class ChunkStage:
                     os.replace(tmp, path)
                     return data
                 finally:
-                    _unlock(lock)
+                    lock.unlink(missing_ok=True)
             time.sleep(0.01)  # another task is fetching it
 
     def release(self, grid):
-        try:
-            os.unlink(self._path(grid))
-        except FileNotFoundError:
-            pass
+        self._path(grid).unlink(missing_ok=True)
 
 
 # -- one shard --------------------------------------------------------------------------------------
@@ -219,7 +205,7 @@ class ShardWriter:
         lock = cache.progress / self.name / (".".join(map(str, index)) + ".lock")
         lock.parent.mkdir(parents=True, exist_ok=True)
         while not _try_lock(lock):  # another process is writing this shard
-            if index in cache.done_shards(self.name):
+            if cache.is_done(self.name, index):
                 return 0
             time.sleep(0.05)
         try:
@@ -264,16 +250,16 @@ class ShardWriter:
                 place(out, g_start, layer.info.chunk_box(grid)[0], decoded)
             try:
                 written = cache.write_shard(self.name, index, encode_shard(out, src.codec, src.is_label))
-                cache.mark_done(self.name, index, missing, hashlib.sha256(out).hexdigest(), written)  # only after the shard's bytes are written
+                # Recorded only after the shard's bytes are in place.
+                cache.mark_done(self.name, index, written, hashlib.sha256(out).hexdigest(), missing)
             except OSError as e:
                 raise OSError(e.errno, f"writing shard {index} of {self.name} under {cache.root} failed: "
                                        f"{e.strerror or e}. The store is incomplete; free space or fix the "
                                        "folder and run again to resume.") from e
         finally:
-            _unlock(lock)
-        done = cache.done_shards(self.name)
-        for grid in shared:
-            if all(s in done for s in self.shards_of_chunk(grid)):
+            lock.unlink(missing_ok=True)
+        for grid in shared:  # a few record look-ups, not a listing of every record
+            if all(cache.is_done(self.name, s) for s in self.shards_of_chunk(grid)):
                 self.stage.release(grid)
         return out.nbytes
 

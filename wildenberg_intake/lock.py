@@ -25,8 +25,8 @@ class LockMismatch(ValueError):
     """Data or parameters differ from what a lock file pins."""
 
 
-def _arrays(source):
-    return {"raw": source.plan.arrays["raw"], "labels": source.plan.arrays[source.plan.label_name]}
+def _arrays(plan):
+    return {"raw": plan.arrays["raw"], "labels": plan.arrays[plan.label_name]}
 
 
 def entry_lock(name: str, source) -> dict:
@@ -34,7 +34,7 @@ def entry_lock(name: str, source) -> dict:
     from .engine import cache_for
     source.materialise()
     cache, req = cache_for(source.plan), source.request
-    arrays = _arrays(source)
+    arrays = _arrays(source.plan)
     return {
         "parameters": {"bbox_nm": list(req.bbox_nm), "em_mip": req.em_mip, "seg_mip": req.seg_mip,
                        "raw_codec": req.raw_codec},
@@ -72,18 +72,18 @@ def read_lock(path) -> dict:
     return lock
 
 
-def check_plan(entry: str, pinned: dict, source):
-    """Refuse a source whose parameters or layer info files differ from the lock (no voxels read)."""
-    req = source.request
+def check_plan(entry: str, pinned: dict, plan):
+    """Refuse a store plan whose parameters or layer info files differ from the lock (no voxels read)."""
+    req = plan.request
     now = {"bbox_nm": list(req.bbox_nm), "em_mip": req.em_mip, "seg_mip": req.seg_mip, "raw_codec": req.raw_codec}
     if now != pinned["parameters"]:
         raise LockMismatch(f"{entry}: parameters {now} differ from the lock's {pinned['parameters']}")
-    for key, array in _arrays(source).items():
+    for key, array in _arrays(plan).items():
         if array.layer.info_sha256 != pinned["info_sha256"][key]:
             raise LockMismatch(f"{entry}: the info file of {array.layer.url} changed since the lock was made "
                                f"(sha256 {array.layer.info_sha256[:12]}..., locked {pinned['info_sha256'][key][:12]}...)")
-    if [round(v, 6) for v in source.plan.bbox_nm] != [round(v, 6) for v in pinned["clipped_bbox_nm"]]:
-        raise LockMismatch(f"{entry}: the clipped box {list(source.plan.bbox_nm)} differs from the lock's "
+    if [round(v, 6) for v in plan.bbox_nm] != [round(v, 6) for v in pinned["clipped_bbox_nm"]]:
+        raise LockMismatch(f"{entry}: the clipped box {list(plan.bbox_nm)} differs from the lock's "
                            f"{pinned['clipped_bbox_nm']}")
 
 
@@ -92,7 +92,7 @@ def check_content(entry: str, pinned: dict, source, recompute: bool = False) -> 
     from .engine import cache_for
     cache = cache_for(source.plan)
     found = {}
-    for key, array in _arrays(source).items():
+    for key, array in _arrays(source.plan).items():
         found[key] = (cache.recompute_content_checksum(array.name) if recompute
                       else cache.content_checksum(array.name, array.shape))
         if found[key] != pinned["content_sha256"][key]:

@@ -30,7 +30,7 @@ class ArraySource:
     shape: tuple  # (z, y, x)
     dtype: str
     is_label: bool
-    codec: str = "zstd6"
+    codec: str = LABEL_CODEC
 
     @property
     def origin_nm_zyx(self) -> tuple:

@@ -159,8 +159,9 @@ def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] =
             raise ValueError("labels (several channels) cannot be combined with offsets, boundaries or binary")
         per_label = [[s if l == s.request.label else _with_label(s, l) for s in srcs] for l in labels]
         label_paths = [[label_view(s, download) for s in group] for group in per_label]
-        srcs = per_label[0]
-    paths = [label_view(s, download) for s in srcs]
+        srcs, paths = per_label[0], label_paths[0]
+    else:
+        paths = [label_view(s, download) for s in srcs]
     if split is not None:
         kwargs = util.update_kwargs(kwargs, "rois", [split_roi(s, split) for s in srcs])
     if kinds == {"instance"}:
