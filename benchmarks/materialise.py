@@ -84,7 +84,7 @@ def minimum_fetch(mirror_root, plan, label_name):
 def cpu_floor(plan, label_name, codec, cores):
     """CPU seconds of decoding every source chunk once plus encoding the output once, over the cores."""
     from numcodecs import Blosc
-    from wildenberg_intake.cache import CHUNKS, CODECS, LABEL_CODEC
+    from wildenberg_intake.cache import CHUNKS, CODECS, LABEL_CODEC, shuffle_of
     decode = encode = 0.0
     for name in ("raw", label_name):
         src, layer = plan.arrays[name], plan.layers[name]
@@ -92,7 +92,7 @@ def cpu_floor(plan, label_name, codec, cores):
         out = layer.read(src.start_zyx, np.add(src.start_zyx, src.shape))  # fetch is I/O; decode dominates
         decode += time.process_time() - t
         cname, level = CODECS[codec if name == "raw" else LABEL_CODEC]
-        shuffle = Blosc.BITSHUFFLE if (name != "raw" and out.dtype.itemsize > 1) else Blosc.SHUFFLE
+        shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE}[shuffle_of(name != "raw")]
         blosc = Blosc(cname, level, shuffle)
         t = time.process_time()
         for z in range(0, out.shape[0], CHUNKS[0]):

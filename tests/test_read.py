@@ -173,7 +173,9 @@ def test_raw_codec_is_an_option_with_its_own_store(catalog, mirror, server, tmp_
         return [c for c in meta["codecs"][0]["configuration"]["codecs"] if c["name"] == "blosc"][0]["configuration"]
     for src, level in ((fast, 1), (ref, 6)):
         assert blosc(Path(src.materialise()) / "raw")["clevel"] == level
-        assert blosc(Path(src.materialise()) / "labels" / "psd" / "0")["clevel"] == 6  # labels keep the reference's
+        assert blosc(Path(src.materialise()) / "raw")["shuffle"] == "shuffle"
+        labels = blosc(Path(src.materialise()) / "labels" / "psd" / "0")  # labels keep their own codec
+        assert (labels["cname"], labels["clevel"], labels["shuffle"]) == ("zstd", 3, "noshuffle")
     np.testing.assert_array_equal(fast.read()["raw"].values, ref.read()["raw"].values)
 
 

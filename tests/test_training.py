@@ -15,7 +15,7 @@ torch_em = pytest.importorskip("torch_em")
 from torch_em.data.datasets.electron_microscopy import wildenberg as reference  # noqa: E402
 
 import wildenberg_intake  # noqa: E402
-from wildenberg_intake import training  # noqa: E402
+from wildenberg_intake import training, transforms  # noqa: E402
 
 BOX = {"p105": [1001, 3007, 805, 2503, 301, 699], "p14": [101, 2990, 95, 2777, 99, 501]}
 PATCH = (8, 64, 64)
@@ -107,6 +107,49 @@ def test_saturated_targets_match_the_reference(targets, server, tmp_path, refere
     assert (o_raw.shape, o_raw.dtype, o_lab.shape, o_lab.dtype) == (r_raw.shape, r_raw.dtype, r_lab.shape, r_lab.dtype)
     # Same box, same bytes: with the same random state the samples are identical.
     assert torch.equal(o_raw, r_raw) and torch.equal(o_lab, r_lab)
+
+
+@pytest.mark.parametrize("shape,dtype", [((32, 64, 64), "uint32"), ((1, 40, 50), "uint32"), ((50, 60), "uint8"),
+                                         ((9, 10, 11), "bool")])
+def test_fast_boundaries_equal_skimage(shape, dtype):
+    from skimage.segmentation import find_boundaries
+    from torch_em.transform.label import BoundaryTransform
+    rng = np.random.default_rng(3)
+    # Blocky instances with background, touching objects and ids that reach the array's edges.
+    coarse = rng.integers(0, 2 if dtype == "bool" else 7, size=tuple(-(-n // 4) for n in shape))
+    labels = np.kron(coarse, np.ones((4,) * len(shape), dtype=int))[tuple(slice(0, n) for n in shape)]
+    labels = labels.astype(dtype)
+    labels[tuple(rng.integers(0, n, size=20) for n in shape)] = 1  # single-voxel specks
+    np.testing.assert_array_equal(transforms.thick_boundaries(labels), find_boundaries(labels, mode="thick"))
+    for binary in (False, True):
+        expected = BoundaryTransform(add_binary_target=binary)(labels)
+        got = transforms.FastBoundaryTransform(add_binary_target=binary)(labels)
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_fast_flips_equal_torch_ems_augmentations_under_the_same_seeds():
+    from torch_em.transform.augmentation import get_augmentations
+    rng = np.random.default_rng(4)
+    raw = rng.standard_normal((8, 12, 16)).astype("float32")
+    labels = rng.integers(0, 3, size=(2, 8, 12, 16)).astype("float32")  # with a channel axis
+    reference_pipeline, fast = get_augmentations(ndim=3), transforms.fast_transform(get_augmentations(ndim=3))
+    assert type(fast) is transforms.FastFlips
+    seen = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        expected = reference_pipeline(raw, labels)
+        torch.manual_seed(seed)
+        got = fast(raw, labels)
+        for g, e in zip(got, expected):
+            assert g.shape == e.shape and g.dtype == e.dtype
+            assert torch.equal(g, e), seed
+        assert torch.rand(1) == (torch.manual_seed(seed), reference_pipeline(raw, labels), torch.rand(1))[2]
+        seen.add(got[0].numpy().tobytes())
+    assert len(seen) == 8  # the coin tosses picked every combination of the three axes
+    # Anything but kornia's plain 3D flips keeps torch-em's own pipeline.
+    other = get_augmentations(ndim=3, transforms=["RandomHorizontalFlip3D", "RandomRotation3D"])
+    assert type(transforms.fast_transform(other)) is not transforms.FastFlips
 
 
 def test_binary_targets_from_instances(server, tmp_path):

@@ -17,9 +17,11 @@ from typing import List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
+from torch_em.data import SegmentationDataset
 
 from .catalog import LABELS, load_catalog_yaml
 from .drivers import entry_source
+from .transforms import fast_label_transforms, fast_transform
 
 EXPERIMENTS = ("p105", "p14")
 SPLITS = ("train", "val")
@@ -97,21 +99,23 @@ def _attach_readers(ds):
         ds.labels = wrap(ShardedArrayReader(Path(ds.label_path) / ds.label_key))
 
 
+class CachedStoreDataset(SegmentationDataset):
+    """A torch-em SegmentationDataset that reads its windows with the cache's fast reader."""
+
+    def __setstate__(self, state):  # loader workers (spawned) reopen their arrays
+        super().__setstate__(state)
+        _attach_readers(self)
+
+
 def _fast(ds, label_paths=None):
     """Swap torch-em's zarr-python reads for the fast reader, in this process and in loader workers;
     with `label_paths` (per label, one path per volume), the target has one channel per label."""
-    from torch_em.data import SegmentationDataset
-
-    class CachedStoreDataset(SegmentationDataset):
-        def __setstate__(self, state):  # loader workers reopen their arrays
-            super().__setstate__(state)
-            _attach_readers(self)
-
     inner = list(ds.datasets) if hasattr(ds, "datasets") else [ds]
     for i, d in enumerate(inner):
         if type(d) is not SegmentationDataset:
             continue  # a dataset type we do not know: leave it alone
         d.__class__ = CachedStoreDataset
+        d.transform = fast_transform(d.transform)
         if label_paths is not None:
             d.multi_label_paths = [group[i] for group in label_paths]
             d._with_label_channels = True
@@ -168,6 +172,7 @@ def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] =
         kwargs = util.update_kwargs(kwargs, "is_seg_dataset", True)
         kwargs, _ = util.add_instance_label_transform(kwargs, add_binary_target=False, binary=binary,
                                                       boundaries=boundaries, offsets=offsets)
+        kwargs = fast_label_transforms(kwargs)
     if labels is not None:
         kwargs = util.update_kwargs(kwargs, "is_seg_dataset", True)
     ds = torch_em.default_segmentation_dataset(raw_paths=paths, raw_key="raw", label_paths=paths,
@@ -269,6 +274,7 @@ def get_wildenberg_dataset(
         kwargs = util.update_kwargs(kwargs, "is_seg_dataset", True)
         kwargs, _ = util.add_instance_label_transform(kwargs, add_binary_target=False, boundaries=boundaries,
                                                       offsets=offsets)
+        kwargs = fast_label_transforms(kwargs)
     return _fast(torch_em.default_segmentation_dataset(raw_paths=paths, raw_key="raw", label_paths=paths,
                                                        label_key="labels", patch_shape=patch_shape, **kwargs))
 
