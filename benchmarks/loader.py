@@ -1,6 +1,6 @@
 """Loader speed: patches per second from this package's cache against torch-em's reference module.
 
-    .venv/bin/python benchmarks/loader.py [--mirror /tmp/benchmirror] [--batches 40] [--warmup 20] [--rounds 2]
+    .venv/bin/python benchmarks/loader.py [--mirror /tmp/benchmirror] [--batches 40] [--warmup 20] [--rounds 3]
 
 Materialises p105 psd and saturated with both (the reference pointed at a local BossDB-layout
 mirror), then builds each side's dataset with the same drop-in call and iterates a DataLoader of
@@ -38,8 +38,10 @@ def _hwm_mb(pid="self"):
 
 
 def measure(ds, batches, workers, warmup):
+    # Spawned workers: a forked worker's peak memory would count pages it shares with this process.
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=workers, shuffle=True,
-                                         persistent_workers=workers > 0)
+                                         persistent_workers=workers > 0,
+                                         multiprocessing_context="spawn" if workers else None)
     it = iter(loader)
     for _ in range(warmup):  # start-up (worker spawn, first opens, allocator warm-up) is not counted
         next(it)
@@ -59,7 +61,7 @@ def main():
     parser.add_argument("--size", type=int, nargs=3, default=(1400, 1400, 80))
     parser.add_argument("--batches", type=int, default=40, help="batches timed per round")
     parser.add_argument("--warmup", type=int, default=20, help="batches run before timing")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per side; the best is kept")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per side; the best is kept")
     args = parser.parse_args()
     torch.manual_seed(0), np.random.seed(0)
     with tempfile.TemporaryDirectory() as tmp:
