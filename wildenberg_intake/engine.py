@@ -38,8 +38,8 @@ from .plan import ArraySource, StorePlan
 DEFAULT_WORKERS = max(2, os.cpu_count() or 2)
 DEFAULT_CONNECTIONS = 16
 LOCK_STALE_SECONDS = 600  # a lock older than this, or whose process is gone, is taken over
-DECODED_CACHE_BYTES = 64 * 2**20  # decoded shared chunks kept per process
-INFLIGHT_BYTES_PER_TASK = 48 * 2**20  # fetched chunk bodies per shard task
+DECODED_CACHE_BYTES = 32 * 2**20  # decoded shared chunks kept per process
+INFLIGHT_BYTES_PER_TASK = 24 * 2**20  # fetched chunk bodies per shard task
 
 
 def store_attributes(plan: StorePlan) -> dict:
@@ -139,6 +139,23 @@ class ChunkStage:
         self._path(grid).unlink(missing_ok=True)
 
 
+def _libc_trim():
+    try:
+        import ctypes
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def _trim():
+    """Hand memory freed by a finished shard back to the OS (glibc keeps it in per-thread arenas)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 # -- one shard --------------------------------------------------------------------------------------
 
 class ShardWriter:
@@ -151,6 +168,7 @@ class ShardWriter:
         self._lock = threading.Lock()
         self._decoded = OrderedDict()  # grid -> (decoded chunk, was 404): shared chunks decoded once
         self._decoded_bytes = 0
+        self._local = threading.local()
 
     def __getstate__(self):
         return {"plan": self.plan, "name": self.name, "connections": self.connections}
@@ -186,6 +204,18 @@ class ShardWriter:
                 return self._decoded[grid]
         return None
 
+    def _zeroed(self, shape) -> np.ndarray:
+        """A zeroed C-contiguous array of `shape` in this thread's shard buffer. Reusing one buffer per
+        task thread keeps a freed 32-128 MB shard from being left behind in a malloc arena (peak
+        memory measured ~1.4x higher with a fresh array per shard) and saves its page faults."""
+        itemsize = np.dtype(self.src.dtype).itemsize
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None:
+            buffer = self._local.buffer = np.empty(int(np.prod(SHARDS)) * itemsize, dtype=np.uint8)
+        out = buffer[:int(np.prod(shape)) * itemsize].view(self.src.dtype).reshape(shape)
+        out.fill(0)
+        return out
+
     def io(self) -> cf.ThreadPoolExecutor:
         if self._io is None:
             self._io = cf.ThreadPoolExecutor(self.connections, thread_name_prefix="wildenberg-io")
@@ -213,7 +243,7 @@ class ShardWriter:
                 return 0
             start, stop = shard_box(index, src.shape)
             g_start = np.add(src.start_zyx, start)
-            out = np.zeros(tuple(b - a for a, b in zip(start, stop)), dtype=src.dtype)
+            out = self._zeroed(tuple(b - a for a, b in zip(start, stop)))
             shared, missing, work = [], [], []
             for grid in layer.info.chunks_in(g_start, np.add(src.start_zyx, stop)):
                 if len(self.shards_of_chunk(grid)) > 1:
@@ -261,6 +291,7 @@ class ShardWriter:
         for grid in shared:  # a few record look-ups, not a listing of every record
             if all(cache.is_done(self.name, s) for s in self.shards_of_chunk(grid)):
                 self.stage.release(grid)
+        _trim()
         return out.nbytes
 
 
