@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/materialise.py [--size 1400 1400 80] [--latency 0 0.03] [--bandwidth-mbit 200]
                                                [--scales 0.5 1 2] [--cases p105_psd p105_saturated p14_psd]
+                                               [--codec zstd6] [--tensorstore]
 
 Writes a BossDB-layout mirror, serves it on 127.0.0.1 (with optional per-request latency and
 per-response bandwidth) and, for each case, runs the reference `get_wildenberg_data` and this
@@ -29,7 +30,12 @@ RUN = r"""
 import json, os, sys, time
 kind, exp, label, base, cache, box, codec = sys.argv[1:8]
 box = json.loads(box)
-if kind == "reference":
+if kind == "tensorstore":
+    import intake, numpy as np, tensorstore as ts, wildenberg_intake, zarr
+    from wildenberg_intake.cache import CHUNKS, CODECS, SHARDS, shuffle_of
+    from wildenberg_intake.layers import http_url
+    cat = intake.open_catalog(wildenberg_intake.catalog_path())
+elif kind == "reference":
     from torch_em.data.datasets.electron_microscopy import wildenberg as ref
     ref.WILDENBERG_S3_BASE = "precomputed://" + base
     import tqdm, functools
@@ -40,6 +46,34 @@ else:
 t = time.perf_counter()
 if kind == "reference":
     path = ref.get_wildenberg_data(cache, exp, label, bounding_box=box, download=True)
+elif kind == "tensorstore":
+    # The same arrays (box, chunks, shards, codecs) written by tensorstore: it reads precomputed
+    # over HTTP and writes sharded zarr v3 in C++, reading straight into (z, y, x).
+    plan = cat[f"{exp}_{label}"](bbox_nm=box, base_url=base, cache_dir=cache, raw_codec=codec).plan
+    path = os.path.join(cache, "tensorstore.zarr")
+    zarr.open_group(path, mode="w")
+    context = ts.Context({"cache_pool": {"total_bytes_limit": 128 << 20},
+                          "data_copy_concurrency": {"limit": os.cpu_count()}})
+    for name, out in (("raw", "raw"), (plan.label_name, "labels")):
+        src, layer = plan.arrays[name], plan.layers[name]
+        source = ts.open({"driver": "neuroglancer_precomputed", "kvstore": http_url(layer.url) + "/",
+                          "scale_index": layer.info.mip}, context=context, read=True).result()
+        lo, hi = layer._cv(src.start_zyx), layer._cv(np.add(src.start_zyx, src.shape))
+        view = source[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2], 0]
+        view = view.transpose([2, 0, 1] if layer.info.swap_xy else [2, 1, 0]).translate_to[0, 0, 0]
+        cname, level = CODECS[src.codec]
+        inner = [{"name": "bytes", "configuration": {"endian": "little"}},
+                 {"name": "blosc", "configuration": {"cname": cname, "clevel": level, "blocksize": 0,
+                  "shuffle": shuffle_of(src.is_label), "typesize": np.dtype(src.dtype).itemsize}}]
+        target = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(path, out)},
+                          "metadata": {"shape": list(src.shape), "data_type": src.dtype, "fill_value": 0,
+                                       "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(SHARDS)}},
+                                       "codecs": [{"name": "sharding_indexed", "configuration": {
+                                           "chunk_shape": list(CHUNKS), "codecs": inner, "index_location": "end",
+                                           "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                                                            {"name": "crc32c"}]}}]},
+                          "create": True, "delete_existing": True}, context=context).result()
+        target.write(view).result()
 else:
     src = cat[f"{exp}_{label}"](bbox_nm=box, base_url=base, cache_dir=cache, progress=False, raw_codec=codec)
     path = src.materialise()
@@ -65,6 +99,14 @@ def output_bytes(path):
     if arrays is None:
         return None
     return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in arrays)
+
+
+def same_voxels(ts_path, package_path, label):
+    import zarr
+    ours = zarr.open_group(str(StoreCache.at(package_path).label_view(label)), mode="r")
+    theirs = zarr.open_group(ts_path, mode="r")
+    return all(np.array_equal(ours[k][z:z + 64], theirs[k][z:z + 64])
+               for k in ("raw", "labels") for z in range(0, ours[k].shape[0], 64))
 
 
 def minimum_fetch(mirror_root, plan, label_name):
@@ -113,6 +155,9 @@ def main():
                         help="box sizes (fractions of the mirror's xy) for the cost-per-GB sweep")
     parser.add_argument("--codec", default="zstd1", help="raw codec for this package (zstd6 = the reference's)")
     parser.add_argument("--mirror", type=Path, help="reuse (or write once) a mirror in this folder")
+    parser.add_argument("--tensorstore", action="store_true",
+                        help="also write the same arrays with tensorstore (pip install tensorstore) and "
+                             "compare its voxels with the package's")
     args = parser.parse_args()
     cores = os.cpu_count()
     import intake
@@ -145,13 +190,14 @@ def main():
                     n_min, bytes_min = minimum_fetch(mirror.root, src.plan, src.plan.label_name)
                     dec, enc, floor = cpu_floor(src.plan, src.plan.label_name, args.codec, cores)
                     results = {}
-                    for kind in ("reference", "package"):
+                    kinds = ("reference", "package") + (("tensorstore",) if args.tensorstore else ())
+                    for kind in kinds:
                         before, sent = server.requests, server.bytes_sent
                         r = run(kind, exp, label, server.base_url, tmp / f"{kind}-{case}-{latency}", box, args.codec)
                         fetched = server.requests - before
                         r["requests"] = sum(n for p, n in fetched.items() if not p.endswith(("/info", "/provenance")))
                         r["bytes"] = server.bytes_sent - sent
-                        view = r["path"] if kind == "reference" else StoreCache.at(r["path"]).label_view(label)
+                        view = r["path"] if kind != "package" else StoreCache.at(r["path"]).label_view(label)
                         r["out"] = output_bytes(str(view))
                         results[kind] = r
                     ref = results["reference"]
@@ -161,6 +207,9 @@ def main():
                               f"{mbps:7.1f} {ref['seconds'] / r['seconds']:6.2f} {r['requests']:9d} "
                               f"{r['requests'] / n_min:7.2f} {r['bytes'] / 1e6:10.1f} {r['bytes'] / bytes_min:9.2f} "
                               f"{r['maxrss_mb']:11.0f} {floor:7.1f} {100 * floor / r['seconds']:6.0f}%")
+                    if args.tensorstore:
+                        print(f"{'':16s} tensorstore voxels equal the package's: "
+                              f"{same_voxels(results['tensorstore']['path'], results['package']['path'], label)}")
                     print(f"{'':16s} floor: decode {dec:.1f} CPU s + encode {enc:.1f} CPU s over {cores} cores; "
                           f"minimum {n_min} requests, {bytes_min / 1e6:.1f} MB")
 
