@@ -75,11 +75,14 @@ class StorePlan:
 
 def plan_store(request: Request, policy: RetryPolicy | None = None) -> StorePlan:
     """Read the layers' info files (no voxel data) and lay out the store for `request`."""
+    from concurrent.futures import ThreadPoolExecutor
     fetcher = Fetcher(policy)
-    layers = {"raw": Layer(request.em_url, request.em_mip, request.em_axes_swapped, "em_mip", fetcher=fetcher)}
+    specs = {"raw": (request.em_url, request.em_mip, request.em_axes_swapped, "em_mip")}
     for ch in request.label_channels:
-        layers[f"labels/{ch.name}"] = Layer(request.url(ch.channel), request.seg_mip, False, "seg_mip",
-                                            fetcher=fetcher)
+        specs[f"labels/{ch.name}"] = (request.url(ch.channel), request.seg_mip, False, "seg_mip")
+    with ThreadPoolExecutor(len(specs)) as pool:  # one round trip for all info files, not one each
+        futures = {name: pool.submit(Layer, *spec, fetcher=fetcher) for name, spec in specs.items()}
+        layers = {name: future.result() for name, future in futures.items()}
 
     x0, x1, y0, y1, z0, z1 = request.bbox_nm
     lo = np.array([z0, y0, x0], dtype=float)
