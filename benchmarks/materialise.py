@@ -1,7 +1,7 @@
 """Materialisation speed, fetch amplification and memory: this package against torch-em's reference module.
 
     .venv/bin/python benchmarks/materialise.py [--size 1400 1400 80] [--latency 0 0.03] [--bandwidth-mbit 200]
-                                               [--scales 0.5 1 2] [--cases p105_psd p105_saturated p14_psd]
+                                               [--scales 0.5 1 2] [--scale-case p14_psd] [--cases p105_psd p105_saturated p14_psd]
                                                [--codec zstd6] [--tensorstore]
 
 Writes a BossDB-layout mirror, serves it on 127.0.0.1 (with optional per-request latency and
@@ -153,6 +153,7 @@ def main():
     parser.add_argument("--cases", nargs="+", default=("p105_psd", "p105_saturated", "p14_psd"))
     parser.add_argument("--scales", type=float, nargs="+", default=(0.25, 0.5, 1.0),
                         help="box sizes (fractions of the mirror's xy) for the cost-per-GB sweep")
+    parser.add_argument("--scale-case", default="p14_psd", help="the case of the cost-per-GB sweep")
     parser.add_argument("--codec", default="zstd1", help="raw codec for this package (zstd6 = the reference's)")
     parser.add_argument("--mirror", type=Path, help="reuse (or write once) a mirror in this folder")
     parser.add_argument("--tensorstore", action="store_true",
@@ -213,15 +214,17 @@ def main():
                     print(f"{'':16s} floor: decode {dec:.1f} CPU s + encode {enc:.1f} CPU s over {cores} cores; "
                           f"minimum {n_min} requests, {bytes_min / 1e6:.1f} MB")
 
-        print("\ncost per GB and memory against box size (p14_psd, this package, no latency):")
+        print(f"\ncost per GB and memory against box size ({args.scale_case}, this package, no latency):")
+        exp, label = args.scale_case.split("_", 1)
         with MirrorServer(mirror.root) as server:
-            full = cat.p14_psd(base_url=server.base_url, cache_dir=str(tmp / "probe"), progress=False).plan.bbox_nm
+            full = cat[args.scale_case](base_url=server.base_url, cache_dir=str(tmp / "probe"),
+                                        progress=False).plan.bbox_nm
             for scale in args.scales:
                 box = list(full)
                 box[1] = box[0] + (box[1] - box[0]) * scale
                 box[3] = box[2] + (box[3] - box[2]) * scale
-                r = run("package", "p14", "psd", server.base_url, tmp / f"scale-{scale}", box, args.codec)
-                out = output_bytes(str(StoreCache.at(r["path"]).label_view("psd")))
+                r = run("package", exp, label, server.base_url, tmp / f"scale-{scale}", box, args.codec)
+                out = output_bytes(str(StoreCache.at(r["path"]).label_view(label)))
                 print(f"  box x/y scale {scale:4.2f}: {out / 1e6:7.0f} MB out, {r['seconds'] / (out / 1e9):6.1f} s/GB, "
                       f"peak RSS {r['maxrss_mb']:.0f} MB")
 

@@ -33,7 +33,7 @@ SHARDS = (128, 512, 512)
 # Blosc codecs a store may use, by name. Raw EM defaults to zstd 1, which measured ~13x faster to
 # encode than the reference's zstd 6 for ~2% more disk. Labels are zstd 3 without shuffle: on
 # label volumes (long runs of one id) it measured 4x smaller than the reference's zstd 6 +
-# bitshuffle, 8x faster to encode and 1.5x faster to decode (README, benchmarks/codecs.py).
+# bitshuffle, 7x faster to encode and 1.7x faster to decode (README, benchmarks/codecs.py).
 CODECS = {"zstd1": ("zstd", 1), "zstd3": ("zstd", 3), "zstd6": ("zstd", 6), "lz4": ("lz4", 5),
           "lz4hc": ("lz4hc", 5)}
 LABEL_CODEC = "zstd3"

@@ -39,7 +39,10 @@ DEFAULT_WORKERS = max(2, os.cpu_count() or 2)
 DEFAULT_CONNECTIONS = 16
 LOCK_STALE_SECONDS = 600  # a lock older than this, or whose process is gone, is taken over
 DECODED_CACHE_BYTES = 32 * 2**20  # decoded shared chunks kept per process
-INFLIGHT_BYTES_PER_TASK = 24 * 2**20  # fetched chunk bodies per shard task
+# Memory of one shard task: its shard buffer plus the fetched chunk bodies in flight. A uint8
+# shard (32 MB) leaves room for many requests in flight, which latency needs; a uint32 shard
+# (128 MB) for a few.
+TASK_BYTES = 80 * 2**20
 
 
 def store_attributes(plan: StorePlan) -> dict:
@@ -166,7 +169,7 @@ def _zeroed(shape, dtype) -> np.ndarray:
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     buffer = getattr(_THREAD, "buffer", None)
     if buffer is None or buffer.nbytes < nbytes:
-        _THREAD.buffer = buffer = None  # let the smaller one go first
+        _THREAD.buffer = None  # let the smaller one go before allocating the larger
         _THREAD.buffer = buffer = np.empty(nbytes, dtype=np.uint8)
     out = buffer[:nbytes].view(dtype).reshape(shape)
     out.fill(0)
@@ -269,7 +272,7 @@ class ShardWriter:
             # A window of fetches per task, sized by bytes, so that bodies arriving faster than they
             # are decoded cannot pile up (16 inflated uint32 chunks would be 256 MB).
             chunk_bytes = int(np.prod(layer.info.chunk_zyx)) * np.dtype(src.dtype).itemsize
-            window = max(2, min(self.connections, INFLIGHT_BYTES_PER_TASK // chunk_bytes))
+            window = max(2, min(self.connections, (TASK_BYTES - out.nbytes) // chunk_bytes))
             queue, futures = iter(work), {}
             for fn, grid in queue:
                 futures[self.io().submit(fn, grid)] = grid
