@@ -125,17 +125,14 @@ def minimum_fetch(mirror_root, plan, label_name):
 
 def cpu_floor(plan, label_name, codec, cores):
     """CPU seconds of decoding every source chunk once plus encoding the output once, over the cores."""
-    from numcodecs import Blosc
-    from wildenberg_intake.cache import CHUNKS, CODECS, LABEL_CODEC, shuffle_of
+    from wildenberg_intake.cache import CHUNKS, LABEL_CODEC, blosc_codec
     decode = encode = 0.0
     for name in ("raw", label_name):
         src, layer = plan.arrays[name], plan.layers[name]
         t = time.process_time()
         out = layer.read(src.start_zyx, np.add(src.start_zyx, src.shape))  # fetch is I/O; decode dominates
         decode += time.process_time() - t
-        cname, level = CODECS[codec if name == "raw" else LABEL_CODEC]
-        shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE}[shuffle_of(name != "raw")]
-        blosc = Blosc(cname, level, shuffle)
+        blosc = blosc_codec(codec if name == "raw" else LABEL_CODEC, name != "raw")
         t = time.process_time()
         for z in range(0, out.shape[0], CHUNKS[0]):
             for y in range(0, out.shape[1], CHUNKS[1]):

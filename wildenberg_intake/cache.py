@@ -55,6 +55,14 @@ def compressor(is_label: bool, codec: str = LABEL_CODEC):
     return BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle_of(is_label))
 
 
+def blosc_codec(codec: str, is_label: bool):
+    """numcodecs' Blosc for `codec` with `shuffle_of(is_label)`: the bytes `compressor` describes."""
+    from numcodecs import Blosc
+    cname, clevel = CODECS[codec]
+    shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE}[shuffle_of(is_label)]
+    return Blosc(cname=cname, clevel=clevel, shuffle=shuffle, blocksize=0)
+
+
 def encode_shard(block: np.ndarray, codec: str, is_label: bool) -> bytes | None:
     """Encode one whole output shard the way zarr-python does, without its per-chunk overhead.
 
@@ -64,11 +72,8 @@ def encode_shard(block: np.ndarray, codec: str, is_label: bool) -> bytes | None:
     writes no file then). Tests check the bytes equal zarr-python's own.
     """
     import google_crc32c
-    from numcodecs import Blosc
     from zarr.core.indexing import morton_order_iter
-    cname, clevel = CODECS[codec]
-    shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE}[shuffle_of(is_label)]
-    blosc = Blosc(cname=cname, clevel=clevel, shuffle=shuffle, blocksize=0)
+    blosc = blosc_codec(codec, is_label)
     per_shard = tuple(s // c for s, c in zip(SHARDS, CHUNKS))
     index = np.full(per_shard + (2,), 2**64 - 1, dtype="<u8")
     parts, offset = [], 0

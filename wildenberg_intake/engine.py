@@ -355,13 +355,13 @@ def _fill_arrays(cache: StoreCache, writers: list, workers: int, progress: bool,
     """Write every missing shard of the writers' arrays as one queue of tasks (the next array's
     shards start while the last of the previous one finish), marking each array complete when its
     last shard is recorded."""
-    jobs, left, bars = [], {}, {}
+    jobs, left, total, bars = [], {}, {}, {}
     for position, writer in enumerate(writers):
         src = writer.src
         shards = shard_grid(src.shape)
         todo = _order(set(shards) - cache.done_shards(src.name))
         jobs += [(writer, index) for index in todo]
-        left[src.name] = len(todo)
+        left[src.name], total[src.name] = len(todo), len(shards)
         bars[src.name] = tqdm(total=src.nbytes, initial=src.nbytes - sum(_box_bytes(i, src) for i in todo),
                               unit="B", unit_scale=True, disable=not progress, position=position,
                               desc=f"{writer.plan.request.experiment} {src.name}")
@@ -376,8 +376,7 @@ def _fill_arrays(cache: StoreCache, writers: list, workers: int, progress: bool,
         src = writer.src
         left[src.name] -= 1
         bars[src.name].update(_box_bytes(index, src))
-        total = len(shard_grid(src.shape))
-        bars[src.name].set_postfix_str(f"{total - left[src.name]}/{total} shards")
+        bars[src.name].set_postfix_str(f"{total[src.name] - left[src.name]}/{total[src.name]} shards")
         if left[src.name] == 0:
             complete(writer)
 
@@ -392,8 +391,7 @@ def _fill_arrays(cache: StoreCache, writers: list, workers: int, progress: bool,
     except KeyboardInterrupt:
         for bar in bars.values():
             bar.close()
-        state = ", ".join(f"{w.src.name}: {len(shard_grid(w.src.shape)) - left[w.src.name]}/"
-                          f"{len(shard_grid(w.src.shape))} shards" for w in writers)
+        state = ", ".join(f"{name}: {total[name] - left[name]}/{total[name]} shards" for name in total)
         print(f"\nInterrupted: recorded {state} in {cache.root}; run the same command again to resume.",
               file=sys.stderr)
         raise
