@@ -131,13 +131,14 @@ def minimum_fetch(mirror_root, plan, label_name):
 
 def cpu_floor(mirror_root, plan, label_name, codec, cores, repeats=3):
     """The work no pipeline can skip, timed alone in one thread, best of `repeats`: decoding every source
-    chunk once (gzip inflation and the precomputed decode into (z, y, x), from bytes already in memory)
+    chunk once (gzip inflation and the precomputed decode into a C-order (z, y, x) array, from bytes already in
+    memory)
     plus Blosc-encoding every non-empty output chunk once (edge chunks padded, as zarr stores them). No HTTP, no server, no copies into shards,
     no hashing, no file writes: those are the pipeline's overhead, which the floor must not hide."""
     import numcodecs.blosc
     from wildenberg_intake.cache import CHUNKS, LABEL_CODEC, blosc_codec
     from wildenberg_intake.layers import place
-    from wildenberg_intake.transfer import _inflate
+    from wildenberg_intake.transfer import inflate
     numcodecs.blosc.use_threads = False  # thread_time below sees this thread only
     decode = encode = 0.0
     for name in ("raw", label_name):
@@ -150,7 +151,7 @@ def cpu_floor(mirror_root, plan, label_name, codec, cores, repeats=3):
             seconds = 0.0
             for grid, body, gz in files:
                 t = time.thread_time()
-                decoded = layer.decode_chunk(grid, _inflate(body) if gz else body)
+                decoded = np.ascontiguousarray(layer.decode_chunk(grid, inflate(body) if gz else body))
                 seconds += time.thread_time() - t
                 place(out, src.start_zyx, layer.info.chunk_box(grid)[0], decoded)
             best = min(best, seconds)

@@ -59,3 +59,25 @@ def test_fast_reader_equals_zarr_on_random_windows(tmp_path):
     np.testing.assert_array_equal(reader[:], data)
     import pickle
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(reader))[5:9], data[5:9])
+
+
+def test_shard_buffer_is_zeroed_unless_the_chunks_tile_the_shard():
+    """The engine skips zeroing a reused shard buffer only when its chunks cover every voxel."""
+    from wildenberg_intake.engine import _shard_buffer, _voxels_covered
+    from wildenberg_intake.layers import LayerInfo
+    info = LayerInfo(url="http://x", mip=0, swap_xy=False, dtype="uint8", encoding="raw", resolution_zyx=(40, 12, 12),
+                     offset_zyx=(3, 5, 7), size_zyx=(20, 30, 40), chunk_zyx=(8, 16, 16), n_mips=1, info_sha256="")
+    start, stop = np.array([4, 6, 8]), np.array([21, 33, 45])  # inside the layer, cutting through chunks
+    grids = info.chunks_in(start, stop)
+    assert _voxels_covered(info, grids, start, stop) == int(np.prod(stop - start))
+    dropped = info.chunk_box(grids[4])
+    inside = np.clip(np.minimum(dropped[1], stop) - np.maximum(dropped[0], start), 0, None)
+    assert _voxels_covered(info, grids[:4] + grids[5:], start, stop) == int(np.prod(stop - start)) - int(np.prod(inside))
+    # A box reaching past the layer's edge: only the part inside it is covered.
+    stop_out = np.array([30, 33, 45])
+    assert _voxels_covered(info, info.chunks_in(start, stop_out), start, stop_out) == int(np.prod([19, 27, 37]))
+
+    stale = _shard_buffer((4, 5, 6), "uint32", zeroed=False)
+    stale.fill(7)
+    assert np.all(_shard_buffer((4, 5, 6), "uint32", zeroed=False) == 7)  # the same memory, not cleared
+    assert not _shard_buffer((4, 5, 6), "uint32", zeroed=True).any()

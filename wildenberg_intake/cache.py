@@ -63,6 +63,11 @@ def blosc_codec(codec: str, is_label: bool):
     return Blosc(cname=cname, clevel=clevel, shuffle=shuffle, blocksize=0)
 
 
+def _is_empty(chunk: np.ndarray) -> bool:
+    """All voxels equal the fill value 0 (for unsigned integers max() is ~3x faster than any())."""
+    return chunk.max() == 0 if chunk.dtype.kind == "u" else not chunk.any()
+
+
 def encode_shard(block: np.ndarray, codec: str, is_label: bool) -> bytes | None:
     """Encode one whole output shard the way zarr-python does, without its per-chunk overhead.
 
@@ -77,16 +82,20 @@ def encode_shard(block: np.ndarray, codec: str, is_label: bool) -> bytes | None:
     per_shard = tuple(s // c for s, c in zip(SHARDS, CHUNKS))
     index = np.full(per_shard + (2,), 2**64 - 1, dtype="<u8")
     parts, offset = [], 0
+    # One contiguous buffer for every inner chunk of the shard: a fresh 1-4 MB array per chunk costs
+    # page faults that measured more than the copy.
+    scratch = np.empty(CHUNKS, dtype=block.dtype.newbyteorder("<"))
     for coords in morton_order_iter(per_shard):
         sel = tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, CHUNKS))
         chunk = block[sel]
-        if chunk.size == 0 or not chunk.any():
+        if chunk.size == 0:
             continue
-        if chunk.shape != CHUNKS:
-            padded = np.zeros(CHUNKS, dtype=block.dtype)
-            padded[tuple(slice(0, n) for n in chunk.shape)] = chunk
-            chunk = padded
-        data = blosc.encode(np.ascontiguousarray(chunk).astype(chunk.dtype.newbyteorder("<"), copy=False))
+        if chunk.shape != CHUNKS:  # an edge chunk: padded with the fill value, as zarr stores it
+            scratch.fill(0)
+        scratch[tuple(slice(0, n) for n in chunk.shape)] = chunk
+        if _is_empty(scratch):
+            continue
+        data = blosc.encode(scratch)
         index[coords] = (offset, len(data))
         parts.append(bytes(data))
         offset += len(data)

@@ -212,13 +212,20 @@ class Layer:
 
     def fetch_chunk(self, grid) -> bytes | None:
         """The chunk's encoded bytes, or None if the server has no such chunk (an empty chunk)."""
+        return self.fetch_chunk_with_wire(grid)[0]
+
+    def fetch_chunk_with_wire(self, grid) -> tuple:
+        """(`fetch_chunk`, its gzip stream as it came over the wire or None where it came uncompressed)."""
         base = f"{http_url(self.url)}/{self.info.scale_key}"
         if self.info.sharding is None:
-            return self.fetcher.get(f"{base}/{self.chunk_name(grid)}")
+            return self.fetcher.get_with_wire(f"{base}/{self.chunk_name(grid)}")
         return self._fetch_sharded(base, grid)
 
     def decode_chunk(self, grid, data: bytes | None) -> np.ndarray:
-        """Decoded chunk as a C-order (z, y, x) array; zeros for a missing chunk."""
+        """Decoded chunk as a (z, y, x) array; zeros for a missing chunk.
+
+        A read-only view of the decoded buffer, C-contiguous only where the source's axis order
+        allows: callers copy it into place once, so an axis swap costs no extra pass."""
         start, stop = self.info.chunk_box(grid)
         shape_zyx = tuple(b - a for a, b in zip(start, stop))
         if data is None:
@@ -240,8 +247,7 @@ class Layer:
         if tuple(arr.shape) != cv_shape:
             raise LayerError(f"layer {self.url}: chunk {self.chunk_name(grid)} decoded to {arr.shape}, "
                              f"its box is {cv_shape}")
-        arr = arr[..., 0].transpose((2, 0, 1) if self.info.swap_xy else (2, 1, 0))
-        return np.ascontiguousarray(arr, dtype=self.info.dtype)
+        return arr[..., 0].transpose((2, 0, 1) if self.info.swap_xy else (2, 1, 0)).astype(self.info.dtype, copy=False)
 
     def read(self, start_zyx, stop_zyx) -> np.ndarray:
         """Voxels [start, stop) of this layer's physical voxel grid (zeros outside it), C-order (z, y, x)."""
@@ -252,7 +258,7 @@ class Layer:
         return out
 
     # -- the sharded format --------------------------------------------------------------------
-    def _fetch_sharded(self, base: str, grid) -> bytes | None:
+    def _fetch_sharded(self, base: str, grid) -> tuple:
         from cloudvolume.datasource.precomputed.common import compressed_morton_code
         from cloudvolume.datasource.precomputed.sharding import ShardingSpecification
         spec = ShardingSpecification.from_dict(self.info.sharding)
@@ -262,15 +268,15 @@ class Layer:
         url = f"{base}/{loc.shard_number}.shard"
         index = self._minishard_index(url, spec, int(loc.minishard_number))
         if index is None:
-            return None
+            return None, None
         rows = index[index[:, 0] == code]
         if len(rows) == 0:
-            return None  # not in the shard: an empty chunk
+            return None, None  # not in the shard: an empty chunk
         offset, size = int(rows[0, 1]), int(rows[0, 2])
         data = self.fetcher.get(url, (offset, offset + size))
         if data is None or len(data) != size:
             raise LayerError(f"layer {self.url}: shard {url} lost chunk {code} between index and data reads")
-        return gzip.decompress(data) if spec.data_encoding == "gzip" else data
+        return (gzip.decompress(data), data) if spec.data_encoding == "gzip" else (data, None)
 
     def _minishard_index(self, url, spec, minishard):
         key = (url, minishard)

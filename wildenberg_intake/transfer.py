@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover
     _fast_zlib = zlib
 
 
-def _inflate(body: bytes) -> bytes:
+def inflate(body: bytes) -> bytes:
     """gzip or zlib stream -> bytes; the whole stream must be there (a cut one raises)."""
     d = _fast_zlib.decompressobj(47)  # 32 + 15: gzip or zlib header, detected
     out = d.decompress(body) + d.flush()
@@ -96,9 +96,15 @@ class Fetcher:
 
         byte_range: (start, stop) for a part of the object, stop exclusive.
         """
+        return self.get_with_wire(url, byte_range)[0]
+
+    def get_with_wire(self, url: str, byte_range: tuple[int, int] | None = None) -> tuple:
+        """(bytes, gzip stream as received or None): `get`, and the compressed body where the server sent
+        one (already checked to inflate whole), for callers that keep the smaller form. (None, None) if
+        the object does not exist."""
         url = to_fetchable(url)
         if url.startswith("file://"):
-            return self._get_file(Path(urlparse(url).path), byte_range)
+            return self._get_file(Path(urlparse(url).path), byte_range), None
         headers = {"Range": f"bytes={byte_range[0]}-{byte_range[1] - 1}"} if byte_range else {}
         last = None
         for attempt in range(self.policy.attempts):
@@ -119,16 +125,17 @@ class Fetcher:
                 continue
             if resp.status_code == 404:
                 self._count(missing=1)
-                return None
+                return None, None
             if resp.status_code in (200, 206):
                 expected = resp.headers.get("Content-Length")
                 if expected is not None and len(body) != int(expected):
                     last = f"truncated body: {len(body)} of {expected} bytes"
                     continue
                 encoding = resp.headers.get("Content-Encoding", "").strip().lower()
+                wire = None
                 if encoding in ("gzip", "x-gzip", "deflate"):
                     try:
-                        body = _inflate(body)
+                        wire, body = body, inflate(body)
                     except Exception as e:  # zlib.error / isal error: a broken stream is a fault
                         last = f"broken {encoding} body: {e}"
                         continue
@@ -136,9 +143,9 @@ class Fetcher:
                     raise TransferError(f"GET {url} answered Content-Encoding {encoding!r}; "
                                         "allowed: gzip, deflate, identity")
                 if byte_range and resp.status_code == 200:  # server ignored the range
-                    body = body[byte_range[0]:byte_range[1]]
+                    body, wire = body[byte_range[0]:byte_range[1]], None
                 self._count(bytes=len(body))
-                return body
+                return body, wire
             if resp.status_code == 429 or resp.status_code >= 500:
                 last = f"HTTP {resp.status_code}"
                 continue
