@@ -305,3 +305,38 @@ def test_hostile_info_and_bad_chunks_from_the_server(big, catalog, tmp_path):
         with pytest.raises(LayerError, match=rf"layer .*/em_aligned: chunk {chunk.name[:-3]} does not decode"):
             src.materialise()
         assert not StoreCache(tmp_path / "c", src.plan.name).is_complete("raw")
+
+
+def test_the_body_gate_is_released_on_every_fault_and_held_after_each_body(big):
+    """`gate` is taken only once a body arrives and stays taken only when bytes are returned: a fault
+    that leaked it would stall every later fetch of the array (here: a timeout instead of a hang)."""
+    import gzip
+    import threading
+    from wildenberg_intake.transfer import Fetcher, RetryPolicy
+
+    class Gate:
+        def __init__(self):
+            self.semaphore, self.taken = threading.BoundedSemaphore(1), 0
+
+        def acquire(self):
+            assert self.semaphore.acquire(timeout=5), "the gate was left taken by an earlier fetch"
+            self.taken += 1
+
+        def release(self):
+            self.semaphore.release()  # a BoundedSemaphore raises on a release too many
+
+    folder = big.root / "wildenberg2023/mouse_v1_l4_p14/em_aligned/12_12_40"
+    files = sorted(folder.glob("*.gz"))[:12]
+    faults = Faults(error_rate=0.1, reset_rate=0.1, truncate_rate=0.1, seed=5)
+    gate = Gate()
+    with MirrorServer(big.root, faults=faults) as server:
+        fetcher = Fetcher(RetryPolicy(**FAST))
+        base = f"{server.url}/{folder.relative_to(big.root)}"
+        for path in files:
+            data, wire = fetcher.get_with_wire(f"{base}/{path.name[:-3]}", gate=gate)
+            assert data == gzip.decompress(path.read_bytes()) and wire == path.read_bytes()
+            gate.release()
+        assert fetcher.get_with_wire(f"{base}/0-1_0-1_0-1", gate=gate) == (None, None)  # 404: not taken
+    assert sum(faults.injected[k] for k in ("error", "reset", "truncate")) > 0
+    assert gate.taken >= len(files)
+    assert gate.semaphore.acquire(blocking=False), "the gate is free after the last release"

@@ -40,10 +40,9 @@ DEFAULT_WORKERS = max(2, os.cpu_count() or 2)
 DEFAULT_CONNECTIONS = 16
 LOCK_STALE_SECONDS = 600  # a lock older than this, or whose process is gone, is taken over
 DECODED_CACHE_BYTES = 32 * 2**20  # decoded shared chunks kept per process
-# Memory of one shard task: its shard buffer plus the fetched chunk bodies in flight. A uint8
-# shard (32 MB) leaves room for many requests in flight, which latency needs; a uint32 shard
-# (128 MB) for a few.
-TASK_BYTES = 80 * 2**20
+# Inflated chunk bytes held at once per array by the I/O threads, however many requests are in
+# flight: 8 uint8 or 2 uint32 chunks of 512 x 512 x 16 (64 MB measured no faster, ~30 MB more).
+BODY_BYTES = 32 * 2**20
 
 
 def store_attributes(plan: StorePlan) -> dict:
@@ -123,38 +122,58 @@ class ChunkStage:
     def _path(self, grid, gzipped: bool = False) -> Path:
         return self.folder / (".".join(str(g) for g in grid) + (".gz" if gzipped else ""))
 
-    def _read(self, grid):
-        """(True, bytes or None for a missing chunk) if staged, else (False, None)."""
+    def _read(self, grid, gate):
+        """(True, bytes or None for a missing chunk) if staged, else (False, None). `gate` is held on
+        return when bytes are returned."""
         for gzipped in (False, True):
-            try:
-                data = self._path(grid, gzipped).read_bytes()
-            except FileNotFoundError:
+            path = self._path(grid, gzipped)
+            if not path.exists():
                 continue
-            if gzipped:
-                return True, inflate(data)
-            return True, None if data == self.MISSING else data
+            if gate is not None:
+                gate.acquire()
+            try:
+                data = path.read_bytes()
+                data = inflate(data) if gzipped else None if data == self.MISSING else data
+            except FileNotFoundError:  # released meanwhile: fetched again below
+                if gate is not None:
+                    gate.release()
+                continue
+            except BaseException:
+                if gate is not None:
+                    gate.release()
+                raise
+            if data is None and gate is not None:
+                gate.release()
+            return True, data
         return False, None
 
-    def get(self, grid) -> bytes | None:
-        """The chunk's decoded-content bytes (None: missing), fetched by whichever task asks first."""
+    def get(self, grid, gate=None) -> bytes | None:
+        """The chunk's bytes (None: missing), fetched by whichever task asks first.
+
+        gate: see `Fetcher.get_with_wire`: held on return when bytes are returned."""
         lock = self._path(grid).with_name(self._path(grid).name + ".lock")
         while True:
-            staged, data = self._read(grid)
+            staged, data = self._read(grid, gate)
             if staged:
                 return data
             self.folder.mkdir(parents=True, exist_ok=True)
             if _try_lock(lock):
                 try:
-                    staged, data = self._read(grid)
+                    staged, data = self._read(grid, gate)
                     if staged:
                         return data
-                    data, wire = self.layer.fetch_chunk_with_wire(grid)
+                    data, wire = self.layer.fetch_chunk_with_wire(grid, gate)
                     if wire is not None and len(wire) * 4 > len(data):
                         wire = None  # compressed less than 4x: re-inflating costs more than writing it whole
                     path = self._path(grid, gzipped=wire is not None)
                     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-                    tmp.write_bytes(self.MISSING if data is None else data if wire is None else wire)
-                    os.replace(tmp, path)
+                    try:
+                        tmp.write_bytes(self.MISSING if data is None else data if wire is None else wire)
+                        os.replace(tmp, path)
+                    except BaseException:
+                        if data is not None and gate is not None:
+                            gate.release()
+                        raise
                     return data
                 finally:
                     lock.unlink(missing_ok=True)
@@ -218,6 +237,7 @@ class ShardWriter:
         self.plan, self.name, self.connections = plan, name, connections
         self.src = plan.arrays[name]
         self._io = None
+        self._gate_semaphore = None
         self._lock = threading.Lock()
         self._decoded = OrderedDict()  # grid -> (decoded chunk, was 404): shared chunks decoded once
         self._decoded_bytes = 0
@@ -266,6 +286,15 @@ class ShardWriter:
             self._io = cf.ThreadPoolExecutor(self.connections, thread_name_prefix="wildenberg-io")
         return self._io
 
+    @property
+    def _gate(self) -> threading.BoundedSemaphore:
+        """Chunks of this array held inflated at once by the I/O threads (BODY_BYTES of them)."""
+        with self._lock:
+            if self._gate_semaphore is None:
+                chunk_bytes = int(np.prod(self.layer.info.chunk_zyx)) * np.dtype(self.src.dtype).itemsize
+                self._gate_semaphore = threading.BoundedSemaphore(max(2, BODY_BYTES // chunk_bytes))
+            return self._gate_semaphore
+
     def shards_of_chunk(self, grid) -> list[tuple]:
         """Output shards that need source chunk `grid`."""
         start, stop = self.layer.info.chunk_box(grid)
@@ -273,6 +302,20 @@ class ShardWriter:
         hi = [(min(b - s, n) - 1) // sh for b, s, n, sh in zip(stop, self.src.start_zyx, self.src.shape, SHARDS)]
         return [(i, j, k) for i in range(lo[0], hi[0] + 1) for j in range(lo[1], hi[1] + 1)
                 for k in range(lo[2], hi[2] + 1)]
+
+    def _load(self, fetch, grid, out, out_start, shared: bool) -> bool:
+        """In an I/O thread: get chunk `grid` with `fetch` (the layer, or the stage for a shared chunk),
+        decode it and copy it into `out`. Returns whether the server lacks the chunk."""
+        data = fetch(grid, self._gate)
+        try:
+            decoded = self.layer.decode_chunk(grid, data)
+            if shared:
+                self._remember(grid, decoded, data is None)
+            place(out, out_start, self.layer.info.chunk_box(grid)[0], decoded)
+        finally:
+            if data is not None:
+                self._gate.release()
+        return data is None
 
     def write(self, index) -> int:
         """Fetch, assemble and write output shard `index`, then record it. Returns bytes written."""
@@ -307,27 +350,20 @@ class ShardWriter:
                     work.append((self.stage.get, grid))
                 else:
                     work.append((layer.fetch_chunk, grid))
-            # A window of fetches per task, sized by bytes, so that bodies arriving faster than they
-            # are decoded cannot pile up (16 inflated uint32 chunks would be 256 MB).
-            chunk_bytes = int(np.prod(layer.info.chunk_zyx)) * np.dtype(src.dtype).itemsize
-            window = max(2, min(self.connections, (TASK_BYTES - out.nbytes) // chunk_bytes))
-            queue, futures = iter(work), {}
-            for fn, grid in queue:
-                futures[self.io().submit(fn, grid)] = grid
-                if len(futures) >= window:
-                    break
-            while futures:  # decode while the other chunks arrive
-                future = next(cf.as_completed(futures))
-                grid, data = futures.pop(future), future.result()
-                for fn, g in queue:
-                    futures[self.io().submit(fn, g)] = g
-                    break
-                if data is None:
-                    missing.append(layer.chunk_name(grid))
-                decoded = layer.decode_chunk(grid, data)
-                if grid in shared:
-                    self._remember(grid, decoded, data is None)
-                place(out, g_start, layer.info.chunk_box(grid)[0], decoded)
+            # Every request of the shard goes out at once; each I/O thread decodes and places its own
+            # chunk, holding the inflated bytes under the gate, so latency is hidden by as many
+            # requests as there are connections while only a few chunks are in memory.
+            futures = {self.io().submit(self._load, fn, grid, out, g_start, grid in shared): grid
+                       for fn, grid in work}
+            try:
+                for future in cf.as_completed(futures):
+                    if future.result():
+                        missing.append(layer.chunk_name(futures[future]))
+            except BaseException:
+                for future in futures:  # none may write into this thread's buffer after we leave
+                    future.cancel()
+                cf.wait(futures)
+                raise
             try:
                 written = cache.write_shard(self.name, index, encode_shard(out, src.codec, src.is_label))
                 # Recorded only after the shard's bytes are in place.
@@ -424,7 +460,11 @@ def _fill_arrays(cache: StoreCache, writers: list, workers: int, progress: bool,
                 complete(writer)
         if client is not None:
             _run_on_dask(client, jobs, finished)
-        else:
+        elif writers:
+            # One pool of requests for the process, as `connections` promises, whichever array they serve.
+            io = cf.ThreadPoolExecutor(writers[0].connections, thread_name_prefix="wildenberg-io")
+            for writer in writers:
+                writer._io = io
             _run_threads(jobs, workers, finished)
     except KeyboardInterrupt:
         for bar in bars.values():

@@ -210,16 +210,18 @@ class Layer:
         a, b = self._cv(start), self._cv(stop)
         return "_".join(f"{lo}-{hi}" for lo, hi in zip(a, b))
 
-    def fetch_chunk(self, grid) -> bytes | None:
-        """The chunk's encoded bytes, or None if the server has no such chunk (an empty chunk)."""
-        return self.fetch_chunk_with_wire(grid)[0]
+    def fetch_chunk(self, grid, gate=None) -> bytes | None:
+        """The chunk's encoded bytes, or None if the server has no such chunk (an empty chunk).
 
-    def fetch_chunk_with_wire(self, grid) -> tuple:
+        gate: see `Fetcher.get_with_wire`: held on return when bytes are returned."""
+        return self.fetch_chunk_with_wire(grid, gate)[0]
+
+    def fetch_chunk_with_wire(self, grid, gate=None) -> tuple:
         """(`fetch_chunk`, its gzip stream as it came over the wire or None where it came uncompressed)."""
         base = f"{http_url(self.url)}/{self.info.scale_key}"
         if self.info.sharding is None:
-            return self.fetcher.get_with_wire(f"{base}/{self.chunk_name(grid)}")
-        return self._fetch_sharded(base, grid)
+            return self.fetcher.get_with_wire(f"{base}/{self.chunk_name(grid)}", gate=gate)
+        return self._fetch_sharded(base, grid, gate)
 
     def decode_chunk(self, grid, data: bytes | None) -> np.ndarray:
         """Decoded chunk as a (z, y, x) array; zeros for a missing chunk.
@@ -258,7 +260,7 @@ class Layer:
         return out
 
     # -- the sharded format --------------------------------------------------------------------
-    def _fetch_sharded(self, base: str, grid) -> tuple:
+    def _fetch_sharded(self, base: str, grid, gate=None) -> tuple:
         from cloudvolume.datasource.precomputed.common import compressed_morton_code
         from cloudvolume.datasource.precomputed.sharding import ShardingSpecification
         spec = ShardingSpecification.from_dict(self.info.sharding)
@@ -273,10 +275,19 @@ class Layer:
         if len(rows) == 0:
             return None, None  # not in the shard: an empty chunk
         offset, size = int(rows[0, 1]), int(rows[0, 2])
-        data = self.fetcher.get(url, (offset, offset + size))
+        data = self.fetcher.get_with_wire(url, (offset, offset + size), gate=gate)[0]
         if data is None or len(data) != size:
+            if data is not None and gate is not None:
+                gate.release()
             raise LayerError(f"layer {self.url}: shard {url} lost chunk {code} between index and data reads")
-        return (gzip.decompress(data), data) if spec.data_encoding == "gzip" else (data, None)
+        if spec.data_encoding != "gzip":
+            return data, None
+        try:
+            return gzip.decompress(data), data
+        except Exception:
+            if gate is not None:
+                gate.release()
+            raise
 
     def _minishard_index(self, url, spec, minishard):
         key = (url, minishard)

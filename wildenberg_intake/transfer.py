@@ -98,13 +98,23 @@ class Fetcher:
         """
         return self.get_with_wire(url, byte_range)[0]
 
-    def get_with_wire(self, url: str, byte_range: tuple[int, int] | None = None) -> tuple:
+    def get_with_wire(self, url: str, byte_range: tuple[int, int] | None = None, gate=None) -> tuple:
         """(bytes, gzip stream as received or None): `get`, and the compressed body where the server sent
         one (already checked to inflate whole), for callers that keep the smaller form. (None, None) if
-        the object does not exist."""
+        the object does not exist.
+
+        gate: a semaphore acquired once the server answers with a body, before the body is read and
+            inflated. When bytes are returned the caller holds it and releases it when done with them,
+            so that many requests can wait on the network while only a few bodies are in memory.
+        """
         url = to_fetchable(url)
         if url.startswith("file://"):
-            return self._get_file(Path(urlparse(url).path), byte_range), None
+            if gate is not None:
+                gate.acquire()
+            data = self._get_file(Path(urlparse(url).path), byte_range)
+            if data is None and gate is not None:
+                gate.release()
+            return data, None
         headers = {"Range": f"bytes={byte_range[0]}-{byte_range[1] - 1}"} if byte_range else {}
         last = None
         for attempt in range(self.policy.attempts):
@@ -112,45 +122,62 @@ class Fetcher:
                 self._count(retries=1)
                 time.sleep(self.policy.wait(attempt - 1))
             self._count(requests=1)
+            outcome = self._attempt(url, headers, byte_range, gate)
+            if outcome[0] == "ok":
+                self._count(bytes=len(outcome[1]))
+                return outcome[1], outcome[2]
+            if outcome[0] == "missing":
+                self._count(missing=1)
+                return None, None
+            last = outcome[1]
+        raise TransferError(f"GET {url} failed {self.policy.attempts} times; last failure: {last}")
+
+    def _attempt(self, url, headers, byte_range, gate) -> tuple:
+        """One GET: ("ok", bytes, wire) with `gate` held, ("missing",), or ("retry", why); raises for an
+        answer that retrying cannot change."""
+        held = False
+        try:
             try:
                 resp = self._session().get(url, headers=headers, stream=True,
                                            timeout=(self.policy.connect_timeout, self.policy.read_timeout))
                 with resp:
-                    # The whole body in one read, inflated once: requests' own decoding works in 10 kB
-                    # pieces, which cost more CPU than the inflation itself.
-                    body = resp.raw.read(decode_content=False) if resp.status_code in (200, 206) else b""
+                    body = b""
+                    if resp.status_code in (200, 206):
+                        if gate is not None:
+                            gate.acquire()
+                            held = True
+                        # The whole body in one read, inflated once: requests' own decoding works in
+                        # 10 kB pieces, which cost more CPU than the inflation itself.
+                        body = resp.raw.read(decode_content=False)
             except (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
                     OSError) as e:  # a reset, a timeout, or a body shorter than its Content-Length
-                last = f"{type(e).__name__}: {e}"
-                continue
+                return "retry", f"{type(e).__name__}: {e}"
             if resp.status_code == 404:
-                self._count(missing=1)
-                return None, None
+                return ("missing",)
             if resp.status_code in (200, 206):
                 expected = resp.headers.get("Content-Length")
                 if expected is not None and len(body) != int(expected):
-                    last = f"truncated body: {len(body)} of {expected} bytes"
-                    continue
+                    return "retry", f"truncated body: {len(body)} of {expected} bytes"
                 encoding = resp.headers.get("Content-Encoding", "").strip().lower()
                 wire = None
                 if encoding in ("gzip", "x-gzip", "deflate"):
                     try:
                         wire, body = body, inflate(body)
                     except Exception as e:  # zlib.error / isal error: a broken stream is a fault
-                        last = f"broken {encoding} body: {e}"
-                        continue
+                        return "retry", f"broken {encoding} body: {e}"
                 elif encoding not in ("", "identity"):
                     raise TransferError(f"GET {url} answered Content-Encoding {encoding!r}; "
                                         "allowed: gzip, deflate, identity")
                 if byte_range and resp.status_code == 200:  # server ignored the range
                     body, wire = body[byte_range[0]:byte_range[1]], None
-                self._count(bytes=len(body))
-                return body, wire
+                held = False  # the caller's now
+                return "ok", body, wire
             if resp.status_code == 429 or resp.status_code >= 500:
-                last = f"HTTP {resp.status_code}"
-                continue
+                return "retry", f"HTTP {resp.status_code}"
             raise TransferError(f"GET {url} answered HTTP {resp.status_code}; only 404 means a missing object")
-        raise TransferError(f"GET {url} failed {self.policy.attempts} times; last failure: {last}")
+        finally:
+            if held:
+                gate.release()
 
     def _get_file(self, path: Path, byte_range):
         for candidate, gz in ((path, False), (path.with_name(path.name + ".gz"), True)):
