@@ -5,12 +5,14 @@
   and only then records it done. Work already recorded is skipped, so a killed run resumes where
   it stopped and ends with exactly the bytes of an uninterrupted one.
 - Each source chunk is fetched once. The output shards rarely line up with the source chunks, so
-  a chunk is often needed by two to eight shards: such a shared chunk's encoded bytes are staged
-  on disk (`staging/` in the store's folder) by whichever task fetches it first and deleted once
-  every shard that needs it is recorded. Staged files are renamed into place whole, so they too
-  survive a kill; a staged chunk is never fetched again.
-- Requests in flight (`connections`) are independent of the shard tasks (`workers`, CPU-bound:
-  decoding and compression release the GIL), and memory is bounded by the tasks in flight.
+  a chunk is often needed by two to eight shards: such a shared chunk is staged on disk
+  (`staging/` in the store's folder, as it came over the wire) by whichever task fetches it first
+  and deleted once every shard that needs it is recorded. Staged files are renamed into place
+  whole, so they too survive a kill; a staged chunk is never fetched again.
+- Requests in flight (`connections`, one pool per process) are independent of the shard tasks
+  (`workers`, CPU-bound: compression releases the GIL). A task sends all its shard's requests at
+  once; I/O threads decode and place chunks as they arrive, at most a few inflated at a time (the
+  gate), so memory is bounded by the tasks in flight, not by the latency or the volume.
 - The same tasks run on a dask.distributed cluster (`client=`) over a shared filesystem.
 """
 
@@ -25,7 +27,6 @@ import threading
 import time
 import uuid
 import shutil
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,6 @@ from .transfer import inflate
 DEFAULT_WORKERS = max(2, os.cpu_count() or 2)
 DEFAULT_CONNECTIONS = 16
 LOCK_STALE_SECONDS = 600  # a lock older than this, or whose process is gone, is taken over
-DECODED_CACHE_BYTES = 32 * 2**20  # decoded shared chunks kept per process
 # Inflated chunk bytes held at once per array by the I/O threads, however many requests are in
 # flight: 8 uint8 or 2 uint32 chunks of 512 x 512 x 16 (64 MB measured no faster, ~30 MB more).
 BODY_BYTES = 32 * 2**20
@@ -239,8 +239,6 @@ class ShardWriter:
         self._io = None
         self._gate_semaphore = None
         self._lock = threading.Lock()
-        self._decoded = OrderedDict()  # grid -> (decoded chunk, was 404): shared chunks decoded once
-        self._decoded_bytes = 0
 
     def __getstate__(self):
         return {"plan": self.plan, "name": self.name, "connections": self.connections}
@@ -259,27 +257,6 @@ class ShardWriter:
     @property
     def stage(self) -> ChunkStage:
         return ChunkStage(self.cache.root / "staging" / self.name, self.layer)
-
-    def _remember(self, grid, decoded, missing):
-        """Keep a decoded shared chunk for the other shards that need it (bounded, least recent out)."""
-        with self._lock:
-            self._decoded[grid] = (decoded, missing)
-            self._decoded_bytes += decoded.nbytes
-            while self._decoded_bytes > DECODED_CACHE_BYTES and len(self._decoded) > 1:
-                _, (old, _) = self._decoded.popitem(last=False)
-                self._decoded_bytes -= old.nbytes
-
-    def forget(self):
-        with self._lock:
-            self._decoded.clear()
-            self._decoded_bytes = 0
-
-    def _recall(self, grid):
-        with self._lock:
-            if grid in self._decoded:
-                self._decoded.move_to_end(grid)
-                return self._decoded[grid]
-        return None
 
     def io(self) -> cf.ThreadPoolExecutor:
         if self._io is None:
@@ -303,19 +280,22 @@ class ShardWriter:
         return [(i, j, k) for i in range(lo[0], hi[0] + 1) for j in range(lo[1], hi[1] + 1)
                 for k in range(lo[2], hi[2] + 1)]
 
-    def _load(self, fetch, grid, out, out_start, shared: bool) -> bool:
+    def _load(self, fetch, grid, out, out_start) -> bool:
         """In an I/O thread: get chunk `grid` with `fetch` (the layer, or the stage for a shared chunk),
         decode it and copy it into `out`. Returns whether the server lacks the chunk."""
         data = fetch(grid, self._gate)
         try:
             decoded = self.layer.decode_chunk(grid, data)
-            if shared:
-                self._remember(grid, decoded, data is None)
             place(out, out_start, self.layer.info.chunk_box(grid)[0], decoded)
         finally:
             if data is not None:
                 self._gate.release()
-        return data is None
+        if data is None:
+            return True
+        if len(data) >= 8 * 2**20:
+            del data, decoded
+            _trim()
+        return False
 
     def write(self, index) -> int:
         """Fetch, assemble and write output shard `index`, then record it. Returns bytes written."""
@@ -337,23 +317,15 @@ class ShardWriter:
             # zeroed only if the chunks do not tile the shard: no stale voxels of the previous shard.
             out = _shard_buffer(shape, src.dtype, zeroed=_voxels_covered(layer.info, grids, g_start, g_stop)
                                 != int(np.prod(shape)))
-            shared, missing, work = [], [], []
-            for grid in grids:
-                if len(self.shards_of_chunk(grid)) > 1:
-                    shared.append(grid)
-                    known = self._recall(grid)
-                    if known is not None:
-                        place(out, g_start, layer.info.chunk_box(grid)[0], known[0])
-                        if known[1]:
-                            missing.append(layer.chunk_name(grid))
-                        continue
-                    work.append((self.stage.get, grid))
-                else:
-                    work.append((layer.fetch_chunk, grid))
+            # A chunk that other shards need too comes through the stage (fetched once, then read
+            # back from disk: the page cache, while it is in use).
+            shared = [grid for grid in grids if len(self.shards_of_chunk(grid)) > 1]
+            missing, stage = [], self.stage
+            work = [(stage.get if grid in shared else layer.fetch_chunk, grid) for grid in grids]
             # Every request of the shard goes out at once; each I/O thread decodes and places its own
             # chunk, holding the inflated bytes under the gate, so latency is hidden by as many
             # requests as there are connections while only a few chunks are in memory.
-            futures = {self.io().submit(self._load, fn, grid, out, g_start, grid in shared): grid
+            futures = {self.io().submit(self._load, fn, grid, out, g_start): grid
                        for fn, grid in work}
             try:
                 for future in cf.as_completed(futures):
@@ -444,7 +416,6 @@ def _fill_arrays(cache: StoreCache, writers: list, workers: int, progress: bool,
     def complete(writer: ShardWriter):
         cache.mark_complete(writer.src.name, writer.src.shape)
         shutil.rmtree(cache.root / "staging" / writer.src.name, ignore_errors=True)
-        writer.forget()  # its decoded chunks are of no use to the other arrays
 
     def finished(writer: ShardWriter, index):
         src = writer.src
