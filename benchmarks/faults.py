@@ -67,7 +67,7 @@ def main():
         print(f"bytes equal to a clean run: {tree(faulty) == tree(clean)}")
         del faulty
 
-        with MirrorServer(mirror.root, latency=0.25, port=port) as server:
+        with MirrorServer(mirror.root, latency=1.0, port=port) as server:  # slow enough for kills to land
             cache = tmp / "killed"
             kills = 0
             for _ in range(args.kills):
