@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from wildenberg_intake.cache import StoreCache, file_sha256
@@ -85,3 +86,32 @@ def test_sigkill_half_way_then_rerun_is_byte_identical(big_mirror, tmp_path):
     refetched = sum(both[p] for p in em_chunks) - len(em_chunks)
     assert sum(resumed_requests[p] for p in em_chunks) < len(em_chunks)
     assert 0 <= refetched <= 8  # at most one shard's chunks were in flight
+
+
+def test_shards_assembled_in_z_slabs_have_the_bytes_of_whole_assembly(catalog, tmp_path, monkeypatch):
+    """A shard above SLAB_BYTES (a uint32 one: 128 MB) is fetched, assembled and encoded 64 z-slices
+    at a time: its file, its record and its voxels are those of a whole assembly, and each source
+    chunk is still fetched once (one that spans two slabs goes through the stage)."""
+    from wildenberg_intake import engine
+    from conftest import all_layers, expected_window
+    mirror = build_mirror(tmp_path / "mirror", shape_xyz=(300, 260, 150), experiments=("p14",))
+    with MirrorServer(mirror.root) as server:
+        whole = Path(catalog.p14_saturated(base_url=server.base_url, cache_dir=str(tmp_path / "whole"),
+                                           progress=False).materialise())
+        monkeypatch.setattr(engine, "SLAB_BYTES", 1)  # every shard deeper than 64 slices in slabs
+        assert engine._slabs((150, 260, 300), 4) == [(0, 64), (64, 128), (128, 150)]
+        before = server.requests
+        src = catalog.p14_saturated(base_url=server.base_url, cache_dir=str(tmp_path / "slabs"), progress=False)
+        slabbed = Path(src.materialise())
+        fetched = server.requests - before
+        ds = src.read()
+    assert _tree(slabbed) == _tree(whole)
+    assert _tree(slabbed.parent / "progress") == _tree(whole.parent / "progress")  # content sha256 too
+    bbox = ds.attrs["bbox_nm"]
+    raw, _ = expected_window(mirror, "p14", "em_aligned", 1, bbox, all_layers("p14"))
+    labels, _ = expected_window(mirror, "p14", "saturated_autoseg", 0, bbox, all_layers("p14"))
+    assert ds["raw"].shape[0] > 128  # two shards in z, the first one in two slabs
+    np.testing.assert_array_equal(ds["raw"].values, raw)
+    np.testing.assert_array_equal(ds["labels"].values, labels)
+    chunks = [p for p in fetched if not p.endswith(("/info", "/provenance"))]
+    assert chunks and all(fetched[p] == 1 for p in chunks), "each chunk fetched once"

@@ -68,42 +68,55 @@ def _is_empty(chunk: np.ndarray) -> bool:
     return chunk.max() == 0 if chunk.dtype.kind == "u" else not chunk.any()
 
 
+def encode_chunks(block: np.ndarray, codec: str, is_label: bool, first=(0, 0, 0)) -> dict:
+    """Blosc bytes of each inner chunk of `block` that is not all fill value, by its coordinates in
+    the shard (`first`: those of the block's first inner chunk; a block may be a z-slab of a shard).
+    Edge chunks are padded with the fill value 0, as zarr stores them."""
+    blosc = blosc_codec(codec, is_label)
+    # One contiguous buffer for every inner chunk: a fresh 1-4 MB array per chunk costs page faults
+    # that measured more than the copy.
+    scratch = np.empty(CHUNKS, dtype=block.dtype.newbyteorder("<"))
+    encoded = {}
+    for local in itertools.product(*(range(-(-n // c)) for n, c in zip(block.shape, CHUNKS))):
+        chunk = block[tuple(slice(i * c, (i + 1) * c) for i, c in zip(local, CHUNKS))]
+        if chunk.shape != CHUNKS:
+            scratch.fill(0)
+        scratch[tuple(slice(0, n) for n in chunk.shape)] = chunk
+        if not _is_empty(scratch):
+            encoded[tuple(i + f for i, f in zip(local, first))] = bytes(blosc.encode(scratch))
+    return encoded
+
+
+def assemble_shard(encoded: dict) -> bytes | None:
+    """A shard file from its encoded inner chunks: the chunks in Morton order, then the index of
+    (offset, length) uint64 pairs in C order with its crc32c. None if no chunk (zarr writes no file)."""
+    import google_crc32c
+    from zarr.core.indexing import morton_order_iter
+    if not encoded:
+        return None
+    per_shard = tuple(s // c for s, c in zip(SHARDS, CHUNKS))
+    index = np.full(per_shard + (2,), 2**64 - 1, dtype="<u8")
+    parts, offset = [], 0
+    for coords in morton_order_iter(per_shard):
+        data = encoded.get(tuple(coords))
+        if data is not None:
+            index[tuple(coords)] = (offset, len(data))
+            parts.append(data)
+            offset += len(data)
+    index_bytes = index.tobytes()
+    crc = np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes()
+    return b"".join(parts) + index_bytes + crc
+
+
 def encode_shard(block: np.ndarray, codec: str, is_label: bool) -> bytes | None:
     """Encode one whole output shard the way zarr-python does, without its per-chunk overhead.
 
     zarr v3 sharding: inner chunks (padded to CHUNKS with the fill value 0) encoded with the bytes
-    codec and Blosc, all-zero chunks left out, laid out in Morton order, then the index of
-    (offset, length) uint64 pairs in C order with its crc32c. None for an all-zero shard (zarr
-    writes no file then). Tests check the bytes equal zarr-python's own.
+    codec and Blosc, all-zero chunks left out, laid out in Morton order, then the index with its
+    crc32c. None for an all-zero shard (zarr writes no file then). Tests check the bytes equal
+    zarr-python's own.
     """
-    import google_crc32c
-    from zarr.core.indexing import morton_order_iter
-    blosc = blosc_codec(codec, is_label)
-    per_shard = tuple(s // c for s, c in zip(SHARDS, CHUNKS))
-    index = np.full(per_shard + (2,), 2**64 - 1, dtype="<u8")
-    parts, offset = [], 0
-    # One contiguous buffer for every inner chunk of the shard: a fresh 1-4 MB array per chunk costs
-    # page faults that measured more than the copy.
-    scratch = np.empty(CHUNKS, dtype=block.dtype.newbyteorder("<"))
-    for coords in morton_order_iter(per_shard):
-        sel = tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, CHUNKS))
-        chunk = block[sel]
-        if chunk.size == 0:
-            continue
-        if chunk.shape != CHUNKS:  # an edge chunk: padded with the fill value, as zarr stores it
-            scratch.fill(0)
-        scratch[tuple(slice(0, n) for n in chunk.shape)] = chunk
-        if _is_empty(scratch):
-            continue
-        data = blosc.encode(scratch)
-        index[coords] = (offset, len(data))
-        parts.append(bytes(data))
-        offset += len(data)
-    if not parts:
-        return None
-    index_bytes = index.tobytes()
-    crc = np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes()
-    return b"".join(parts) + index_bytes + crc
+    return assemble_shard(encode_chunks(block, codec, is_label))
 
 
 def array_path(name: str) -> str:

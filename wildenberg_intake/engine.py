@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .cache import SHARDS, StoreCache, encode_shard, ome_multiscale, shard_box, shard_grid
+from .cache import CHUNKS, SHARDS, StoreCache, assemble_shard, encode_chunks, ome_multiscale, shard_box, shard_grid
 from .layers import Layer, place
 from .plan import ArraySource, StorePlan
 from .transfer import inflate
@@ -43,6 +43,9 @@ LOCK_STALE_SECONDS = 600  # a lock older than this, or whose process is gone, is
 # Inflated chunk bytes held at once per array by the I/O threads, however many requests are in
 # flight: 8 uint8 or 2 uint32 chunks of 512 x 512 x 16 (64 MB measured no faster, ~30 MB more).
 BODY_BYTES = 32 * 2**20
+# Largest shard assembled whole: a uint8 shard (32 MB) is; a uint32 shard (128 MB) is assembled and
+# encoded one 64-slice slab at a time (two tasks holding whole uint32 shards peaked above 600 MB).
+SLAB_BYTES = 64 * 2**20
 
 
 def store_attributes(plan: StorePlan) -> dict:
@@ -311,35 +314,22 @@ class ShardWriter:
                 return 0
             start, stop = shard_box(index, src.shape)
             g_start, g_stop = np.add(src.start_zyx, start), np.add(src.start_zyx, stop)
-            grids = layer.info.chunks_in(g_start, g_stop)
             shape = tuple(b - a for a, b in zip(start, stop))
-            # Every voxel is overwritten by its chunk (a missing chunk places zeros), so the buffer is
-            # zeroed only if the chunks do not tile the shard: no stale voxels of the previous shard.
-            out = _shard_buffer(shape, src.dtype, zeroed=_voxels_covered(layer.info, grids, g_start, g_stop)
-                                != int(np.prod(shape)))
-            # A chunk that other shards need too comes through the stage (fetched once, then read
-            # back from disk: the page cache, while it is in use).
-            shared = [grid for grid in grids if len(self.shards_of_chunk(grid)) > 1]
-            missing, stage = [], self.stage
-            work = [(stage.get if grid in shared else layer.fetch_chunk, grid) for grid in grids]
-            # Every request of the shard goes out at once; each I/O thread decodes and places its own
-            # chunk, holding the inflated bytes under the gate, so latency is hidden by as many
-            # requests as there are connections while only a few chunks are in memory.
-            futures = {self.io().submit(self._load, fn, grid, out, g_start): grid
-                       for fn, grid in work}
+            slabs = _slabs(shape, np.dtype(src.dtype).itemsize)
+            # A chunk that other shards, or another slab of this one, need too comes through the
+            # stage (fetched once, then read back from disk: the page cache, while it is in use).
+            cuts = [g_start[0] + z0 for z0, _ in slabs[1:]]
+            shared = [grid for grid in layer.info.chunks_in(g_start, g_stop)
+                      if len(self.shards_of_chunk(grid)) > 1
+                      or any(layer.info.chunk_box(grid)[0][0] < cut < layer.info.chunk_box(grid)[1][0]
+                             for cut in cuts)]
+            missing, encoded, digest = set(), {}, hashlib.sha256()
+            for slab in slabs:
+                missing |= self._assemble(slab, g_start, g_stop, shared, encoded, digest)
             try:
-                for future in cf.as_completed(futures):
-                    if future.result():
-                        missing.append(layer.chunk_name(futures[future]))
-            except BaseException:
-                for future in futures:  # none may write into this thread's buffer after we leave
-                    future.cancel()
-                cf.wait(futures)
-                raise
-            try:
-                written = cache.write_shard(self.name, index, encode_shard(out, src.codec, src.is_label))
+                written = cache.write_shard(self.name, index, assemble_shard(encoded))
                 # Recorded only after the shard's bytes are in place.
-                cache.mark_done(self.name, index, written, hashlib.sha256(out).hexdigest(), missing)
+                cache.mark_done(self.name, index, written, digest.hexdigest(), missing)
             except OSError as e:
                 raise OSError(e.errno, f"writing shard {index} of {self.name} under {cache.root} failed: "
                                        f"{e.strerror or e}. The store is incomplete; free space or fix the "
@@ -350,7 +340,47 @@ class ShardWriter:
             if all(cache.is_done(self.name, s) for s in self.shards_of_chunk(grid)):
                 self.stage.release(grid)
         _trim()
-        return out.nbytes
+        return int(np.prod(shape)) * np.dtype(src.dtype).itemsize
+
+    def _assemble(self, slab, g_start, g_stop, shared, encoded: dict, digest) -> set:
+        """Fetch, decode and place the chunks of z-slab `slab` of a shard, then encode its inner chunks
+        into `encoded` and its voxels into `digest`. Returns the names of the chunks the server lacks."""
+        layer, src = self.layer, self.src
+        z0, z1 = slab
+        s_start = (g_start[0] + z0, g_start[1], g_start[2])
+        s_stop = (g_start[0] + z1, g_stop[1], g_stop[2])
+        grids = layer.info.chunks_in(s_start, s_stop)
+        shape = tuple(b - a for a, b in zip(s_start, s_stop))
+        # Every voxel is overwritten by its chunk (a missing chunk places zeros), so the buffer is
+        # zeroed only if the chunks do not tile the slab: no stale voxels of the previous one.
+        out = _shard_buffer(shape, src.dtype, zeroed=_voxels_covered(layer.info, grids, s_start, s_stop)
+                            != int(np.prod(shape)))
+        stage = self.stage
+        # Every request of the slab goes out at once; each I/O thread decodes and places its own
+        # chunk, holding the inflated bytes under the gate, so latency is hidden by as many
+        # requests as there are connections while only a few chunks are in memory.
+        futures = {self.io().submit(self._load, stage.get if grid in shared else layer.fetch_chunk, grid,
+                                    out, s_start): grid for grid in grids}
+        missing = set()
+        try:
+            for future in cf.as_completed(futures):
+                if future.result():
+                    missing.add(layer.chunk_name(futures[future]))
+        except BaseException:
+            for future in futures:  # none may write into this thread's buffer after we leave
+                future.cancel()
+            cf.wait(futures)
+            raise
+        encoded.update(encode_chunks(out, src.codec, src.is_label, first=(z0 // CHUNKS[0], 0, 0)))
+        digest.update(out)  # slabs split the shard along z: in order they are its C-order bytes
+        return missing
+
+
+def _slabs(shape, itemsize: int) -> list:
+    """z ranges in which a shard is assembled: whole if it fits SLAB_BYTES, else one inner-chunk row
+    (64 z-slices) at a time, so a 128 MB uint32 shard needs a 64 MB buffer."""
+    depth = shape[0] if int(np.prod(shape)) * itemsize <= SLAB_BYTES else CHUNKS[0]
+    return [(z, min(z + depth, shape[0])) for z in range(0, shape[0], depth)]
 
 
 def _write_on_worker(writer: ShardWriter, index) -> int:
