@@ -1,6 +1,6 @@
 """Materialisation speed, fetch amplification and memory: this package against torch-em's reference module.
 
-    .venv/bin/python benchmarks/materialise.py [--size 1400 1400 80] [--latency 0 0.03] [--bandwidth-mbit 200]
+    .venv/bin/python benchmarks/materialise.py [--size 1400 1400 80] [--experiments p105 p14] [--latency 0 0.03] [--bandwidth-mbit 200]
                                                [--scales 0.5 1 2] [--scale-case p14_psd] [--cases p105_psd p105_saturated p14_psd]
                                                [--codec zstd6] [--tensorstore]
 
@@ -188,6 +188,8 @@ def main():
     parser.add_argument("--scale-case", default="p14_psd", help="the case of the cost-per-GB sweep")
     parser.add_argument("--codec", default="zstd1", help="raw codec for this package (zstd6 = the reference's)")
     parser.add_argument("--mirror", type=Path, help="reuse (or write once) a mirror in this folder")
+    parser.add_argument("--experiments", nargs="+", default=("p105", "p14"),
+                        help="experiments the mirror holds (a deep mirror of p14 alone needs less memory)")
     parser.add_argument("--tensorstore", action="store_true",
                         help="also write the same arrays with tensorstore (pip install tensorstore) and "
                              "compare its voxels with the package's")
@@ -205,7 +207,7 @@ def main():
             mirror = SimpleNamespace(root=args.mirror)
             print(f"mirror reused from {args.mirror}; {cores} cores\n")
         else:
-            mirror = build_mirror(args.mirror or tmp / "mirror", shape_xyz=args.size)
+            mirror = build_mirror(args.mirror or tmp / "mirror", shape_xyz=args.size, experiments=args.experiments)
             print(f"mirror of {args.size} label voxels written in {time.perf_counter() - t:.0f} s; {cores} cores\n")
         header = (f"{'case':16s} {'latency':>7s} {'impl':9s} {'MB out':>7s} {'s':>6s} {'MB/s':>7s} {'x ref':>6s} "
                   f"{'requests':>9s} {'req/min':>7s} {'MB fetched':>10s} {'fetch/min':>9s} {'peak RSS MB':>11s} "
