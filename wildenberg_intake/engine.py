@@ -12,7 +12,8 @@
 - Requests in flight (`connections`, one pool per process) are independent of the shard tasks
   (`workers`, CPU-bound: compression releases the GIL). A task sends all its shard's requests at
   once; I/O threads decode and place chunks as they arrive, at most a few inflated at a time (the
-  gate), so memory is bounded by the tasks in flight, not by the latency or the volume.
+  gate), so memory is bounded by the tasks in flight, not by the latency or the volume. A shard
+  larger than SLAB_BYTES (uint32: 128 MB) is assembled and encoded one 64-slice z-slab at a time.
 - The same tasks run on a dask.distributed cluster (`client=`) over a shared filesystem.
 """
 
