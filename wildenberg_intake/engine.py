@@ -206,6 +206,8 @@ def _trim():
 
 
 _THREAD = threading.local()
+_PROCESS_POOLS: dict = {}  # connections -> request pool of a process whose tasks come one by one (dask)
+_PROCESS_POOLS_LOCK = threading.Lock()
 
 
 def _shard_buffer(shape, dtype, zeroed: bool) -> np.ndarray:
@@ -263,8 +265,14 @@ class ShardWriter:
         return ChunkStage(self.cache.root / "staging" / self.name, self.layer)
 
     def io(self) -> cf.ThreadPoolExecutor:
+        """The request pool: the run's (set by `materialise`), else this process's for `connections`
+        (a dask worker unpickles a writer per task; a pool per task would multiply the connections)."""
         if self._io is None:
-            self._io = cf.ThreadPoolExecutor(self.connections, thread_name_prefix="wildenberg-io")
+            with _PROCESS_POOLS_LOCK:
+                if self.connections not in _PROCESS_POOLS:
+                    _PROCESS_POOLS[self.connections] = cf.ThreadPoolExecutor(
+                        self.connections, thread_name_prefix="wildenberg-io")
+                self._io = _PROCESS_POOLS[self.connections]
         return self._io
 
     @property
@@ -456,6 +464,7 @@ def _fill_arrays(cache: StoreCache, writers: list, workers: int, progress: bool,
         if left[src.name] == 0:
             complete(writer)
 
+    io = None  # this run's request pool (threads)
     try:
         for writer in writers:
             if left[writer.src.name] == 0:  # every shard was recorded by an earlier, interrupted run
@@ -478,9 +487,8 @@ def _fill_arrays(cache: StoreCache, writers: list, workers: int, progress: bool,
     finally:
         for bar in bars.values():
             bar.close()
-        for writer in writers:
-            if writer._io is not None:
-                writer._io.shutdown(wait=True, cancel_futures=True)
+        if io is not None:
+            io.shutdown(wait=True, cancel_futures=True)
 
 
 def _run_threads(jobs, workers: int, finished):
