@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .cache import CHUNKS, SHARDS, StoreCache, assemble_shard, encode_chunks, ome_multiscale, shard_box, shard_grid
 from .layers import Layer, place
 from .plan import ArraySource, StorePlan
-from .transfer import inflate
+from .transfer import NO_GATE, inflate
 
 DEFAULT_WORKERS = max(2, os.cpu_count() or 2)
 DEFAULT_CONNECTIONS = 16
@@ -133,25 +133,21 @@ class ChunkStage:
             path = self._path(grid, gzipped)
             if not path.exists():
                 continue
-            if gate is not None:
-                gate.acquire()
+            gate.acquire()
             try:
                 data = path.read_bytes()
                 data = inflate(data) if gzipped else None if data == self.MISSING else data
-            except FileNotFoundError:  # released meanwhile: fetched again below
-                if gate is not None:
-                    gate.release()
-                continue
-            except BaseException:
-                if gate is not None:
-                    gate.release()
+            except BaseException as e:
+                gate.release()
+                if isinstance(e, FileNotFoundError):  # released meanwhile: fetched again below
+                    continue
                 raise
-            if data is None and gate is not None:
+            if data is None:
                 gate.release()
             return True, data
         return False, None
 
-    def get(self, grid, gate=None) -> bytes | None:
+    def get(self, grid, gate=NO_GATE) -> bytes | None:
         """The chunk's bytes (None: missing), fetched by whichever task asks first.
 
         gate: see `Fetcher.get_with_wire`: held on return when bytes are returned."""
@@ -175,7 +171,7 @@ class ChunkStage:
                         tmp.write_bytes(self.MISSING if data is None else data if wire is None else wire)
                         os.replace(tmp, path)
                     except BaseException:
-                        if data is not None and gate is not None:
+                        if data is not None:
                             gate.release()
                         raise
                     return data
@@ -329,9 +325,7 @@ class ShardWriter:
             # stage (fetched once, then read back from disk: the page cache, while it is in use).
             cuts = [g_start[0] + z0 for z0, _ in slabs[1:]]
             shared = [grid for grid in layer.info.chunks_in(g_start, g_stop)
-                      if len(self.shards_of_chunk(grid)) > 1
-                      or any(layer.info.chunk_box(grid)[0][0] < cut < layer.info.chunk_box(grid)[1][0]
-                             for cut in cuts)]
+                      if len(self.shards_of_chunk(grid)) > 1 or _spans(layer.info.chunk_box(grid), cuts)]
             missing, encoded, digest = set(), {}, hashlib.sha256()
             for slab in slabs:
                 missing |= self._assemble(slab, g_start, g_stop, shared, encoded, digest)
@@ -383,6 +377,12 @@ class ShardWriter:
         encoded.update(encode_chunks(out, src.codec, src.is_label, first=(z0 // CHUNKS[0], 0, 0)))
         digest.update(out)  # slabs split the shard along z: in order they are its C-order bytes
         return missing
+
+
+def _spans(box, cuts) -> bool:
+    """Whether chunk `box` ((start, stop) voxels, z first) lies on both sides of a z cut."""
+    (z0, _, _), (z1, _, _) = box
+    return any(z0 < cut < z1 for cut in cuts)
 
 
 def _slabs(shape, itemsize: int) -> list:

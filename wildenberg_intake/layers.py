@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .transfer import Fetcher, TransferError
+from .transfer import NO_GATE, Fetcher, TransferError
 
 SUPPORTED_DTYPES = ("uint8", "uint16", "uint32", "uint64")
 SUPPORTED_ENCODINGS = ("raw", "jpeg", "png", "compressed_segmentation")
@@ -210,13 +210,13 @@ class Layer:
         a, b = self._cv(start), self._cv(stop)
         return "_".join(f"{lo}-{hi}" for lo, hi in zip(a, b))
 
-    def fetch_chunk(self, grid, gate=None) -> bytes | None:
+    def fetch_chunk(self, grid, gate=NO_GATE) -> bytes | None:
         """The chunk's encoded bytes, or None if the server has no such chunk (an empty chunk).
 
         gate: see `Fetcher.get_with_wire`: held on return when bytes are returned."""
         return self.fetch_chunk_with_wire(grid, gate)[0]
 
-    def fetch_chunk_with_wire(self, grid, gate=None) -> tuple:
+    def fetch_chunk_with_wire(self, grid, gate=NO_GATE) -> tuple:
         """(`fetch_chunk`, its gzip stream as it came over the wire or None where it came uncompressed)."""
         base = f"{http_url(self.url)}/{self.info.scale_key}"
         if self.info.sharding is None:
@@ -260,7 +260,7 @@ class Layer:
         return out
 
     # -- the sharded format --------------------------------------------------------------------
-    def _fetch_sharded(self, base: str, grid, gate=None) -> tuple:
+    def _fetch_sharded(self, base: str, grid, gate=NO_GATE) -> tuple:
         from cloudvolume.datasource.precomputed.common import compressed_morton_code
         from cloudvolume.datasource.precomputed.sharding import ShardingSpecification
         spec = ShardingSpecification.from_dict(self.info.sharding)
@@ -277,7 +277,7 @@ class Layer:
         offset, size = int(rows[0, 1]), int(rows[0, 2])
         data = self.fetcher.get_with_wire(url, (offset, offset + size), gate=gate)[0]
         if data is None or len(data) != size:
-            if data is not None and gate is not None:
+            if data is not None:
                 gate.release()
             raise LayerError(f"layer {self.url}: shard {url} lost chunk {code} between index and data reads")
         if spec.data_encoding != "gzip":
@@ -285,8 +285,7 @@ class Layer:
         try:
             return gzip.decompress(data), data
         except Exception:
-            if gate is not None:
-                gate.release()
+            gate.release()
             raise
 
     def _minishard_index(self, url, spec, minishard):

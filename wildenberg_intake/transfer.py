@@ -39,6 +39,19 @@ def inflate(body: bytes) -> bytes:
     return out
 
 
+class _NoGate:
+    """The gate of a caller that bounds nothing: taking and giving it back do nothing."""
+
+    def acquire(self):
+        pass
+
+    def release(self):
+        pass
+
+
+NO_GATE = _NoGate()
+
+
 class TransferError(IOError):
     """A fetch that failed for good: the URL and the last failure are in the message."""
 
@@ -98,7 +111,7 @@ class Fetcher:
         """
         return self.get_with_wire(url, byte_range)[0]
 
-    def get_with_wire(self, url: str, byte_range: tuple[int, int] | None = None, gate=None) -> tuple:
+    def get_with_wire(self, url: str, byte_range: tuple[int, int] | None = None, gate=NO_GATE) -> tuple:
         """(bytes, gzip stream as received or None): `get`, and the compressed body where the server sent
         one (already checked to inflate whole), for callers that keep the smaller form. (None, None) if
         the object does not exist.
@@ -109,10 +122,9 @@ class Fetcher:
         """
         url = to_fetchable(url)
         if url.startswith("file://"):
-            if gate is not None:
-                gate.acquire()
+            gate.acquire()
             data = self._get_file(Path(urlparse(url).path), byte_range)
-            if data is None and gate is not None:
+            if data is None:
                 gate.release()
             return data, None
         headers = {"Range": f"bytes={byte_range[0]}-{byte_range[1] - 1}"} if byte_range else {}
@@ -143,9 +155,8 @@ class Fetcher:
                 with resp:
                     body = b""
                     if resp.status_code in (200, 206):
-                        if gate is not None:
-                            gate.acquire()
-                            held = True
+                        gate.acquire()
+                        held = True
                         # The whole body in one read, inflated once: requests' own decoding works in
                         # 10 kB pieces, which cost more CPU than the inflation itself.
                         body = resp.raw.read(decode_content=False)
