@@ -239,8 +239,9 @@ class ShardWriter:
         self.plan, self.name, self.connections = plan, name, connections
         self.src = plan.arrays[name]
         self._io = None
-        self._gate_semaphore = None
-        self._lock = threading.Lock()
+        # Chunks of this array held inflated at once by the I/O threads (BODY_BYTES of them).
+        chunk_bytes = int(np.prod(self.src.layer.chunk_zyx)) * np.dtype(self.src.dtype).itemsize
+        self._gate = threading.BoundedSemaphore(max(2, BODY_BYTES // chunk_bytes))
 
     def __getstate__(self):
         return {"plan": self.plan, "name": self.name, "connections": self.connections}
@@ -270,15 +271,6 @@ class ShardWriter:
                         self.connections, thread_name_prefix="wildenberg-io")
                 self._io = _PROCESS_POOLS[self.connections]
         return self._io
-
-    @property
-    def _gate(self) -> threading.BoundedSemaphore:
-        """Chunks of this array held inflated at once by the I/O threads (BODY_BYTES of them)."""
-        with self._lock:
-            if self._gate_semaphore is None:
-                chunk_bytes = int(np.prod(self.layer.info.chunk_zyx)) * np.dtype(self.src.dtype).itemsize
-                self._gate_semaphore = threading.BoundedSemaphore(max(2, BODY_BYTES // chunk_bytes))
-            return self._gate_semaphore
 
     def shards_of_chunk(self, grid) -> list[tuple]:
         """Output shards that need source chunk `grid`."""
