@@ -81,3 +81,38 @@ def test_shard_buffer_is_zeroed_unless_the_chunks_tile_the_shard():
     stale.fill(7)
     assert np.all(_shard_buffer((4, 5, 6), "uint32", zeroed=False) == 7)  # the same memory, not cleared
     assert not _shard_buffer((4, 5, 6), "uint32", zeroed=True).any()
+
+
+@pytest.mark.parametrize("dtype,is_label,codec", [("uint8", False, "zstd1"), ("uint8", False, "lz4"),
+                                                  ("uint32", True, "zstd3"), ("uint64", True, "zstd6")])
+def test_array_and_group_metadata_equal_zarr_pythons(dtype, is_label, codec, tmp_path):
+    import json
+    from wildenberg_intake.cache import array_metadata, group_metadata
+    attributes = {"source_url": "x", "nested": {"a": [1, 2]}}
+    zarr.create_array(store=str(tmp_path / "a"), shape=(80, 700, 530), chunks=CHUNKS, shards=SHARDS, dtype=dtype,
+                      fill_value=0, compressors=compressor(is_label, codec), dimension_names=("z", "y", "x"),
+                      attributes=attributes, zarr_format=3)
+    assert array_metadata((80, 700, 530), dtype, is_label, codec, attributes) == \
+        json.loads((tmp_path / "a" / "zarr.json").read_text())
+    zarr.open_group(str(tmp_path / "g"), mode="w", zarr_format=3, attributes=attributes)
+    assert group_metadata(attributes) == json.loads((tmp_path / "g" / "zarr.json").read_text())
+    with pytest.raises(ValueError, match=r"codec='zstd9' is not supported; allowed: \['zstd1'"):
+        array_metadata((1, 1, 1), dtype, is_label, "zstd9", {})
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 4), (1, 1, 1), (3, 5, 2), (8, 8, 8), (4, 1)])
+def test_morton_order_is_zarrs(shape):
+    from zarr.core.indexing import morton_order_iter
+    from wildenberg_intake.cache import morton_order
+    assert morton_order(shape) == [tuple(int(c) for c in coords) for coords in morton_order_iter(shape)]
+
+
+def test_an_array_of_another_shape_is_refused(tmp_path):
+    cache = StoreCache(tmp_path, "x")
+    cache.initialise({"k": 1}, {})
+    cache.ensure_array("raw", (10, 20, 30), "uint8", False, {}, "zstd1")
+    cache.ensure_array("raw", (10, 20, 30), "uint8", False, {}, "zstd1")  # the same again: fine
+    with pytest.raises(RuntimeError, match=r"has shape \[10, 20, 30\] and dtype uint8; expected \(10, 20, 31\) "
+                                           r"and uint32\. Delete .* to rebuild it"):
+        cache.ensure_array("raw", (10, 20, 31), "uint32", False, {}, "zstd1")
+    assert zarr.open_array(str(cache.zarr_path), path="raw", mode="r").shape == (10, 20, 30)

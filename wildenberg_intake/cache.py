@@ -87,22 +87,69 @@ def encode_chunks(block: np.ndarray, codec: str, is_label: bool, first=(0, 0, 0)
     return encoded
 
 
+def morton_order(shape) -> list[tuple]:
+    """Coordinates of a grid of `shape` in compressed Morton order (neuroglancer's), the order in
+    which zarr's sharding lays out inner chunks (a test checks it against zarr's own)."""
+    bits = tuple((n - 1).bit_length() for n in shape)
+    order = []
+    for code in range(2 ** sum(bits)):
+        coords, bit = [0] * len(shape), 0
+        for coord_bit in range(max(bits)):
+            for dim in range(len(shape)):
+                if coord_bit < bits[dim]:
+                    coords[dim] |= ((code >> bit) & 1) << coord_bit
+                    bit += 1
+        if all(c < n for c, n in zip(coords, shape)):
+            order.append(tuple(coords))
+    return order
+
+
+_PER_SHARD = tuple(s // c for s, c in zip(SHARDS, CHUNKS))
+_SHARD_ORDER = morton_order(_PER_SHARD)
+
+
+def array_metadata(shape, dtype: str, is_label: bool, codec: str, attributes: dict) -> dict:
+    """zarr.json of a cache array: zarr v3, sharded (SHARDS of CHUNKS), Blosc `codec` with
+    `shuffle_of(is_label)`, fill value 0, dims z, y, x. Written without zarr-python, whose import
+    (~0.1 s on one core) held up the first shard of every fetch; a test checks it equals zarr's."""
+    if codec not in CODECS:
+        raise ValueError(f"codec={codec!r} is not supported; allowed: {list(CODECS)}")
+    cname, clevel = CODECS[codec]
+    itemsize = np.dtype(dtype).itemsize
+    inner_bytes = {"name": "bytes"} if itemsize == 1 else {"name": "bytes", "configuration": {"endian": "little"}}
+    blosc = {"name": "blosc", "configuration": {"typesize": itemsize, "cname": cname, "clevel": clevel,
+                                                "shuffle": shuffle_of(is_label), "blocksize": 0}}
+    return {"shape": [int(n) for n in shape], "data_type": str(np.dtype(dtype)),
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(SHARDS)}},
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+            "fill_value": 0,
+            "codecs": [{"name": "sharding_indexed", "configuration": {
+                "chunk_shape": list(CHUNKS), "codecs": [inner_bytes, blosc],
+                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+                "index_location": "end"}}],
+            "attributes": attributes, "dimension_names": ["z", "y", "x"],
+            "zarr_format": 3, "node_type": "array", "storage_transformers": []}
+
+
+def group_metadata(attributes: dict) -> dict:
+    """zarr.json of a zarr v3 group (a test checks it equals zarr-python's)."""
+    return {"attributes": attributes, "zarr_format": 3, "node_type": "group"}
+
+
 def assemble_shard(encoded: dict) -> list | None:
     """A shard file from its encoded inner chunks, as the pieces to write one after the other: the
     chunks in Morton order, then the index of (offset, length) uint64 pairs in C order with its
     crc32c. None if no chunk (zarr writes no file). Pieces, not one joined copy: joining a 32 MB
     shard cost a fresh buffer's page faults and a copy for each shard written."""
     import google_crc32c
-    from zarr.core.indexing import morton_order_iter
     if not encoded:
         return None
-    per_shard = tuple(s // c for s, c in zip(SHARDS, CHUNKS))
-    index = np.full(per_shard + (2,), 2**64 - 1, dtype="<u8")
+    index = np.full(_PER_SHARD + (2,), 2**64 - 1, dtype="<u8")
     parts, offset = [], 0
-    for coords in morton_order_iter(per_shard):
-        data = encoded.get(tuple(coords))
+    for coords in _SHARD_ORDER:
+        data = encoded.get(coords)
         if data is not None:
-            index[tuple(coords)] = (offset, len(data))
+            index[coords] = (offset, len(data))
             parts.append(data)
             offset += len(data)
     index_bytes = index.tobytes()
@@ -188,48 +235,30 @@ class StoreCache:
         self._ensure_group("labels", {})
 
     def _ensure_group(self, path: str, attributes: dict):
-        import zarr
         target = self.zarr_path / path
-        if (target / "zarr.json").exists():
-            return
-        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
-        try:
-            zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes=attributes)
+        if not (target / "zarr.json").exists():
             target.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp / "zarr.json", target / "zarr.json")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _atomic_write(target / "zarr.json", json.dumps(group_metadata(attributes), indent=2).encode())
 
     def ensure_array(self, name: str, shape, dtype: str, is_label: bool, attributes: dict, codec: str = LABEL_CODEC,
                      ome: dict | None = None):
-        """Open array `name`, creating its metadata atomically if missing; refuse a mismatching one.
+        """Create array `name`'s metadata atomically if missing; refuse a mismatching one.
 
         ome: for a label, its OME-Zarr multiscales entry (its group is made an image-label group)."""
-        import zarr
         target = self.zarr_path / array_path(name)
         if name.startswith("labels/") and ome is not None:
             self._ensure_group(name, {"ome": {"version": "0.5", "multiscales": [ome],
                                               "image-label": {"source": {"image": "../../"}}}})
             self._update_label_list()
-        if not (target / "zarr.json").exists():
-            tmp = self.root / f".tmp-{uuid.uuid4().hex}"
-            try:
-                zarr.create_array(store=str(tmp), shape=tuple(shape), chunks=CHUNKS, shards=SHARDS,
-                                  dtype=dtype, fill_value=0, compressors=compressor(is_label, codec),
-                                  dimension_names=("z", "y", "x"), attributes=attributes, zarr_format=3)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.rename(tmp, target)
-                except OSError:  # the folder exists: another process won the race, or a stray folder
-                    if not (target / "zarr.json").exists():
-                        os.replace(tmp / "zarr.json", target / "zarr.json")
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        arr = zarr.open_array(str(self.zarr_path), path=array_path(name), mode="r+", zarr_format=3)
-        if tuple(arr.shape) != tuple(shape) or str(arr.dtype) != str(dtype):
-            raise RuntimeError(f"cached array {target} has shape {arr.shape} and dtype {arr.dtype}; expected "
-                               f"{tuple(shape)} and {dtype}. Delete {self.root} to rebuild it.")
-        return arr
+        meta = array_metadata(shape, dtype, is_label, codec, attributes)
+        if not (target / "zarr.json").exists():  # a racing process writes the same bytes
+            target.mkdir(parents=True, exist_ok=True)
+            _atomic_write(target / "zarr.json", json.dumps(meta, indent=2).encode())
+        found = json.loads((target / "zarr.json").read_text())
+        if (found.get("shape"), found.get("data_type")) != (meta["shape"], meta["data_type"]):
+            raise RuntimeError(f"cached array {target} has shape {found.get('shape')} and dtype "
+                               f"{found.get('data_type')}; expected {tuple(shape)} and {dtype}. "
+                               f"Delete {self.root} to rebuild it.")
 
     def _update_label_list(self):
         """labels/zarr.json lists every label group present (OME-Zarr `labels`), rewritten atomically."""
