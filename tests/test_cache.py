@@ -116,3 +116,28 @@ def test_an_array_of_another_shape_is_refused(tmp_path):
                                            r"and uint32\. Delete .* to rebuild it"):
         cache.ensure_array("raw", (10, 20, 31), "uint32", False, {}, "zstd1")
     assert zarr.open_array(str(cache.zarr_path), path="raw", mode="r").shape == (10, 20, 30)
+
+
+def test_malloc_tuning_leaves_a_users_own_malloc_settings_alone(monkeypatch):
+    from wildenberg_intake import engine
+
+    class Libc:  # records what would be set in glibc
+        def __init__(self):
+            self.calls = []
+
+        def mallopt(self, param, value):
+            self.calls.append((param, value))
+            return 1
+
+    for name in engine._MALLOC_ENV + ("WILDENBERG_INTAKE_TUNE_MALLOC",):
+        monkeypatch.delenv(name, raising=False)
+    libc = Libc()
+    assert engine.tune_malloc(libc) is True
+    assert libc.calls == [(-3, 64 * 2**20), (-1, 64 * 2**20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    for name, value in (("MALLOC_MMAP_THRESHOLD_", "131072"), ("MALLOC_TRIM_THRESHOLD_", "131072"),
+                        ("GLIBC_TUNABLES", "glibc.malloc.arena_max=2"), ("WILDENBERG_INTAKE_TUNE_MALLOC", "0")):
+        monkeypatch.setenv(name, value)
+        libc = Libc()
+        assert engine.tune_malloc(libc) is False and libc.calls == [], name
+        monkeypatch.delenv(name)
+    assert engine._LIBC is None or engine.tune_malloc() is True  # glibc here: the real call works

@@ -184,21 +184,45 @@ class ChunkStage:
             self._path(grid, gzipped).unlink(missing_ok=True)
 
 
-def _libc_trim():
+def _libc():
     try:
         import ctypes
-        return ctypes.CDLL("libc.so.6").malloc_trim
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim, libc.mallopt  # glibc's
+        return libc
     except (OSError, AttributeError):  # not glibc
         return None
 
 
-_MALLOC_TRIM = _libc_trim()
+_LIBC = _libc()
+# glibc's malloc: blocks above its mmap threshold are mapped afresh at every allocation, and free
+# heap above its trim threshold is handed back at every free; both cost page faults on the next
+# allocation. A fetch allocates and frees inflated chunks (4-16 MB), Blosc/zstd workspaces and
+# encoded chunks all the time: with both thresholds at 64 MB it measured 8-15% faster at the same
+# peak memory (README). Set once per process that writes shards, unless the user set them already.
+MALLOC_THRESHOLD = 64 * 2**20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def tune_malloc(libc=None) -> bool:
+    """Set glibc's mmap and trim thresholds to MALLOC_THRESHOLD for this process; returns whether it did.
+
+    Not done where the environment sets glibc's malloc itself (MALLOC_MMAP_THRESHOLD_,
+    MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES), nor with WILDENBERG_INTAKE_TUNE_MALLOC=0."""
+    libc = libc or _LIBC
+    if libc is None or os.environ.get("WILDENBERG_INTAKE_TUNE_MALLOC", "1") == "0" \
+            or any(name in os.environ for name in _MALLOC_ENV):
+        return False
+    libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_THRESHOLD)  # a few calls per run: cheaper than a flag
+    libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_THRESHOLD)
+    return True
 
 
 def _trim():
     """Hand memory freed by a finished shard back to the OS (glibc keeps it in per-thread arenas)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 _THREAD = threading.local()
@@ -242,6 +266,7 @@ class ShardWriter:
         # Chunks of this array held inflated at once by the I/O threads (BODY_BYTES of them).
         chunk_bytes = int(np.prod(self.src.layer.chunk_zyx)) * np.dtype(self.src.dtype).itemsize
         self._gate = threading.BoundedSemaphore(max(2, BODY_BYTES // chunk_bytes))
+        tune_malloc()  # here, so that a dask worker's process is tuned too
 
     def __getstate__(self):
         return {"plan": self.plan, "name": self.name, "connections": self.connections}
