@@ -65,3 +65,18 @@ def test_unreachable_base_url_names_the_layer(catalog, tmp_path):
     src = catalog.p14_psd(base_url="http://127.0.0.1:9/nothing", cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"layer precomputed://http://127.0.0.1:9/nothing/mouse_v1_l4_p14/em_aligned"):
         src.discover()
+
+
+@pytest.mark.parametrize("params,pattern", [
+    (dict(workers=0), r"workers=0 is not valid; allowed: a positive integer$"),
+    (dict(workers=True), r"workers=True is not valid"),
+    (dict(workers=2.5), r"workers=2.5 is not valid"),
+    (dict(connections=None), r"connections=None is not valid; allowed: a positive integer$"),
+    (dict(connections=-3), r"connections=-3 is not valid"),
+])
+def test_bad_workers_and_connections(params, pattern, catalog, server, tmp_path):
+    src = catalog.p105_psd(bbox_nm=BOX, base_url=server.base_url, cache_dir=str(tmp_path), progress=False, **params)
+    with pytest.raises(ValueError, match=pattern):
+        src.materialise()
+    assert not (tmp_path / "wildenberg2023").exists(), "a refused request writes nothing"
+
