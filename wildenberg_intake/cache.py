@@ -196,12 +196,12 @@ def shard_box(index, shape):
     return start, stop
 
 
-def _atomic_write(path: Path, data: bytes | list):
-    """Write `data` (bytes, or pieces written one after the other) to `path` whole: a temporary file
-    renamed into place, so a kill leaves the old file or the new one, never a part."""
+def _atomic_write(path: Path, *parts: bytes):
+    """Write `parts` one after the other to `path` whole: a temporary file renamed into place, so a
+    kill leaves the old file or the new one, never a part."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     with open(tmp, "wb") as f:
-        f.writelines([data] if isinstance(data, (bytes, bytearray, memoryview)) else data)
+        f.writelines(parts)
     os.replace(tmp, path)
 
 
@@ -300,16 +300,15 @@ class StoreCache:
     def shard_file(self, name: str, index) -> Path:
         return self.zarr_path / array_path(name) / "c" / Path(*(str(i) for i in index))
 
-    def write_shard(self, name: str, index, data: bytes | list | None) -> str | None:
-        """Put an encoded shard (bytes, or the pieces `assemble_shard` returns) in place whole (renamed
-        from a temporary file); None removes it. Returns the sha256 of what was written (None for no file)."""
+    def write_shard(self, name: str, index, parts: list | None) -> str | None:
+        """Put an encoded shard (the pieces `assemble_shard` returns) in place whole (renamed from a
+        temporary file); None removes it. Returns the sha256 of what was written (None for no file)."""
         path = self.shard_file(name, index)
-        if data is None:
+        if parts is None:
             path.unlink(missing_ok=True)
             return None
-        parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, parts)
+        _atomic_write(path, *parts)
         digest = hashlib.sha256()
         for part in parts:
             digest.update(part)

@@ -199,7 +199,7 @@ _LIBC = _libc()
 # heap above its trim threshold is handed back at every free; both cost page faults on the next
 # allocation. A fetch allocates and frees inflated chunks (4-16 MB), Blosc/zstd workspaces and
 # encoded chunks all the time: with both thresholds at 64 MB it measured 8-15% faster at the same
-# peak memory (README). Set once per process that writes shards, unless the user set them already.
+# peak memory for uint32 labels (README). Set by every shard writer, unless the user set them.
 MALLOC_THRESHOLD = 64 * 2**20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
