@@ -122,18 +122,20 @@ def test_malloc_tuning_leaves_a_users_own_malloc_settings_alone(monkeypatch):
     from wildenberg_intake import engine
 
     class Libc:  # records what would be set in glibc
-        def __init__(self):
-            self.calls = []
+        def __init__(self, refuse=()):
+            self.calls, self.refuse = [], refuse
 
         def mallopt(self, param, value):
             self.calls.append((param, value))
-            return 1
+            return int(param not in self.refuse)
 
     for name in engine._MALLOC_ENV + ("WILDENBERG_INTAKE_TUNE_MALLOC",):
         monkeypatch.delenv(name, raising=False)
     libc = Libc()
     assert engine.tune_malloc(libc) is True
     assert libc.calls == [(-3, 64 * 2**20), (-1, 64 * 2**20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    libc = Libc(refuse=(-3,))  # a glibc that caps the mmap threshold lower: the trim one is left too
+    assert engine.tune_malloc(libc) is False and libc.calls == [(-3, 64 * 2**20)]
     for name, value in (("MALLOC_MMAP_THRESHOLD_", "131072"), ("MALLOC_TRIM_THRESHOLD_", "131072"),
                         ("GLIBC_TUNABLES", "glibc.malloc.arena_max=2"), ("WILDENBERG_INTAKE_TUNE_MALLOC", "0")):
         monkeypatch.setenv(name, value)
