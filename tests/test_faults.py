@@ -340,3 +340,53 @@ def test_the_body_gate_is_released_on_every_fault_and_held_after_each_body(big):
     assert sum(faults.injected[k] for k in ("error", "reset", "truncate")) > 0
     assert gate.taken >= len(files)
     assert gate.semaphore.acquire(blocking=False), "the gate is free after the last release"
+
+
+def test_redirects_are_followed_403_fails_at_once_and_a_refused_connection_is_retried():
+    import http.server
+    import socket
+    import threading
+    from wildenberg_intake.transfer import Fetcher, RetryPolicy
+
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            status, headers, body = {
+                "/moved": (307, {"Location": "/chunk"}, b""),
+                "/chunk": (200, {}, b"voxels"),
+                "/forbidden": (403, {}, b"<Error>AccessDenied</Error>"),
+            }.get(self.path, (404, {}, b"<Error>NoSuchKey</Error>"))
+            self.send_response(status)
+            for key, value in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        fetcher = Fetcher(RetryPolicy(**FAST))
+        assert fetcher.get(f"{base}/moved") == b"voxels"
+        assert fetcher.get(f"{base}/absent") is None
+        with pytest.raises(TransferError, match=r"GET .*/forbidden answered HTTP 403; only 404 means a missing"):
+            fetcher.get(f"{base}/forbidden")
+        assert hits == ["/moved", "/chunk", "/absent", "/forbidden"], "403 is not retried"
+        assert fetcher.get(f"{base}/chunk", byte_range=(1, 4)) == b"oxe"  # a server that ignores ranges
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fetcher = Fetcher(RetryPolicy(**{**FAST, "attempts": 3}))
+    with pytest.raises(TransferError, match=rf"GET http://127.0.0.1:{port}/x failed 3 times; "
+                                            r"last failure: NewConnectionError"):
+        fetcher.get(f"http://127.0.0.1:{port}/x")
+    assert fetcher.stats["retries"] == 2

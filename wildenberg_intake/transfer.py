@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-import requests
 import urllib3
 
 try:  # ISA-L inflates gzip ~1.6x faster than zlib (measured here); optional
@@ -85,19 +84,15 @@ class Fetcher:
 
     def __init__(self, policy: RetryPolicy | None = None):
         self.policy = policy or RetryPolicy()
-        self._local = threading.local()
         self._lock = threading.Lock()
         self.stats = {"requests": 0, "retries": 0, "bytes": 0, "missing": 0}
-
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64, max_retries=0)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            self._local.session = session
-        return session
+        # urllib3 directly, its connection pools shared by every thread: requests (a Session per
+        # thread) measured 450-540 us of client CPU per chunk request against urllib3's 200.
+        self._http = urllib3.PoolManager(num_pools=4, maxsize=64)
+        # Redirects followed; no retry of urllib3's own: faults are retried here, with backoff.
+        self._retries = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5,
+                                      raise_on_status=False)
+        self._timeout = urllib3.Timeout(connect=self.policy.connect_timeout, read=self.policy.read_timeout)
 
     def _count(self, **kw):
         with self._lock:
@@ -150,22 +145,28 @@ class Fetcher:
         held = False
         try:
             try:
-                resp = self._session().get(url, headers=headers, stream=True,
-                                           timeout=(self.policy.connect_timeout, self.policy.read_timeout))
-                with resp:
+                resp = self._http.request("GET", url, headers=headers, preload_content=False,
+                                          retries=self._retries, timeout=self._timeout)
+                try:
                     body = b""
-                    if resp.status_code in (200, 206):
+                    if resp.status in (200, 206):
                         gate.acquire()
                         held = True
-                        # The whole body in one read, inflated once: requests' own decoding works in
+                        # The whole body in one read, inflated once: decoding on the fly works in
                         # 10 kB pieces, which cost more CPU than the inflation itself.
-                        body = resp.raw.read(decode_content=False)
-            except (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
+                        body = resp.read(decode_content=False)
+                    else:
+                        resp.drain_conn()  # so that the connection serves the next request
+                finally:
+                    resp.release_conn()
+            except urllib3.exceptions.MaxRetryError as e:  # urllib3's wrapper of a connect/read failure
+                return "retry", f"{type(e.reason).__name__}: {e.reason}"
+            except (urllib3.exceptions.HTTPError, http.client.HTTPException,
                     OSError) as e:  # a reset, a timeout, or a body shorter than its Content-Length
                 return "retry", f"{type(e).__name__}: {e}"
-            if resp.status_code == 404:
+            if resp.status == 404:
                 return ("missing",)
-            if resp.status_code in (200, 206):
+            if resp.status in (200, 206):
                 expected = resp.headers.get("Content-Length")
                 if expected is not None and len(body) != int(expected):
                     return "retry", f"truncated body: {len(body)} of {expected} bytes"
@@ -179,13 +180,13 @@ class Fetcher:
                 elif encoding not in ("", "identity"):
                     raise TransferError(f"GET {url} answered Content-Encoding {encoding!r}; "
                                         "allowed: gzip, deflate, identity")
-                if byte_range and resp.status_code == 200:  # server ignored the range
+                if byte_range and resp.status == 200:  # server ignored the range
                     body, wire = body[byte_range[0]:byte_range[1]], None
                 held = False  # the caller's now
                 return "ok", body, wire
-            if resp.status_code == 429 or resp.status_code >= 500:
-                return "retry", f"HTTP {resp.status_code}"
-            raise TransferError(f"GET {url} answered HTTP {resp.status_code}; only 404 means a missing object")
+            if resp.status == 429 or resp.status >= 500:
+                return "retry", f"HTTP {resp.status}"
+            raise TransferError(f"GET {url} answered HTTP {resp.status}; only 404 means a missing object")
         finally:
             if held:
                 gate.release()
