@@ -342,17 +342,18 @@ def test_the_body_gate_is_released_on_every_fault_and_held_after_each_body(big):
     assert gate.semaphore.acquire(blocking=False), "the gate is free after the last release"
 
 
-def test_redirects_are_followed_403_fails_at_once_and_a_refused_connection_is_retried():
+def test_redirects_are_followed_gzip_asked_for_403_fails_at_once_and_refusals_are_retried():
     import http.server
     import socket
     import threading
     from wildenberg_intake.transfer import Fetcher, RetryPolicy
 
-    hits = []
+    hits, encodings = [], set()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             hits.append(self.path)
+            encodings.add(self.headers.get("Accept-Encoding"))
             status, headers, body = {
                 "/moved": (307, {"Location": "/chunk"}, b""),
                 "/chunk": (200, {}, b"voxels"),
@@ -379,6 +380,7 @@ def test_redirects_are_followed_403_fails_at_once_and_a_refused_connection_is_re
             fetcher.get(f"{base}/forbidden")
         assert hits == ["/moved", "/chunk", "/absent", "/forbidden"], "403 is not retried"
         assert fetcher.get(f"{base}/chunk", byte_range=(1, 4)) == b"oxe"  # a server that ignores ranges
+        assert encodings == {"gzip, deflate"}, "gzip is asked for (GCS inflates stored gzip otherwise)"
     finally:
         server.shutdown()
         server.server_close()
