@@ -130,11 +130,11 @@ def minimum_fetch(mirror_root, plan, label_name):
 
 
 def cpu_floor(mirror_root, plan, label_name, codec, cores, repeats=3):
-    """The work no pipeline can skip, timed alone in one thread, best of `repeats`: decoding every source
-    chunk once (gzip inflation and the precomputed decode into a C-order (z, y, x) array, from bytes already in
-    memory)
-    plus Blosc-encoding every non-empty output chunk once (edge chunks padded, as zarr stores them). No HTTP, no server, no copies into shards,
-    no hashing, no file writes: those are the pipeline's overhead, which the floor must not hide."""
+    """The work no pipeline can skip, timed alone in one thread, best of `repeats`: decoding every
+    source chunk once (gzip inflation and the precomputed decode into a C-order (z, y, x) array, from
+    bytes already in memory) plus Blosc-encoding every non-empty output chunk once (edge chunks
+    padded, as zarr stores them). No HTTP, no server, no copies into shards, no hashing, no file
+    writes: those are the pipeline's overhead, which the floor must not hide."""
     import numcodecs.blosc
     from wildenberg_intake.cache import CHUNKS, LABEL_CODEC, blosc_codec
     from wildenberg_intake.layers import place

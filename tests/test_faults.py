@@ -392,3 +392,16 @@ def test_redirects_are_followed_gzip_asked_for_403_fails_at_once_and_refusals_ar
                                             r"last failure: NewConnectionError"):
         fetcher.get(f"http://127.0.0.1:{port}/x")
     assert fetcher.stats["retries"] == 2
+
+
+def test_file_urls_read_gzip_stored_chunks_and_missing_ones(big):
+    """An offline copy (`file://`) may keep chunks as `X.gz`, as S3 stores them: read inflated."""
+    import gzip
+    from wildenberg_intake.transfer import Fetcher
+    folder = big.root / "wildenberg2023/mouse_v1_l4_p14/em_aligned/12_12_40"
+    path = sorted(folder.glob("*.gz"))[0]
+    fetcher = Fetcher()
+    assert fetcher.get(f"file://{folder}/{path.name[:-3]}") == gzip.decompress(path.read_bytes())
+    assert fetcher.get(f"file://{folder}/{path.name[:-3]}", byte_range=(5, 9)) == \
+        gzip.decompress(path.read_bytes())[5:9]
+    assert fetcher.get(f"file://{folder}/0-1_0-1_0-1") is None

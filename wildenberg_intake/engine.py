@@ -151,7 +151,8 @@ class ChunkStage:
         """The chunk's bytes (None: missing), fetched by whichever task asks first.
 
         gate: see `Fetcher.get_with_wire`: held on return when bytes are returned."""
-        lock = self._path(grid).with_name(self._path(grid).name + ".lock")
+        plain = self._path(grid)
+        lock = plain.with_name(plain.name + ".lock")
         while True:
             staged, data = self._read(grid, gate)
             if staged:

@@ -12,7 +12,6 @@ its encoded bytes until every shard that needs it is written.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import itertools
 import json
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .transfer import NO_GATE, Fetcher, TransferError
+from .transfer import NO_GATE, Fetcher, TransferError, inflate
 
 SUPPORTED_DTYPES = ("uint8", "uint16", "uint32", "uint64")
 SUPPORTED_ENCODINGS = ("raw", "jpeg", "png", "compressed_segmentation")
@@ -283,7 +282,7 @@ class Layer:
         if spec.data_encoding != "gzip":
             return data, None
         try:
-            return gzip.decompress(data), data
+            return inflate(data), data
         except Exception:
             gate.release()
             raise
@@ -302,7 +301,7 @@ class Layer:
                 if data is None:
                     raise LayerError(f"layer {self.url}: shard {url} vanished while being read")
                 if spec.minishard_index_encoding == "gzip":
-                    data = gzip.decompress(data)
+                    data = inflate(data)
                 table = np.frombuffer(data, dtype="<u8").reshape(3, -1).T.copy()
                 table[:, 0] = np.cumsum(table[:, 0])
                 table[:, 1] = np.cumsum(table[:, 1])

@@ -200,8 +200,7 @@ class Fetcher:
             if candidate.is_file():
                 data = candidate.read_bytes()
                 if gz:
-                    import gzip
-                    data = gzip.decompress(data)
+                    data = inflate(data)
                 self._count(requests=1, bytes=len(data))
                 return data[byte_range[0]:byte_range[1]] if byte_range else data
         self._count(requests=1, missing=1)
