@@ -15,6 +15,7 @@ and renamed into place, so a kill never leaves a half-written zarr.json either.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
@@ -354,6 +355,60 @@ class StoreCache:
             return set()
         return {tuple(int(i) for i in p.name.split(".")) for p in folder.iterdir()
                 if _RECORD.fullmatch(p.name)}
+
+    def shard_bytes(self, name: str, index) -> int:
+        """Bytes of shard `index`'s file on disk (0: no file, e.g. an all-zero shard)."""
+        try:
+            return self.shard_file(name, index).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def disk_usage(self, name: str) -> tuple[int, int]:
+        """(shards recorded, bytes of their files on disk) of array `name`."""
+        done = self.done_shards(name)
+        return len(done), sum(self.shard_bytes(name, i) for i in done)
+
+    def hold(self, name: str, index, touch: bool = False) -> int | None:
+        """Keep recorded shard `index` from being evicted while it is read: a shared lock (flock) on
+        its record, released by closing the returned descriptor. None if it is not recorded (never
+        written, or evicted meanwhile). touch: mark it used now (its record's mtime), the order in
+        which eviction picks shards; nothing is written otherwise, so a complete store may be read-only."""
+        try:
+            fd = os.open(self._record(name, index), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if os.fstat(fd).st_nlink == 0:  # evicted while we waited for the lock
+            os.close(fd)
+            return None
+        if touch:
+            try:
+                os.utime(fd)
+            except OSError:
+                pass  # a read-only cache: nothing is evicted there either
+        return fd
+
+    def evict(self, name: str, index) -> bool:
+        """Forget and delete recorded shard `index` unless a process holds it (see `hold`); returns
+        whether it did. The array's COMPLETE mark and the shard's record go before its file, so an
+        evicted shard is never taken as done; a later read fetches it again."""
+        try:
+            fd = os.open(self._record(name, index), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # being read
+            if os.fstat(fd).st_nlink == 0:
+                return False  # evicted by another process meanwhile
+            (self.progress / name / "COMPLETE").unlink(missing_ok=True)
+            self._record(name, index).unlink(missing_ok=True)
+            self.shard_file(name, index).unlink(missing_ok=True)
+            return True
+        finally:
+            os.close(fd)
 
     def is_done(self, name: str, index) -> bool:
         return self._record(name, index).is_file()

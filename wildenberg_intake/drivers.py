@@ -2,9 +2,9 @@
 
     src = intake.open_catalog(wildenberg_intake.catalog_path()).p105_psd(bbox_nm=[...])
     src.discover()      # shape, dtypes, voxel size, clipped box, bytes: info files only
-    src.read()          # materialise what is missing, then load into memory
-    src.to_dask()       # materialise what is missing, then a lazy Dataset over the zarr store
-    src.materialise()   # materialise what is missing, return the zarr store path
+    src.read()          # load into memory, fetching only the shards not cached yet
+    src.to_dask()       # at once: a lazy Dataset whose chunks are the store's shards, fetched when computed
+    src.materialise()   # fetch every shard not cached yet, return the zarr store path
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from intake.source.base import DataSource, Schema
 from . import __version__
 from .catalog import make_request
 from .engine import DEFAULT_CONNECTIONS, DEFAULT_WORKERS, cache_for, materialise
+from .lazy import ReadThroughArray, parse_size
 from .plan import StorePlan, plan_store
 from .transfer import RetryPolicy
 
@@ -29,6 +30,18 @@ def entry_source(name: str, **parameters):
     if name not in cat:
         raise ValueError(f"entry {name!r} is unknown; allowed: {list(cat)}")
     return cat[name](**parameters)
+
+
+def cache_state(plan: StorePlan, names) -> dict:
+    """How much of each array is cached: shards recorded / total and bytes of their files on disk."""
+    from .cache import shard_grid
+    cache = cache_for(plan)
+    out = {}
+    for name in names:
+        done, nbytes = cache.disk_usage(name)
+        out[name] = {"shards_cached": done, "shards_total": len(shard_grid(plan.arrays[name].shape)),
+                     "bytes_on_disk": nbytes, "complete": cache.is_complete(name)}
+    return out
 
 
 def _memory_bytes() -> int:
@@ -45,7 +58,9 @@ class WildenbergSource(DataSource):
     axis swap; `label`) plus the user parameters bbox_nm, em_mip, seg_mip, cache_dir and base_url;
     `workers` sets the shard tasks at once (CPU), `connections` the chunk requests in flight,
     `retry` the retry policy for transient faults (fields of `transfer.RetryPolicy`), `lock` a
-    lock file whose pinned info files, box and voxel checksums the data must match, and
+    lock file whose pinned info files, box and voxel checksums the data must match,
+    `cache_limit` the bytes the store's shards may use on disk in lazy use (an integer or a
+    string such as "50GB"; least recently used shards are evicted; None: no limit), and
     `progress` the progress bars.
     """
 
@@ -57,7 +72,7 @@ class WildenbergSource(DataSource):
     def __init__(self, dataset: dict, label: str, parameters: dict | None = None,
                  workers: int = DEFAULT_WORKERS, progress: bool = True,
                  connections: int = DEFAULT_CONNECTIONS, retry: dict | None = None, lock: str | None = None,
-                 metadata=None, **user):
+                 cache_limit=None, metadata=None, **user):
         # `dataset`: the experiment's declared fields; `parameters`: the user parameters as the
         # catalog rendered them; `user`: the same given directly (they win).
         self.request = make_request(**dataset, label=label, **{**(parameters or {}), **user})
@@ -65,6 +80,7 @@ class WildenbergSource(DataSource):
         self.connections = connections
         self.retry = RetryPolicy(**(retry or {})) if not isinstance(retry, RetryPolicy) else retry
         self.progress = progress
+        self.cache_limit = parse_size(cache_limit)
         self._plan = None
         self.entry_name = f"{self.request.experiment}_{self.request.label}"
         self.lock = None
@@ -106,6 +122,7 @@ class WildenbergSource(DataSource):
                 "urls": {"raw": raw.layer.url, "labels": labels.layer.url},
                 "store": str(cache.zarr_path),
                 "cached": cache.is_complete("raw") and cache.is_complete(plan.label_name),
+                "cache_state": cache_state(plan, ["raw", plan.label_name]),
             },
         )
         return self._schema
@@ -123,7 +140,7 @@ class WildenbergSource(DataSource):
         workers; the cache folder must be on a filesystem they share.
         """
         path = materialise(self.plan, ["raw", self.plan.label_name], self.workers, self.progress,
-                           self.connections, client)
+                           self.connections, client, self.cache_limit)
         if self.lock is not None:
             from .lock import check_content
             check_content(self.entry_name, self.lock, self)
@@ -150,18 +167,25 @@ class WildenbergSource(DataSource):
         self._schema = None
         return bad
 
+    def arrays(self) -> dict:
+        """{"raw": ..., "labels": ...}: the entry's arrays read through the cache (`lazy.ReadThroughArray`):
+        numpy-style windows that fetch only the shards they touch."""
+        plan = self.plan
+        return {var: ReadThroughArray(plan, name, self.connections, self.cache_limit)
+                for var, name in (("raw", "raw"), ("labels", plan.label_name))}
+
     def to_dask(self):
-        """The entry as an xarray Dataset lazily backed by the cached zarr store (materialised first)."""
-        import dask.array as da
-        import zarr
-        path = self.materialise()
-        group = zarr.open_group(path, mode="r")
-        from .cache import array_path
-        arrays = {"raw": da.from_zarr(group["raw"]), "labels": da.from_zarr(group[array_path(self.plan.label_name)])}
-        return self._dataset(arrays)
+        """The entry as an xarray Dataset of dask arrays whose chunks are the store's output shards.
+
+        Returns at once for any box (info files only, no voxel request). Computing a part fetches
+        only the shards it touches, writes them into the cache with their done records (the same
+        shards a `materialise()` writes, which then skips them) and reads them from the cache."""
+        return self._dataset({var: arr.to_dask() for var, arr in self.arrays().items()})
 
     def read(self):
-        """The entry loaded into memory as an xarray Dataset (refused if it would not fit)."""
+        """The entry loaded into memory as an xarray Dataset (refused if it would not fit), fetching
+        only the shards not cached yet, `workers` at a time."""
+        import dask
         self._load_metadata()
         need = self.metadata["estimated_bytes"]
         limit = _memory_bytes() // 2
@@ -169,7 +193,12 @@ class WildenbergSource(DataSource):
             raise MemoryError(
                 f"bbox_nm={list(self.request.bbox_nm)!r} selects {need / 2**30:.1f} GiB, more than half of this "
                 f"machine's memory ({limit / 2**30:.1f} GiB). Use to_dask() for a lazy Dataset, or a smaller bbox_nm.")
-        return self.to_dask().load()
+        if self.lock is not None:  # the locked voxel checksums cover whole arrays: fetch and check them
+            self.materialise()
+        with dask.config.set(scheduler="threads", num_workers=self.workers):
+            ds = self.to_dask().load()
+        self._schema = None  # `cached` in the metadata has changed
+        return ds
 
     def _dataset(self, arrays):
         import xarray as xr

@@ -419,13 +419,14 @@ def _write_on_worker(writer: ShardWriter, index) -> int:
 # -- the whole store --------------------------------------------------------------------------------
 
 def materialise(plan: StorePlan, names=None, workers: int = DEFAULT_WORKERS, progress: bool = True,
-                connections: int = DEFAULT_CONNECTIONS, client=None) -> Path:
+                connections: int = DEFAULT_CONNECTIONS, client=None, cache_limit: int | None = None) -> Path:
     """Make arrays `names` (default: raw and the request's label) complete in the store; return its path.
 
     Arrays already complete are not touched; shards already recorded are not fetched again.
     workers: shard tasks at once (CPU-bound); connections: chunk requests in flight per process.
     client: a dask.distributed Client or scheduler address: run the shard tasks on its workers
         (the cache folder must be on a filesystem they share).
+    cache_limit: bytes the store may use on disk; a materialisation that cannot fit is refused up front.
     """
     for pname, value in (("workers", workers), ("connections", connections)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -434,9 +435,22 @@ def materialise(plan: StorePlan, names=None, workers: int = DEFAULT_WORKERS, pro
     for name in names:
         if name not in plan.arrays:
             raise ValueError(f"array {name!r} is unknown; allowed: {sorted(plan.arrays)}")
-    cache = cache_for(plan)
+    cache = prepare(plan, names)
     if all(cache.is_complete(n) for n in names):
         return cache.zarr_path  # nothing to write: works on a read-only cache too
+    if cache_limit is not None:
+        _check_fits(cache, plan, names, cache_limit)
+    writers = [ShardWriter(plan, name, connections) for name in names if not cache.is_complete(name)]
+    _fill_arrays(cache, writers, workers, progress, client)
+    return cache.zarr_path
+
+
+def prepare(plan: StorePlan, names) -> StoreCache:
+    """Create the store's folder, root group and the metadata of arrays `names` (no voxels, no
+    requests); arrays already complete are left alone, so a complete store may be read-only."""
+    cache = cache_for(plan)
+    if all(cache.is_complete(n) for n in names):
+        return cache
     try:
         cache.initialise(plan.key(), store_attributes(plan))
         for name in names:
@@ -446,9 +460,33 @@ def materialise(plan: StorePlan, names=None, workers: int = DEFAULT_WORKERS, pro
                                    ome_multiscale(name, src.layer.resolution_zyx, src.origin_nm_zyx, "0"))
     except OSError as e:
         raise OSError(e.errno, f"cannot write the cache folder {cache.root}: {e.strerror or e}") from e
-    writers = [ShardWriter(plan, name, connections) for name in names if not cache.is_complete(name)]
-    _fill_arrays(cache, writers, workers, progress, client)
-    return cache.zarr_path
+    return cache
+
+
+def finish_array(cache: StoreCache, name: str, shape):
+    """Mark array `name` complete (every shard is recorded) and drop its staged chunks."""
+    cache.mark_complete(name, shape)
+    shutil.rmtree(cache.root / "staging" / name, ignore_errors=True)
+
+
+def _check_fits(cache: StoreCache, plan: StorePlan, names, cache_limit: int):
+    """Refuse up front a full materialisation that cannot fit `cache_limit` bytes on disk.
+
+    The store's size is estimated per array from the shards already on disk (their mean size per
+    voxel, extrapolated to the whole array), or as its uncompressed size when none is."""
+    need = 0
+    for name in names:
+        src = plan.arrays[name]
+        done = cache.done_shards(name)
+        on_disk = sum(cache.shard_bytes(name, i) for i in done)
+        voxels_done = sum(int(np.prod(np.subtract(*shard_box(i, src.shape)[::-1]))) for i in done)
+        need += src.nbytes if not voxels_done else int(on_disk / voxels_done * np.prod(src.shape))
+    if need > cache_limit:
+        raise ValueError(
+            f"cache_limit={cache_limit} bytes cannot hold a full materialisation of {', '.join(names)} in "
+            f"{cache.root}: about {need / 1e9:.2f} GB (estimated from the shards cached so far, or "
+            "uncompressed). Raise cache_limit, choose a smaller bbox_nm, or use to_dask() / lazy=True, "
+            "which evict least recently used shards to stay within the limit.")
 
 
 def _order(shards) -> list:
@@ -473,8 +511,7 @@ def _fill_arrays(cache: StoreCache, writers: list, workers: int, progress: bool,
         bars[src.name].set_postfix_str(f"{len(shards) - len(todo)}/{len(shards)} shards")
 
     def complete(writer: ShardWriter):
-        cache.mark_complete(writer.src.name, writer.src.shape)
-        shutil.rmtree(cache.root / "staging" / writer.src.name, ignore_errors=True)
+        finish_array(cache, writer.src.name, writer.src.shape)
 
     def finished(writer: ShardWriter, index):
         src = writer.src
