@@ -50,3 +50,9 @@ def expected_window(mirror, experiment, channel, mip, bbox_nm, other_layers):
 def all_layers(experiment, em_mip=1, seg_mip=0):
     exp = EXPERIMENTS[experiment]
     return [(exp["em_channel"], em_mip)] + [(ch, seg_mip) for ch, _ in LABEL_CHANNELS.values()]
+
+
+@pytest.fixture(scope="session")
+def wide(tmp_path_factory):
+    """p14 with 3 x 2 output shards per array (1100 x 520 x 16 label voxels)."""
+    return build_mirror(tmp_path_factory.mktemp("mirror-wide"), shape_xyz=(1100, 520, 16), experiments=("p14",))
