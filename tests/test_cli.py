@@ -13,7 +13,7 @@ import zarr
 import intake
 from wildenberg_intake import cli
 from wildenberg_intake.cache import StoreCache
-from wildenberg_intake.mirror import MirrorServer
+from wildenberg_intake.mirror import MirrorServer, build_mirror
 
 BOX = ["101", "2990", "95", "2777", "99", "501"]
 
@@ -54,7 +54,8 @@ def test_list_and_help(capsys):
     (["fetch", "p14_psd", "--bbox-nm", "5", "1", "0", "1", "0", "1"], r"bbox_nm=.*inverted along x"),
     (["fetch", "p14_psd", "--em-mip", "x"], r"em_mip='x' is not valid"),
     (["fetch", "p14_psd", "--base-url", "ftp://x"], r"unsupported scheme 'ftp'"),
-    (["verify", "/nonexistent/store"], r"is unknown|not a wildenberg-intake store"),
+    (["verify", "/nonexistent/store"], r"'/nonexistent/store' is neither a store folder \(no such path\) nor a "
+                                       r"catalog entry; allowed: .*p105_psd"),
     (["verify", "--lock", "/nonexistent.lock"], r"lock='/nonexistent.lock' does not exist"),
     (["serve", "/nonexistent"], r"holds no wildenberg2023/ mirror"),
 ])
@@ -189,3 +190,43 @@ def test_an_installed_wheel_carries_its_catalog_and_entry_points(tmp_path):
     assert module.startswith(str(tmp_path / "site")) and catalog.startswith(str(tmp_path / "site"))
     assert catalog.endswith("wildenberg_intake/catalog_files/wildenberg.yaml")
     assert "p105_psd" in entries
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """p14 two output shards deep (150 label slices)."""
+    m = build_mirror(tmp_path_factory.mktemp("deep"), shape_xyz=(300, 260, 150), experiments=("p14",))
+    with MirrorServer(m.root) as s:
+        yield m, s
+
+
+def test_preview_fetches_only_its_slice_and_verify_entry_never_fetches(deep, tmp_path, capsys):
+    mirror, server = deep
+    common = ["--base-url", server.base_url, "--cache-dir", str(tmp_path)]
+    before = sum(server.requests.values())
+    code, out, _ = run(capsys, "verify", "p14_psd", *common)
+    assert code == 0 and "p14_psd: nothing cached for these parameters" in out
+    assert all(p.endswith(("/info", "/provenance")) for p in server.requests), "verify must not fetch voxels"
+    png = tmp_path / "slice.png"
+    code, out, err = run(capsys, "preview", "p14_psd", *common, "--z", "3", "-o", str(png))
+    assert code == 0, err
+    (root,) = (tmp_path / "wildenberg2023").iterdir()
+    cache = StoreCache(tmp_path, root.name)
+    assert cache.done_shards("raw") == {(0, 0, 0)} and cache.done_shards("labels/psd") == {(0, 0, 0)}
+    # The slice's pixels are the mirror's (EM grey where no label is drawn).
+    from PIL import Image
+    from conftest import all_layers, expected_window
+    raw, _ = expected_window(mirror, "p14", "em_aligned", 1, [-1e9, 1e9] * 3, all_layers("p14"))
+    labels, _ = expected_window(mirror, "p14", "psd_autoseg", 0, [-1e9, 1e9] * 3, all_layers("p14"))
+    image = np.asarray(Image.open(png))
+    plain = (labels[3] == 0)
+    plain[-30:, :] = plain[:20, :] = False  # the scale bar and the title
+    np.testing.assert_array_equal(image[plain][:, 0], raw[3][plain])
+    chunk_requests = sum(n for p, n in server.requests.items() if not p.endswith(("/info", "/provenance")))
+    code, out, _ = run(capsys, "verify", "p14_psd", *common)
+    assert code == 0 and "raw: incomplete (1 shards not fetched yet); every recorded shard is intact" in out
+    code, out, _ = run(capsys, "describe", "p14_psd", *common)
+    state = json.loads(out)["resolved"]["cache_state"]
+    assert state["raw"]["shards_cached"] == 1 and state["raw"]["shards_total"] == 2
+    assert state["labels/psd"]["bytes_on_disk"] == cache.shard_bytes("labels/psd", (0, 0, 0)) > 0
+    assert sum(n for p, n in server.requests.items() if not p.endswith(("/info", "/provenance"))) == chunk_requests

@@ -20,6 +20,10 @@ def _entry_args(p, many=True):
     p.add_argument("entries" if many else "entry", nargs=many if isinstance(many, str) else ("+" if many else None),
                    metavar="ENTRY",
                    help="catalog entry, e.g. p105_psd (see `wildenberg-intake list`)")
+    _param_args(p)
+
+
+def _param_args(p):
     p.add_argument("--bbox-nm", nargs=6, metavar=("X0", "X1", "Y0", "Y1", "Z0", "Z1"),
                    help="box in nm (default: the annotated box)")
     p.add_argument("--em-mip", help="EM mip (0: 6 nm, 1: 12 nm, 2: 24 nm; default 1)")
@@ -98,8 +102,21 @@ def cmd_verify(args):
         return 0
     if args.target is None:
         raise ValueError("verify needs PATH or ENTRY, or --lock FILE")
+    from .catalog import entry_names
     target = Path(args.target)
-    cache = StoreCache.at(target) if target.exists() else StoreCache.at(_source(args.target, args).materialise())
+    if target.exists():
+        cache = StoreCache.at(target)
+    elif args.target in entry_names():
+        # Never fetches: the store these parameters name is checked as far as it is cached.
+        from .engine import cache_for
+        cache = cache_for(_source(args.target, args, progress=False).plan)
+        if not cache.zarr_path.is_dir():
+            print(f"{args.target}: nothing cached for these parameters (no store at {cache.root}); "
+                  "nothing was fetched")
+            return 0
+    else:
+        raise ValueError(f"{args.target!r} is neither a store folder (no such path) nor a catalog entry; "
+                         f"allowed: a path <cache_dir>/wildenberg2023/<store>, its data.zarr, or one of {entry_names()}")
     for name, entry in cache.verify().items():
         state = "complete" if entry["complete"] else f"incomplete ({len(entry['unfetched'])} shards not fetched yet)"
         problems = [f"missing {entry['missing']}"] * bool(entry["missing"]) + \
@@ -175,12 +192,11 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--quiet", action="store_true", help="no progress bars")
     f.set_defaults(run=cmd_fetch)
 
-    v = sub.add_parser("verify", help="reread a cached store and report missing or corrupted shards; "
-                                      "with --lock, prove the cache holds exactly the locked bytes")
+    v = sub.add_parser("verify", help="reread a cached store and report missing or corrupted shards (never "
+                                      "fetches); with --lock, prove the cache holds exactly the locked bytes")
     v.add_argument("target", nargs="?", metavar="PATH|ENTRY", help="a store folder, its data.zarr, or an entry")
     v.add_argument("--lock", help="a lock file from `wildenberg-intake lock`")
-    v.add_argument("--cache-dir")
-    v.add_argument("--base-url")
+    _param_args(v)
     v.set_defaults(run=cmd_verify)
 
     lk = sub.add_parser("lock", help="materialise entries and pin them in a lock file")
@@ -189,7 +205,8 @@ def parser() -> argparse.ArgumentParser:
     lk.add_argument("--quiet", action="store_true")
     lk.set_defaults(run=cmd_lock)
 
-    pv = sub.add_parser("preview", help="PNG of an EM slice with its labels overlaid and a scale bar")
+    pv = sub.add_parser("preview", help="PNG of an EM slice with its labels overlaid and a scale bar "
+                                        "(fetches only the shards of that slice)")
     _entry_args(pv, many=False)
     pv.add_argument("--z", type=int, required=True, help="slice index in the store (0 = first)")
     pv.add_argument("-o", "--output", required=True, help="PNG file to write")
