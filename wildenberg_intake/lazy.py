@@ -15,7 +15,9 @@ shard files exceed it, except those a process is reading right now (`StoreCache.
 
 from __future__ import annotations
 
+import itertools
 import re
+import threading
 import time
 
 import numpy as np
@@ -188,3 +190,178 @@ def _box(key, shape):
         starts.append(a)
         stops.append(max(a, b))
     return starts, stops
+
+
+# -- a pool of cached windows, grown by a background prefetcher -------------------------------------
+
+def _starts_by_last_shard(i: int, size: int, patch: int, lo: int, hi: int) -> list:
+    """Along one axis: the window starts s in shard i (s // size == i) with [s, s + patch) inside
+    [lo, hi), grouped by the last shard the window reaches: [(last, s_first, s_last)]."""
+    a, b = max(lo, i * size), min(hi - patch, (i + 1) * size - 1)
+    out = []
+    while a <= b:
+        last = (a + patch - 1) // size
+        end = min(b, (last + 1) * size - patch)
+        out.append((last, a, end))
+        a = end + 1
+    return out
+
+
+class ShardPool:
+    """Windows of `patch` voxels inside the box [lo, hi) whose every shard is cached for all `arrays`.
+
+    `sample(rng)` draws uniformly among all such windows as the cache is now (exactly: each
+    window start is counted once, by the shard holding it), so while a prefetcher is still
+    filling the cache the draw is uniform over the cached part of the volume, not over the
+    volume: early patches come from the few shards cached first (a seeded random order of them).
+    Axes where the box is smaller than the patch take the whole box (torch-em pads the patch).
+    """
+
+    def __init__(self, arrays: list, lo, hi, patch, refresh_seconds: float = 1.0):
+        self.arrays = arrays
+        self.lo, self.hi = tuple(int(v) for v in lo), tuple(int(v) for v in hi)
+        self.patch = tuple(min(int(p), b - a) for p, a, b in zip(patch, self.lo, self.hi))
+        self.refresh_seconds = refresh_seconds
+        self.shards = shards_touching(self.lo, self.hi)  # the shards the box needs
+        # Shards in which some window starts (at the box's far edges a shard may hold only the
+        # ends of windows): prefetched first, so the first window is ready after one shard.
+        self.owners = [s for s in self.shards if all(_starts_by_last_shard(i, n, p, a, b) for i, n, p, a, b in
+                                                      zip(s, SHARDS, self.patch, self.lo, self.hi))]
+        self._cached, self._checked, self._table = frozenset(), 0.0, None
+
+    def cached(self, refresh: bool = False) -> frozenset:
+        """Shards of the box cached for every array (re-listed at most every refresh_seconds)."""
+        now = time.monotonic()
+        if refresh or now - self._checked >= self.refresh_seconds:
+            done = set(self.shards)
+            for arr in self.arrays:
+                done &= arr.cached_shards()
+            self._cached, self._checked = frozenset(done), now
+        return self._cached
+
+    def _windows(self, cached: frozenset):
+        """(weights, choices): per choice a cached owner shard and a sub-box of starts whose windows
+        reach only cached shards."""
+        if self._table is not None and self._table[0] == cached:
+            return self._table[1:]
+        choices, weights = [], []
+        for shard in sorted(cached):
+            axes = [_starts_by_last_shard(i, s, p, a, b) for i, s, p, a, b in
+                    zip(shard, SHARDS, self.patch, self.lo, self.hi)]
+            for combo in itertools.product(*axes):
+                needed = itertools.product(*(range(i, last + 1) for i, (last, _, _) in zip(shard, combo)))
+                if all(n in cached for n in needed):
+                    choices.append([(s0, s1) for _, s0, s1 in combo])
+                    weights.append(int(np.prod([s1 - s0 + 1 for _, s0, s1 in combo])))
+        weights = np.asarray(weights, dtype=np.float64)
+        self._table = (cached, weights, choices)
+        return weights, choices
+
+    def count(self) -> int:
+        """Window starts available now."""
+        return int(self._windows(self.cached())[0].sum())
+
+    def sample(self, rng: np.random.Generator):
+        """A window (tuple of slices in the array's coordinates) of cached shards, or None if none is."""
+        weights, choices = self._windows(self.cached())
+        if not len(weights):
+            return None
+        pick = choices[int(rng.choice(len(weights), p=weights / weights.sum()))]
+        starts = [int(rng.integers(s0, s1 + 1)) for s0, s1 in pick]
+        return tuple(slice(s, s + p) for s, p in zip(starts, self.patch))
+
+    def wait(self, min_shards: int, timeout: float, error=lambda: None):
+        """Block until `min_shards` shards of the box (at most all) are cached and a window is;
+        `error()` returns the prefetcher's exception, raised at once. Raises TimeoutError when the
+        cache has not grown for `timeout` seconds."""
+        want = min(max(1, min_shards), len(self.shards))
+        seen, since = -1, time.monotonic()
+        while True:
+            exc = error()
+            if exc is not None:
+                raise RuntimeError(f"prefetching {self.arrays[0].cache.root} failed: {exc}") from exc
+            cached = self.cached(refresh=True)
+            if len(cached) >= want and self._windows(cached)[0].sum() > 0:
+                return
+            if len(cached) != seen:
+                seen, since = len(cached), time.monotonic()
+            elif time.monotonic() - since > timeout:
+                raise TimeoutError(
+                    f"no shard of {self.arrays[0].cache.root} was cached for {timeout:.0f} s ({len(cached)} of "
+                    f"{want} wanted): the prefetcher of the process that made the dataset is not running "
+                    "(stopped, or failed: see its error) or the server does not answer")
+            time.sleep(0.05)
+
+
+class Prefetcher:
+    """Background threads that fetch a box's shards into the cache in a seeded random order.
+
+    One per dataset, in the process that made it (loader workers read the cache it fills, so they
+    share one prefetch effort). Each shard index is fetched for every array of `arrays` (raw and
+    labels share their grid). Without a cache_limit it makes one pass; with one, the least
+    recently used shards are evicted as it goes and it starts a new pass (a new order) when one
+    ends, so the cached pool moves through the whole volume while training runs.
+    """
+
+    def __init__(self, arrays: list, shards: list, seed: int = 0, workers: int = 2, first=()):
+        self.arrays, self.shards, self.seed, self.workers = arrays, list(shards), seed, max(1, int(workers))
+        self.first = [s for s in self.shards if s in set(first)]  # fetched before the others
+        self.error = None
+        self.fetched = 0
+        self._stop = threading.Event()
+        self._threads = []
+        self._lock = threading.Lock()
+        self._order = iter(())
+
+    def order(self, n: int) -> list:
+        """Pass `n`'s order of the shards: a permutation seeded by (seed, n), `first` ones first."""
+        rng = np.random.default_rng([self.seed, n])
+        head = set(self.first)
+        rest = [s for s in self.shards if s not in head]
+        return [self.first[i] for i in rng.permutation(len(self.first))] + \
+               [rest[i] for i in rng.permutation(len(rest))]
+
+    def _passes(self):
+        n = 0
+        while True:
+            before = self.fetched
+            yield from self.order(n)
+            # Another pass only where evictions may have made room, and the last pass fetched.
+            if all(a.cache_limit is None for a in self.arrays) or self.fetched == before:
+                return
+            n += 1
+
+    def start(self) -> "Prefetcher":
+        if not self._threads:
+            self._order = self._passes()
+            for i in range(self.workers):
+                t = threading.Thread(target=self._run, name=f"wildenberg-prefetch-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+        return self
+
+    def _run(self):
+        while not self._stop.is_set() and self.error is None:
+            with self._lock:
+                index = next(self._order, None)
+            if index is None:
+                return
+            try:
+                wrote = sum(arr.ensure(index) for arr in self.arrays)
+            except BaseException as e:  # raised by the dataset in this process, or a timeout in workers
+                self.error = e
+                return
+            if wrote:
+                with self._lock:
+                    self.fetched += 1
+
+    def stop(self, wait: bool = True):
+        """Stop after the shards being fetched now (they are written and recorded whole)."""
+        self._stop.set()
+        if wait:
+            for t in self._threads:
+                t.join()
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)

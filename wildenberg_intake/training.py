@@ -24,6 +24,9 @@ from .drivers import entry_source
 from .transforms import fast_label_transforms, fast_transform
 
 EXPERIMENTS = ("p105", "p14")
+# Entry parameters that get_dataset / get_loader pass on to the catalog entries.
+ENTRY_PARAMETERS = ("bbox_nm", "em_mip", "seg_mip", "cache_dir", "base_url", "workers", "progress", "connections",
+                    "cache_limit")
 SPLITS = ("train", "val")
 
 
@@ -85,12 +88,24 @@ def _with_label(source, label: str):
 
 
 def _attach_readers(ds):
-    """Read a SegmentationDataset's windows with the cache's fast reader (see reader.py)."""
+    """Read a SegmentationDataset's windows with the cache's fast reader (see reader.py), or, for a
+    lazy dataset, through the cache (lazy.py: shards fetched when first read)."""
     from elf.wrapper import RoiWrapper
     from .reader import ShardedArrayReader
 
     def wrap(array):
         return RoiWrapper(array, ds.roi) if ds.roi is not None else array
+    lazy = getattr(ds, "_lazy", None)
+    if lazy is not None:
+        from .lazy import ReadThroughArray, ShardPool
+        raw, *labels = [ReadThroughArray(lazy["plan"], name, lazy["connections"], lazy["cache_limit"])
+                        for name in ["raw", *lazy["labels"]]]
+        ds.raw = wrap(raw)
+        ds.labels = _StackedLabels([wrap(a) for a in labels]) if len(labels) > 1 else wrap(labels[0])
+        box = ds.roi or tuple(slice(0, n) for n in raw.shape)
+        ds._pool = ShardPool([raw, *labels], [sl.start for sl in box], [sl.stop for sl in box], ds.sample_shape)
+        ds._rng = None
+        return
     ds.raw = wrap(ShardedArrayReader(Path(ds.raw_path) / ds.raw_key))
     paths = getattr(ds, "multi_label_paths", None)
     if paths:
@@ -107,9 +122,60 @@ class CachedStoreDataset(SegmentationDataset):
         _attach_readers(self)
 
 
-def _fast(ds, label_paths=None):
+class LazyStoreDataset(CachedStoreDataset):
+    """A dataset over a store that is filled while it is used (`get_dataset(..., lazy=True)`).
+
+    Windows are drawn only where every shard they touch is cached (`lazy.ShardPool`: uniform over
+    those windows), while a background `lazy.Prefetcher` in the process that made the dataset
+    fetches the box's shards in a seeded random order; loader workers read what it caches.
+    `prefetcher` (in that process) tells how far it is and stops it.
+    """
+
+    prefetcher = None
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for key in ("_pool", "_rng", "prefetcher"):
+            state.pop(key, None)
+        return state
+
+    def _draw_rng(self) -> np.random.Generator:
+        if self._rng is None:
+            import torch
+            info = torch.utils.data.get_worker_info()
+            # In a loader worker torch's per-epoch worker seed (from torch's seed) keeps epochs
+            # apart and runs reproducible; in the main process the dataset's seed alone.
+            extra = [] if info is None else [info.seed % 2**63]
+            self._rng = np.random.default_rng([self._lazy["seed"], self._lazy["index"], *extra])
+        return self._rng
+
+    def wait(self, min_shards=None, timeout=None):
+        """Block until `min_shards` shards of this dataset's box (default: its warm-up) are cached."""
+        pool = self._pool
+        want = self._lazy["warmup"] if min_shards is None else min_shards
+        if isinstance(want, float):
+            want = int(np.ceil(want * len(pool.shards)))
+        error = (lambda: self.prefetcher.error) if self.prefetcher is not None else (lambda: None)
+        pool.wait(want, self._lazy["timeout"] if timeout is None else timeout, error)
+
+    def _sample_bounding_box(self):
+        if not getattr(self, "_warm", False):
+            self.wait()
+            self._warm = True
+        if self.prefetcher is not None and self.prefetcher.error is not None:
+            self.wait()  # raises it
+        window = self._pool.sample(self._draw_rng())
+        if window is None:  # every cached shard was evicted meanwhile
+            self.wait(1)
+            window = self._pool.sample(self._draw_rng())
+        return tuple(slice(w.start - sl.start, w.stop - sl.start)
+                     for w, sl in zip(window, self.roi or [slice(0, None)] * len(window)))
+
+
+def _fast(ds, label_paths=None, lazy=None):
     """Swap torch-em's zarr-python reads for the fast reader, in this process and in loader workers;
-    with `label_paths` (per label, one path per volume), the target has one channel per label."""
+    with `label_paths` (per label, one path per volume), the target has one channel per label.
+    lazy: (options, per-source (plan, label array names)) to read through the cache instead."""
     inner = list(ds.datasets) if hasattr(ds, "datasets") else [ds]
     for i, d in enumerate(inner):
         if type(d) is not SegmentationDataset:
@@ -119,13 +185,31 @@ def _fast(ds, label_paths=None):
         if label_paths is not None:
             d.multi_label_paths = [group[i] for group in label_paths]
             d._with_label_channels = True
+        if lazy is not None:
+            options, sources = lazy
+            plan, labels = sources[i]
+            d.__class__ = LazyStoreDataset
+            d._lazy = {**options, "plan": plan, "labels": labels, "index": i}
         _attach_readers(d)
+        if lazy is not None:
+            from .lazy import Prefetcher
+            d.prefetcher = Prefetcher(d._pool.arrays, d._pool.shards, seed=options["seed"] + 1000003 * i,
+                                      workers=options["prefetch_workers"], first=d._pool.owners).start()
     return ds
+
+
+def _check_warmup(value):
+    if isinstance(value, bool) or not (isinstance(value, int) and value >= 1
+                                       or isinstance(value, float) and 0 < value <= 1):
+        raise ValueError(f"warmup={value!r} is not valid; allowed: a number of shards (an integer >= 1) or a "
+                         "fraction of the box's shards (a float in (0, 1])")
+    return value
 
 
 def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] = None,
                 offsets: Optional[List[List[int]]] = None, boundaries: bool = False, binary: bool = False,
-                labels: Optional[Sequence[str]] = None, download: bool = True, **kwargs) -> Dataset:
+                labels: Optional[Sequence[str]] = None, download: bool = True, lazy: bool = False,
+                warmup: Union[int, float] = 1, seed: int = 0, lazy_timeout: float = 600.0, **kwargs) -> Dataset:
     """A torch-em segmentation dataset over one or more catalog entries.
 
     sources: entry names ("p105_psd"), catalog sources, a catalog, or a list of them. Entry
@@ -137,14 +221,25 @@ def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] =
     labels: several label choices at once (e.g. ["psd", "vesicle_cloud"]) as a multi-channel
         target, one channel each, in this order; every source's experiment and box are used.
     download: fetch what is missing (default); if False, a missing store is an error.
+    lazy: do not fetch first: patches start as soon as `warmup` shards are cached, drawn only from
+        windows whose shards are cached (uniformly among them), while a background prefetcher in
+        this process fetches the box's shards in an order seeded by `seed` (loader workers share
+        it). Early patches thus come from few shards; the pool grows to the whole box (or moves
+        through it under a `cache_limit`). The same seed, torch seed and cache state give the
+        same patches. `lazy_timeout`: seconds without a new shard before a waiting patch fails.
+        `cache_limit` (e.g. "50GB") bounds the store's disk use, evicting least recently used shards.
+    warmup: shards to wait for before the first patch: a count, or a fraction of the box's shards.
     kwargs: everything else goes to `torch_em.default_segmentation_dataset`.
     """
     import torch_em
     from torch_em.data.datasets import util
 
-    entry_params = {k: kwargs.pop(k) for k in ("bbox_nm", "em_mip", "seg_mip", "cache_dir", "base_url",
-                                                "workers", "progress") if k in kwargs}
+    entry_params = {k: kwargs.pop(k) for k in ENTRY_PARAMETERS if k in kwargs}
     srcs = resolve_sources(sources, **entry_params)
+    if lazy:
+        _check_warmup(warmup)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed={seed!r} is not valid; allowed: a non-negative integer")
     kinds = {s.request.channel().kind for s in srcs}
     if len(kinds) > 1:
         raise ValueError(f"sources mix label kinds {sorted(kinds)}; allowed: entries of one kind "
@@ -162,10 +257,15 @@ def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] =
         if offsets is not None or boundaries or binary:
             raise ValueError("labels (several channels) cannot be combined with offsets, boundaries or binary")
         per_label = [[s if l == s.request.label else _with_label(s, l) for s in srcs] for l in labels]
-        label_paths = [[label_view(s, download) for s in group] for group in per_label]
+        label_paths = [[label_view(s, download, lazy) for s in group] for group in per_label]
         srcs, paths = per_label[0], label_paths[0]
     else:
-        paths = [label_view(s, download) for s in srcs]
+        paths = [label_view(s, download, lazy) for s in srcs]
+    for s in srcs:
+        if lazy and s.plan.arrays["raw"].shape != s.plan.arrays[s.plan.label_name].shape:
+            raise ValueError(f"lazy=True needs raw and labels on one grid; em_mip={s.request.em_mip} and "
+                             f"seg_mip={s.request.seg_mip} give {s.plan.arrays['raw'].shape} and "
+                             f"{s.plan.arrays[s.plan.label_name].shape}")
     if split is not None:
         kwargs = util.update_kwargs(kwargs, "rois", [split_roi(s, split) for s in srcs])
     if kinds == {"instance"}:
@@ -177,7 +277,14 @@ def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] =
         kwargs = util.update_kwargs(kwargs, "is_seg_dataset", True)
     ds = torch_em.default_segmentation_dataset(raw_paths=paths, raw_key="raw", label_paths=paths,
                                                label_key="labels", patch_shape=patch_shape, **kwargs)
-    return _fast(ds, label_paths if labels is not None else None)
+    lazy_sources = None
+    if lazy:
+        options = {"seed": seed, "warmup": warmup, "timeout": float(lazy_timeout),
+                   "connections": srcs[0].connections, "cache_limit": srcs[0].cache_limit,
+                   "prefetch_workers": srcs[0].workers}
+        label_names = [f"labels/{l}" for l in labels] if labels is not None else None
+        lazy_sources = (options, [(s.plan, label_names or [s.plan.label_name]) for s in srcs])
+    return _fast(ds, label_paths if labels is not None else None, lazy_sources)
 
 
 def get_loader(sources, patch_shape: Tuple[int, ...], batch_size: int, **kwargs) -> DataLoader:
@@ -186,21 +293,24 @@ def get_loader(sources, patch_shape: Tuple[int, ...], batch_size: int, **kwargs)
     import torch_em
     from torch_em.data.datasets import util
     ds_kwargs, loader_kwargs = util.split_kwargs(torch_em.default_segmentation_dataset, **kwargs)
-    for key in ("split", "offsets", "boundaries", "binary", "labels", "download", "bbox_nm", "em_mip", "seg_mip",
-                "cache_dir", "base_url", "workers", "progress"):
+    for key in ("split", "offsets", "boundaries", "binary", "labels", "download", "lazy", "warmup", "seed",
+                "lazy_timeout", *ENTRY_PARAMETERS):
         if key in loader_kwargs:
             ds_kwargs[key] = loader_kwargs.pop(key)
     ds = get_dataset(sources, patch_shape, **ds_kwargs)
     return torch_em.get_data_loader(ds, batch_size=batch_size, **loader_kwargs)
 
 
-def label_view(source, download: bool = True) -> str:
-    """Path of a zarr group whose `raw` and `labels` are the store's raw and `source`'s label (links)."""
+def label_view(source, download: bool = True, lazy: bool = False) -> str:
+    """Path of a zarr group whose `raw` and `labels` are the store's raw and `source`'s label (links).
+    lazy: only the arrays' metadata is written (their shards are fetched when read)."""
     from .cache import StoreCache
-    from .engine import cache_for
+    from .engine import cache_for, prepare
     cache: StoreCache = cache_for(source.plan)
     names = ["raw", source.plan.label_name]
-    if not all(cache.is_complete(n) for n in names):
+    if lazy:
+        prepare(source.plan, names)
+    elif not all(cache.is_complete(n) for n in names):
         if not download:
             raise RuntimeError(f"No cached data at {cache.root} for {source.request.experiment}/"
                                f"{source.request.label}. Set download=True to fetch it.")

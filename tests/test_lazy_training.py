@@ -1,0 +1,170 @@
+"""lazy=True torch datasets: patches start before the store is cached, equal the mirror's arrays at
+their coordinates, are reproducible by seed, respect the split and the disk budget."""
+
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torch_em")
+
+from wildenberg_intake import training  # noqa: E402
+from wildenberg_intake.cache import StoreCache  # noqa: E402
+from wildenberg_intake.mirror import MirrorServer  # noqa: E402
+
+from conftest import all_layers, expected_window  # noqa: E402
+
+PATCH = (8, 128, 128)
+ALL = [-1e9, 1e9] * 3
+
+
+def identity(x):
+    return x
+
+
+def identity2(x, y):
+    return x, y
+
+
+def _expected(mirror, channel, mip):
+    return expected_window(mirror, "p14", channel, mip, ALL, all_layers("p14"))[0]
+
+
+def _lazy(server, cache_dir, **kwargs):
+    return training.get_dataset("p14_saturated", PATCH, base_url=server.base_url, cache_dir=str(cache_dir),
+                                progress=False, lazy=True, raw_transform=identity, transform=identity2,
+                                label_transform=None, label_dtype=torch.int64, n_samples=40, **kwargs)
+
+
+def _record(ds):
+    inner = ds.datasets[0] if hasattr(ds, "datasets") else ds
+    windows, sample = [], inner._sample_bounding_box
+
+    def recording():
+        bb = sample()
+        windows.append(bb)
+        return bb
+    inner._sample_bounding_box = recording
+    return inner, windows
+
+
+def test_first_patch_before_the_store_is_cached_and_patches_equal_the_mirror(wide, tmp_path):
+    raw_all, lab_all = _expected(wide, "em_aligned", 1), _expected(wide, "saturated_autoseg", 0)
+    # 0.3 s a request: a shard takes ~0.6 s (raw, then labels), the store ~4 s with one prefetch thread.
+    with MirrorServer(wide.root, latency=0.3) as server:
+        t = time.perf_counter()
+        ds = _lazy(server, tmp_path, workers=1)
+        inner, windows = _record(ds)
+        raw, labels = ds[0]
+        first = time.perf_counter() - t
+        cache = StoreCache(tmp_path, inner._lazy["plan"].name)
+        cached_at_first = len(cache.done_shards("raw"))
+        assert 1 <= cached_at_first < 6, "the first patch must not wait for the whole store"
+        assert first < 60
+        # Every patch is the mirror at its window, including those drawn while the pool grows.
+        for i in range(12):
+            raw, labels = ds[i]
+            bb = windows[-1]
+            np.testing.assert_array_equal(raw.numpy()[0], raw_all[bb])
+            np.testing.assert_array_equal(labels.numpy()[0], lab_all[bb])
+        while inner.prefetcher.running:
+            time.sleep(0.05)
+        assert inner.prefetcher.error is None
+        assert len(cache.done_shards("raw")) == 6 and cache.is_complete("labels/saturated")
+        # Once all is cached, windows come from the whole box, shard seams included.
+        for i in range(40):
+            ds[i]
+        touched = {(y, x) for bb in windows for y in {bb[1].start // 512, (bb[1].stop - 1) // 512}
+                   for x in {bb[2].start // 512, (bb[2].stop - 1) // 512}}
+        assert {(0, 0), (0, 1), (0, 2)} <= touched
+        assert any(bb[2].start // 512 != (bb[2].stop - 1) // 512 for bb in windows), "no window crossed a seam"
+        requests = {p: n for p, n in server.requests.items() if not p.endswith(("/info", "/provenance"))}
+    assert set(requests.values()) == {1}
+
+
+def test_same_seed_and_cache_state_give_the_same_patches(wide, tmp_path):
+    with MirrorServer(wide.root) as server:
+        first = _lazy(server, tmp_path, seed=7, warmup=1.0)  # wait for every shard: a fixed cache state
+        a_inner, a = _record(first)
+        seq_a = [first[i][0] for i in range(10)]
+        a_inner.prefetcher.stop()
+        second = _lazy(server, tmp_path, seed=7, warmup=1.0)
+        b_inner, b = _record(second)
+        seq_b = [second[i][0] for i in range(10)]
+        other = _lazy(server, tmp_path, seed=8, warmup=1.0)
+        _, c = _record(other)
+        [other[i] for i in range(10)]
+    assert a == b and all(torch.equal(x, y) for x, y in zip(seq_a, seq_b))
+    assert c != a
+
+
+def test_a_partial_pool_only_yields_cached_windows(wide, tmp_path):
+    with MirrorServer(wide.root) as server:
+        src = training.resolve_sources("p14_saturated", base_url=server.base_url, cache_dir=str(tmp_path),
+                                       progress=False)[0]
+        arrays = src.arrays()
+        for arr in arrays.values():  # cache two neighbouring shards by hand
+            arr[0:1, 0:1, 0:1]
+            arr[0:1, 0:1, 600:601]
+        ds = _lazy(server, tmp_path, workers=1)
+        inner, windows = _record(ds)
+        inner.prefetcher.stop()  # the pool stays as it is
+        for i in range(30):
+            ds[i]
+    cached = {(0, 0, 0), (0, 0, 1)}
+    for bb in windows:
+        shards = {(bb[0].start // 128, y, x) for y in range(bb[1].start // 512, (bb[1].stop - 1) // 512 + 1)
+                  for x in range(bb[2].start // 512, (bb[2].stop - 1) // 512 + 1)}
+        assert shards <= cached, bb
+
+
+def _locate(patch, volume):
+    """Every window start of `volume` whose voxels equal `patch`."""
+    from numpy.lib.stride_tricks import sliding_window_view
+    rows = sliding_window_view(volume[:, :, :], patch.shape[2], axis=2)  # (z, y, x, w)
+    first = np.argwhere((rows[: volume.shape[0] - patch.shape[0] + 1] == patch[0, 0]).all(-1))
+    return [tuple(p) for p in first if np.array_equal(
+        volume[p[0]:p[0] + patch.shape[0], p[1]:p[1] + patch.shape[1], p[2]:p[2] + patch.shape[2]], patch)]
+
+
+def test_split_and_loader_workers(wide, tmp_path):
+    with MirrorServer(wide.root) as server:
+        loader = training.get_loader("p14_psd", (2, 128, 128), batch_size=2, base_url=server.base_url,
+                                     cache_dir=str(tmp_path), progress=False, lazy=True, split="val",
+                                     num_workers=2, n_samples=8, raw_transform=identity, transform=identity2)
+        batches = list(loader)
+        inner = loader.dataset.datasets[0] if hasattr(loader.dataset, "datasets") else loader.dataset
+        z0 = inner.roi[0].start
+        inner.prefetcher.stop()
+    assert len(batches) == 4 and batches[0][0].shape == (2, 1, 2, 128, 128)
+    assert z0 == round(0.85 * 16)
+    raw_all = _expected(wide, "em_aligned", 1)
+    for raw, _ in batches:  # each patch is the mirror at some window of the val part of the box
+        for patch in raw.numpy()[:, 0].astype(np.uint8):
+            found = _locate(patch, raw_all)
+            assert found and all(z >= z0 for z, _, _ in found)
+
+
+def test_disk_budget_holds_while_training(wide, tmp_path):
+    with MirrorServer(wide.root) as server:
+        probe = training.resolve_sources("p14_psd", base_url=server.base_url, cache_dir=str(tmp_path / "p"),
+                                         progress=False)[0]
+        for arr in probe.arrays().values():
+            arr[:, :, :]
+        pc = StoreCache(tmp_path / "p", probe.plan.name)
+        full = sum(pc.disk_usage(n)[1] for n in ("raw", "labels/psd"))
+        limit = full // 2
+        ds = training.get_dataset("p14_psd", PATCH, base_url=server.base_url, cache_dir=str(tmp_path / "c"),
+                                  progress=False, lazy=True, raw_transform=identity, transform=identity2,
+                                  n_samples=20, cache_limit=limit, workers=1)
+        inner = ds.datasets[0] if hasattr(ds, "datasets") else ds
+        cache = StoreCache(tmp_path / "c", inner._lazy["plan"].name)
+        raw_all = _expected(wide, "em_aligned", 1)
+        inner, windows = _record(ds)
+        for i in range(20):
+            raw, _ = ds[i]
+            np.testing.assert_array_equal(raw.numpy()[0], raw_all[windows[-1]])
+            assert sum(cache.disk_usage(n)[1] for n in ("raw", "labels/psd")) <= limit
+        inner.prefetcher.stop()
+    assert inner.prefetcher.error is None
