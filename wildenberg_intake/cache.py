@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -197,13 +198,47 @@ def shard_box(index, shape):
     return start, stop
 
 
-def _atomic_write(path: Path, *parts: bytes):
-    """Write `parts` one after the other to `path` whole: a temporary file renamed into place, so a
-    kill leaves the old file or the new one, never a part."""
+def _fsync_dir(folder: Path):
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_write(path: Path, *parts: bytes):
+    """Write `parts` one after the other to `path` whole and durably: a temporary file, fsynced,
+    renamed into place, then its folder fsynced. A kill leaves the old file or the new one, never a
+    part; after a power loss a file that is there has its bytes (the data reaches the disk before
+    the rename does), so a record written after it never outlives what it records."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.writelines(parts)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.writelines(parts)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def make_dirs(folder: Path):
+    """mkdir -p, each new folder's entry made durable in its parent."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir()
+        except FileExistsError:  # made meanwhile by another task
+            continue
+        _fsync_dir(new.parent)
+
+
+_atomic_write = durable_write
 
 
 def file_sha256(path: Path) -> str | None:
@@ -227,7 +262,7 @@ class StoreCache:
     def initialise(self, key: dict, attributes: dict):
         """Create the folder, source.json and the zarr root group (idempotent, atomic)."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.root)
         except OSError as e:
             raise OSError(e.errno, f"cannot create the cache folder {self.root}: {e.strerror}") from e
         if not (self.root / "source.json").exists():
@@ -238,7 +273,7 @@ class StoreCache:
     def _ensure_group(self, path: str, attributes: dict):
         target = self.zarr_path / path
         if not (target / "zarr.json").exists():
-            target.mkdir(parents=True, exist_ok=True)
+            make_dirs(target)
             _atomic_write(target / "zarr.json", json.dumps(group_metadata(attributes), indent=2).encode())
 
     def ensure_array(self, name: str, shape, dtype: str, is_label: bool, attributes: dict, codec: str = LABEL_CODEC,
@@ -253,7 +288,7 @@ class StoreCache:
             self._update_label_list()
         meta = array_metadata(shape, dtype, is_label, codec, attributes)
         if not (target / "zarr.json").exists():  # a racing process writes the same bytes
-            target.mkdir(parents=True, exist_ok=True)
+            make_dirs(target)
             _atomic_write(target / "zarr.json", json.dumps(meta, indent=2).encode())
         found = json.loads((target / "zarr.json").read_text())
         if (found.get("shape"), found.get("data_type")) != (meta["shape"], meta["data_type"]):
@@ -308,7 +343,7 @@ class StoreCache:
         if parts is None:
             path.unlink(missing_ok=True)
             return None
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         _atomic_write(path, *parts)
         digest = hashlib.sha256()
         for part in parts:
@@ -345,7 +380,7 @@ class StoreCache:
         record = {"sha256": file_hash, "bytes": path.stat().st_size if file_hash is not None else 0,
                   "content_sha256": content_sha256, "missing_chunks": sorted(missing_chunks)}
         target = self._record(name, index)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(target.parent)
         _atomic_write(target, json.dumps(record).encode())
         return record
 
@@ -435,11 +470,17 @@ class StoreCache:
             "meaning": "source chunks the server answered 404 for; stored as zeros (empty, not unfetched)"}
         _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
         # Temporary files of writes cut short by a kill (zarr's *.partial, our .*.tmp): every shard
-        # is recorded now, so no live writer can own one.
+        # is recorded now; those older than a few minutes belong to no live writer (a lazy reader
+        # may be writing this mark or a record's last use right now).
         folder = self.zarr_path / array_path(name)
+        old = time.time() - 300
         for leftover in [*folder.rglob("*.partial"), *folder.rglob(".*.tmp"),
                          *(self.progress / name).glob(".*.tmp")]:
-            leftover.unlink(missing_ok=True)
+            try:
+                if leftover.stat().st_mtime < old:
+                    leftover.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
         _atomic_write(self.progress / name / "COMPLETE", b"")
 
     def content_checksum(self, name: str, shape) -> str:

@@ -28,15 +28,17 @@ import threading
 import time
 import uuid
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .cache import CHUNKS, SHARDS, StoreCache, assemble_shard, encode_chunks, ome_multiscale, shard_box, shard_grid
-from .layers import Layer, place
+from .cache import (CHUNKS, SHARDS, StoreCache, assemble_shard, durable_write, encode_chunks, make_dirs, ome_multiscale,
+                    shard_box, shard_grid)
+from .layers import Layer, LayerError, place
 from .plan import ArraySource, StorePlan
-from .transfer import NO_GATE, inflate
+from .transfer import NO_GATE, TooLarge, inflate
 
 DEFAULT_WORKERS = max(2, os.cpu_count() or 2)
 DEFAULT_CONNECTIONS = 16
@@ -127,8 +129,9 @@ class ChunkStage:
         return self.folder / (".".join(str(g) for g in grid) + (".gz" if gzipped else ""))
 
     def _read(self, grid, gate):
-        """(True, bytes or None for a missing chunk) if staged, else (False, None). `gate` is held on
-        return when bytes are returned."""
+        """(True, decoded chunk or None for a missing one) if staged, else (False, None). `gate` is
+        held on return when an array is returned. A staged file that no longer decodes (damaged
+        on disk) is deleted, so that the chunk is fetched again."""
         for gzipped in (False, True):
             path = self._path(grid, gzipped)
             if not path.exists():
@@ -136,46 +139,53 @@ class ChunkStage:
             gate.acquire()
             try:
                 data = path.read_bytes()
-                data = inflate(data) if gzipped else None if data == self.MISSING else data
-            except BaseException as e:
+                data = inflate(data, self.layer.info.chunk_bytes(grid)) if gzipped \
+                    else None if data == self.MISSING else data
+                decoded = None if data is None else self.layer.decode_chunk(grid, data)
+            except FileNotFoundError:  # released meanwhile: fetched again below
                 gate.release()
-                if isinstance(e, FileNotFoundError):  # released meanwhile: fetched again below
-                    continue
+                continue
+            except (LayerError, TooLarge, zlib.error, ValueError):
+                gate.release()
+                path.unlink(missing_ok=True)
+                return False, None
+            except BaseException:
+                gate.release()
                 raise
-            if data is None:
+            if decoded is None:
                 gate.release()
-            return True, data
+            return True, decoded
         return False, None
 
-    def get(self, grid, gate=NO_GATE) -> bytes | None:
-        """The chunk's bytes (None: missing), fetched by whichever task asks first.
+    def get(self, grid, gate=NO_GATE):
+        """The decoded chunk ((z, y, x) array; None: the server lacks it), fetched by whichever task
+        asks first. Nothing is staged before it decodes to the chunk's shape and dtype.
 
-        gate: see `Fetcher.get_with_wire`: held on return when bytes are returned."""
+        gate: see `Fetcher.get_with_wire`: held on return when an array is returned."""
         plain = self._path(grid)
         lock = plain.with_name(plain.name + ".lock")
         while True:
-            staged, data = self._read(grid, gate)
+            staged, decoded = self._read(grid, gate)
             if staged:
-                return data
-            self.folder.mkdir(parents=True, exist_ok=True)
+                return decoded
+            make_dirs(self.folder)
             if _try_lock(lock):
                 try:
-                    staged, data = self._read(grid, gate)
+                    staged, decoded = self._read(grid, gate)
                     if staged:
-                        return data
+                        return decoded
                     data, wire = self.layer.fetch_chunk_with_wire(grid, gate)
-                    if wire is not None and len(wire) * 4 > len(data):
-                        wire = None  # compressed less than 4x: re-inflating costs more than writing it whole
-                    path = self._path(grid, gzipped=wire is not None)
-                    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
                     try:
-                        tmp.write_bytes(self.MISSING if data is None else data if wire is None else wire)
-                        os.replace(tmp, path)
+                        decoded = None if data is None else self.layer.decode_chunk(grid, data)
+                        if wire is not None and len(wire) * 4 > len(data):
+                            wire = None  # compressed less than 4x: re-inflating costs more than writing it whole
+                        path = self._path(grid, gzipped=wire is not None)
+                        durable_write(path, self.MISSING if data is None else data if wire is None else wire)
                     except BaseException:
                         if data is not None:
                             gate.release()
                         raise
-                    return data
+                    return decoded
                 finally:
                     lock.unlink(missing_ok=True)
             time.sleep(0.01)  # another task is fetching it
@@ -308,20 +318,30 @@ class ShardWriter:
         return [(i, j, k) for i in range(lo[0], hi[0] + 1) for j in range(lo[1], hi[1] + 1)
                 for k in range(lo[2], hi[2] + 1)]
 
-    def _load(self, fetch, grid, out, out_start) -> bool:
-        """In an I/O thread: get chunk `grid` with `fetch` (the layer, or the stage for a shared chunk),
-        decode it and copy it into `out`. Returns whether the server lacks the chunk."""
-        data = fetch(grid, self._gate)
+    def _load(self, shared: bool, grid, out, out_start) -> bool:
+        """In an I/O thread: get chunk `grid` (from the stage if `shared`, else from the layer), decode
+        it and copy it into `out`. Returns whether the server lacks the chunk."""
+        layer = self.layer
+        if shared:
+            decoded = self.stage.get(grid, self._gate)  # decoded (validated) before it was staged
+        else:
+            data = layer.fetch_chunk(grid, self._gate)
+            try:
+                decoded = None if data is None else layer.decode_chunk(grid, data)
+            except BaseException:
+                if data is not None:
+                    self._gate.release()
+                raise
         try:
-            decoded = self.layer.decode_chunk(grid, data)
-            place(out, out_start, self.layer.info.chunk_box(grid)[0], decoded)
+            place(out, out_start, layer.info.chunk_box(grid)[0],
+                  decoded if decoded is not None else layer.decode_chunk(grid, None))
         finally:
-            if data is not None:
+            if decoded is not None:
                 self._gate.release()
-        if data is None:
+        if decoded is None:
             return True
-        if len(data) >= 8 * 2**20:
-            del data, decoded
+        if decoded.nbytes >= 8 * 2**20:
+            del decoded
             _trim()
         return False
 
@@ -378,12 +398,10 @@ class ShardWriter:
         # zeroed only if the chunks do not tile the slab: no stale voxels of the previous one.
         out = _shard_buffer(shape, src.dtype, zeroed=_voxels_covered(layer.info, grids, s_start, s_stop)
                             != int(np.prod(shape)))
-        stage = self.stage
         # Every request of the slab goes out at once; each I/O thread decodes and places its own
         # chunk, holding the inflated bytes under the gate, so latency is hidden by as many
         # requests as there are connections while only a few chunks are in memory.
-        futures = {self.io().submit(self._load, stage.get if grid in shared else layer.fetch_chunk, grid,
-                                    out, s_start): grid for grid in grids}
+        futures = {self.io().submit(self._load, grid in shared, grid, out, s_start): grid for grid in grids}
         missing = set()
         try:
             for future in cf.as_completed(futures):
@@ -392,7 +410,13 @@ class ShardWriter:
         except BaseException:
             for future in futures:  # none may write into this thread's buffer after we leave
                 future.cancel()
+            # Cut the requests in flight (of this and the run's other tasks) rather than wait for
+            # their deadlines and retries: the run stops with this failure. Cleared once they have
+            # ended, for later reads of the same plan.
+            fetcher = layer.fetcher
+            fetcher.cancel()
             cf.wait(futures)
+            fetcher.cancelled.clear()
             raise
         encoded.update(encode_chunks(out, src.codec, src.is_label, first=(z0 // CHUNKS[0], 0, 0)))
         digest.update(out)  # slabs split the shard along z: in order they are its C-order bytes
@@ -533,7 +557,12 @@ def _fill_arrays(cache: StoreCache, writers: list, workers: int, progress: bool,
             io = cf.ThreadPoolExecutor(writers[0].connections, thread_name_prefix="wildenberg-io")
             for writer in writers:
                 writer._io = io
-            _run_threads(jobs, workers, finished)
+            fetchers = {id(w.layer.fetcher): w.layer.fetcher for w in writers}.values()
+            try:
+                _run_threads(jobs, workers, finished, cancel=lambda: [f.cancel() for f in fetchers])
+            finally:
+                for f in fetchers:  # the plan (and its fetcher) may be used again: a rerun, repair()
+                    f.cancelled.clear()
     except KeyboardInterrupt:
         for bar in bars.values():
             bar.close()
@@ -548,7 +577,9 @@ def _fill_arrays(cache: StoreCache, writers: list, workers: int, progress: bool,
             io.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_threads(jobs, workers: int, finished):
+def _run_threads(jobs, workers: int, finished, cancel=lambda: None):
+    """Run the shard tasks on `workers` threads; on the first failure `cancel()` stops the requests
+    in flight and the waits for retries, so the run ends promptly with that failure."""
     pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wildenberg")
     pending = {}
     queue = iter(jobs)
@@ -568,6 +599,7 @@ def _run_threads(jobs, workers: int, finished):
     except BaseException:
         for future in pending:
             future.cancel()
+        cancel()
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)

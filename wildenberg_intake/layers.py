@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 import threading
 from dataclasses import dataclass, field
 
@@ -27,6 +28,9 @@ SUPPORTED_DTYPES = ("uint8", "uint16", "uint32", "uint64")
 SUPPORTED_ENCODINGS = ("raw", "jpeg", "png", "compressed_segmentation")
 MAX_LAYER_VOXELS = 10**14  # far beyond any real layer; catches a hostile or broken info file
 MAX_CHUNK_VOXELS = 2**28  # 256 Mi voxels: no real chunk comes near; refused before allocating
+MAX_INFO_BYTES = 16 * 2**20  # an info file is a few kB; a larger one is refused unread
+# A scale key is one relative path of plain segments: no "..", no leading "/", no scheme, query or fragment.
+_KEY = re.compile(r"[A-Za-z0-9_.,-]+(/[A-Za-z0-9_.,-]+)*")
 
 
 class LayerError(ValueError):
@@ -76,6 +80,13 @@ class LayerInfo:
             hi = -(-(int(stop_zyx[a]) - self.offset_zyx[a]) // self.chunk_zyx[a])
             ranges.append(range(max(lo, 0), hi))
         return list(itertools.product(*ranges))
+
+    def chunk_bytes(self, grid) -> int:
+        """The most bytes chunk `grid` may take, encoded or inflated: twice its voxels' bytes plus
+        64 kB (compressed_segmentation of noise can exceed the voxels; headers). A body or an
+        inflation beyond it is refused before it is allocated."""
+        start, stop = self.chunk_box(grid)
+        return 2 * math.prod(b - a for a, b in zip(start, stop)) * np.dtype(self.dtype).itemsize + 2**16
 
     def chunk_box(self, grid) -> tuple:
         """(start, stop) voxels (z, y, x) of chunk `grid`, clipped at the layer's edge."""
@@ -131,6 +142,10 @@ def parse_info(url: str, info: dict, mip: int, swap_xy: bool, param: str = "mip"
     chunks = scale["chunk_sizes"]
     chunk = _ints(url, mip, "chunk_sizes[0]", chunks[0] if isinstance(chunks, list) and chunks else chunks)
     encoding = str(scale["encoding"])
+    key = scale["key"]
+    if not isinstance(key, str) or not _KEY.fullmatch(key) or any(p in (".", "..") for p in key.split("/")):
+        raise LayerError(f"layer {url}: scale {mip} key {key!r} is not valid; allowed: a relative path of plain "
+                         "segments (letters, digits, _ . , -), no '..', no leading '/', no scheme, query or fragment")
     if len(res) != 3 or not all(math.isfinite(r) and r > 0 for r in res):
         raise LayerError(f"layer {url}: scale {mip} resolution {res} must be 3 positive numbers")
     if min(size) <= 0 or math.prod(size) > MAX_LAYER_VOXELS:
@@ -164,13 +179,15 @@ def http_url(url: str) -> str:
 def fetch_info(url: str, fetcher: Fetcher) -> dict:
     """A layer's info file, parsed; errors name the layer."""
     try:
-        body = fetcher.get(f"{http_url(url)}/info")
+        body = fetcher.get(f"{http_url(url)}/info", max_bytes=MAX_INFO_BYTES)
     except TransferError as e:
-        raise LayerError(f"layer {url}: could not read its info file: {e}") from e
+        raise LayerError(f"layer {url}: could not read its info file (at most {MAX_INFO_BYTES} bytes): {e}") from e
     if body is None:
         raise LayerError(f"layer {url}: no info file (404); is the base URL right?")
     try:
         return json.loads(body)
+    except RecursionError:
+        raise LayerError(f"layer {url}: info file is nested too deeply to be an info file") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise LayerError(f"layer {url}: info file is not valid JSON: {e}") from None
 
@@ -219,7 +236,8 @@ class Layer:
         """(`fetch_chunk`, its gzip stream as it came over the wire or None where it came uncompressed)."""
         base = f"{http_url(self.url)}/{self.info.scale_key}"
         if self.info.sharding is None:
-            return self.fetcher.get_with_wire(f"{base}/{self.chunk_name(grid)}", gate=gate)
+            return self.fetcher.get_with_wire(f"{base}/{self.chunk_name(grid)}", gate=gate,
+                                              max_bytes=self.info.chunk_bytes(grid))
         return self._fetch_sharded(base, grid, gate)
 
     def decode_chunk(self, grid, data: bytes | None) -> np.ndarray:
@@ -237,6 +255,12 @@ class Layer:
                 arr = np.frombuffer(data, dtype=np.dtype(self.info.dtype).newbyteorder("<")).reshape(cv_shape, order="F")
             else:
                 from cloudvolume import chunks
+                if data.lstrip()[:1] in (b"<", b"{"):
+                    raise ValueError("the body is an HTML/XML/JSON document, not chunk data")
+                if self.info.encoding == "compressed_segmentation":
+                    # Untrusted bytes never reach the C decoder unchecked (see cseg.py).
+                    from .cseg import check
+                    check(data, cv_shape[:3], self.info.cseg_block_size, self.info.dtype)
                 arr = chunks.decode(data, self.info.encoding, shape=cv_shape, dtype=self.info.dtype,
                                     block_size=self.info.cseg_block_size)
         except Exception as e:  # each codec raises its own types for a corrupt chunk
@@ -274,6 +298,9 @@ class Layer:
         if len(rows) == 0:
             return None, None  # not in the shard: an empty chunk
         offset, size = int(rows[0, 1]), int(rows[0, 2])
+        if size > self.info.chunk_bytes(grid):
+            raise LayerError(f"layer {self.url}: shard {url} lists chunk {code} as {size} bytes; at most "
+                             f"{self.info.chunk_bytes(grid)} fit it")
         data = self.fetcher.get_with_wire(url, (offset, offset + size), gate=gate)[0]
         if data is None or len(data) != size:
             if data is not None:
@@ -282,10 +309,11 @@ class Layer:
         if spec.data_encoding != "gzip":
             return data, None
         try:
-            return inflate(data), data
-        except Exception:
+            return inflate(data, self.info.chunk_bytes(grid)), data
+        except Exception as e:
             gate.release()
-            raise
+            raise LayerError(f"layer {self.url}: chunk {code} of shard {url} does not inflate within "
+                             f"{self.info.chunk_bytes(grid)} bytes: {e}") from None
 
     def _minishard_index(self, url, spec, minishard):
         key = (url, minishard)

@@ -27,6 +27,7 @@ from .engine import DEFAULT_CONNECTIONS, ShardWriter, cache_for, finish_array, p
 from .plan import StorePlan
 from .reader import DEFAULT_CACHE_MB, ShardedArrayReader
 
+_FINISHING = threading.Lock()
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -137,8 +138,10 @@ class ReadThroughArray:
         if written:
             if self.cache_limit is not None:
                 enforce_limit(self.cache, self.cache_limit, keep={(self.name, tuple(index))})
-            if len(self.cache.done_shards(self.name)) == self.total_shards:
-                finish_array(self.cache, self.name, self.shape)
+            with _FINISHING:  # threads of one process finishing the last shards at once mark it once
+                if not self.cache.is_complete(self.name) and \
+                        len(self.cache.done_shards(self.name)) == self.total_shards:
+                    finish_array(self.cache, self.name, self.shape)
         return written
 
     def _hold(self, index) -> int:
