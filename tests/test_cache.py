@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import zarr
 
-from wildenberg_intake.cache import CHUNKS, SHARDS, StoreCache, compressor, encode_shard, shard_box, shard_grid
+from wildenberg_intake.cache import CHUNKS, SHARDS, StoreCache, compressors, encode_shard, shard_box, shard_grid
 
 
 @pytest.mark.parametrize("dtype,is_label,codec", [("uint8", False, "zstd1"), ("uint8", True, "zstd3"),
@@ -17,7 +17,7 @@ def test_encode_shard_equals_zarr_python(dtype, is_label, codec, tmp_path):
     data[:150, 100:600, 50:] = rng.integers(0, 5000 if dtype == "uint32" else 255, size=(150, 500, 480))
     data[130:140] = 0
     arr = zarr.create_array(store=str(tmp_path / "z"), shape=shape, chunks=CHUNKS, shards=SHARDS, dtype=dtype,
-                            fill_value=0, compressors=compressor(is_label, codec))
+                            fill_value=0, compressors=compressors(is_label, codec))
     arr[:] = data
     cache = StoreCache(tmp_path, "x")
     for index in shard_grid(shape):
@@ -27,7 +27,7 @@ def test_encode_shard_equals_zarr_python(dtype, is_label, codec, tmp_path):
         assert ours == (path.read_bytes() if path.exists() else None), index
     # And zarr reads what we write.
     out = zarr.create_array(store=str(tmp_path / "ours"), shape=shape, chunks=CHUNKS, shards=SHARDS, dtype=dtype,
-                            fill_value=0, compressors=compressor(is_label, codec))
+                            fill_value=0, compressors=compressors(is_label, codec))
     for index in shard_grid(shape):
         start, stop = shard_box(index, shape)
         blob = encode_shard(data[tuple(slice(a, b) for a, b in zip(start, stop))], codec, is_label)
@@ -47,7 +47,7 @@ def test_fast_reader_equals_zarr_on_random_windows(tmp_path):
     data[20:140, 50:580, :500] = rng.integers(0, 70000, size=(120, 530, 500))
     folder = tmp_path / "arr"
     arr = zarr.create_array(store=str(folder), shape=shape, chunks=CHUNKS, shards=SHARDS, dtype="uint32",
-                            fill_value=0, compressors=compressor(True, "zstd6"))
+                            fill_value=0, compressors=compressors(True, "zstd6"))
     arr[:] = data
     reader = ShardedArrayReader(folder, cache_mb=8)  # small: the LRU evicts
     assert reader.shape == shape and reader.dtype == np.uint32 and reader.ndim == 3
@@ -90,7 +90,7 @@ def test_array_and_group_metadata_equal_zarr_pythons(dtype, is_label, codec, tmp
     from wildenberg_intake.cache import array_metadata, group_metadata
     attributes = {"source_url": "x", "nested": {"a": [1, 2]}}
     zarr.create_array(store=str(tmp_path / "a"), shape=(80, 700, 530), chunks=CHUNKS, shards=SHARDS, dtype=dtype,
-                      fill_value=0, compressors=compressor(is_label, codec), dimension_names=("z", "y", "x"),
+                      fill_value=0, compressors=compressors(is_label, codec), dimension_names=("z", "y", "x"),
                       attributes=attributes, zarr_format=3)
     assert array_metadata((80, 700, 530), dtype, is_label, codec, attributes) == \
         json.loads((tmp_path / "a" / "zarr.json").read_text())

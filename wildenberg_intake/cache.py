@@ -29,7 +29,9 @@ from pathlib import Path
 import numpy as np
 
 _RECORD = re.compile(r"\d+\.\d+\.\d+")  # a shard record's file name: i.j.k
-LAYOUT_VERSION = 2
+# 3: a crc32c checksum after every inner chunk (zarr v3's crc32c codec), so that every reader
+# (zarr-python, tensorstore, the package's own) checks each chunk it decodes.
+LAYOUT_VERSION = 3
 CHUNKS = (64, 128, 128)
 SHARDS = (128, 512, 512)
 # Blosc codecs a store may use, by name. Raw EM defaults to zstd 1, which measured ~13x faster to
@@ -40,7 +42,8 @@ CODECS = {"zstd1": ("zstd", 1), "zstd3": ("zstd", 3), "zstd6": ("zstd", 6), "lz4
           "lz4hc": ("lz4hc", 5)}
 LABEL_CODEC = "zstd3"
 # Part of every store's key: a change here must give new stores.
-LAYOUT = {"chunks": list(CHUNKS), "shards": list(SHARDS), "shuffle": "byte shuffle for raw, none for labels"}
+LAYOUT = {"chunks": list(CHUNKS), "shards": list(SHARDS), "shuffle": "byte shuffle for raw, none for labels",
+          "inner_checksum": "crc32c"}
 
 
 def shuffle_of(is_label: bool) -> str:
@@ -55,6 +58,12 @@ def compressor(is_label: bool, codec: str = LABEL_CODEC):
         raise ValueError(f"codec={codec!r} is not supported; allowed: {list(CODECS)}")
     cname, clevel = CODECS[codec]
     return BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle_of(is_label))
+
+
+def compressors(is_label: bool, codec: str = LABEL_CODEC) -> tuple:
+    """zarr's bytes-to-bytes codecs of a cache array's inner chunks: `compressor`, then crc32c."""
+    from zarr.codecs import Crc32cCodec
+    return compressor(is_label, codec), Crc32cCodec()
 
 
 def blosc_codec(codec: str, is_label: bool):
@@ -85,8 +94,36 @@ def encode_chunks(block: np.ndarray, codec: str, is_label: bool, first=(0, 0, 0)
             scratch.fill(0)
         scratch[tuple(slice(0, n) for n in chunk.shape)] = chunk
         if not _is_empty(scratch):
-            encoded[tuple(i + f for i, f in zip(local, first))] = bytes(blosc.encode(scratch))
+            body = blosc.encode(scratch)
+            # zarr v3's crc32c codec: the checksum of the Blosc bytes, little-endian, after them.
+            encoded[tuple(i + f for i, f in zip(local, first))] = bytes(body) + _crc32c(body)
     return encoded
+
+
+def _crc32c(data) -> bytes:
+    import google_crc32c
+    return int(google_crc32c.value(bytes(data))).to_bytes(4, "little")
+
+
+class DamagedShard(RuntimeError):
+    """A shard file of a store that does not hold what was written: named with the remedy."""
+
+    def __init__(self, shard_path, problem: str):
+        path = Path(shard_path)
+        parts = path.parts
+        at = parts.index("data.zarr") if "data.zarr" in parts else len(parts) - 1
+        store = Path(*parts[:at])
+        array = "/".join(parts[at + 1:parts.index("c", at)]) if "c" in parts[at:] else "?"
+        shard = tuple(int(p) for p in parts[parts.index("c", at) + 1:]) if "c" in parts[at:] else ()
+        self.store, self.array, self.shard = store, array, shard
+        super().__init__(f"store {store}: array {array}, shard {shard} is damaged ({problem}). Run "
+                         f"`wildenberg-intake verify {store}` to list every damaged shard and the source's "
+                         f"repair() to fetch them again, or delete {store} to rebuild it.")
+
+
+def check_crc32c(blob: bytes) -> bytes | None:
+    """The payload of an inner chunk stored with zarr's crc32c codec, or None if its checksum fails."""
+    return blob[:-4] if len(blob) >= 4 and _crc32c(blob[:-4]) == blob[-4:] else None
 
 
 def morton_order(shape) -> list[tuple]:
@@ -126,7 +163,7 @@ def array_metadata(shape, dtype: str, is_label: bool, codec: str, attributes: di
             "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
             "fill_value": 0,
             "codecs": [{"name": "sharding_indexed", "configuration": {
-                "chunk_shape": list(CHUNKS), "codecs": [inner_bytes, blosc],
+                "chunk_shape": list(CHUNKS), "codecs": [inner_bytes, blosc, {"name": "crc32c"}],
                 "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
                 "index_location": "end"}}],
             "attributes": attributes, "dimension_names": ["z", "y", "x"],
@@ -529,6 +566,35 @@ class StoreCache:
                 entry["missing" if actual is None else "corrupt"].append(index)
             report[name] = entry
         return report
+
+    def check_shard(self, name: str, index, hashes: bool = False) -> str | None:
+        """What is wrong with recorded shard `index` (None: nothing): its file's size against its
+        record (one stat), and with `hashes` its sha256 too (reads the file)."""
+        rec = self.record(name, index)
+        if rec is None:
+            return None
+        path = self.shard_file(name, index)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return None if rec["sha256"] is None else "its file is missing"
+        if rec["sha256"] is None:
+            return "a file exists where an all-zero shard was recorded"
+        if size != rec["bytes"]:
+            return f"{size} bytes on disk, {rec['bytes']} recorded"
+        if hashes and file_sha256(path) != rec["sha256"]:
+            return "its sha256 differs from its record"
+        return None
+
+    def check_shards(self, name: str, hashes: bool = False):
+        """Raise `DamagedShard` for the first recorded shard of `name` whose file differs from its
+        record (sizes: one stat per shard; with `hashes`, sha256 too), naming how many are damaged."""
+        bad = [(index, problem) for index in sorted(self.done_shards(name))
+               if (problem := self.check_shard(name, index, hashes))]
+        if bad:
+            index, problem = bad[0]
+            more = f"; {len(bad) - 1} more shards of {name} are damaged too" if len(bad) > 1 else ""
+            raise DamagedShard(self.shard_file(name, index), problem + more)
 
     def invalidate(self, name: str, shards):
         """Forget shards (their records, files and the array's COMPLETE mark) so the next run rewrites them."""

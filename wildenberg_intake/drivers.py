@@ -60,8 +60,10 @@ class WildenbergSource(DataSource):
     `retry` the retry policy for transient faults (fields of `transfer.RetryPolicy`), `lock` a
     lock file whose pinned info files, box and voxel checksums the data must match,
     `cache_limit` the bytes the store's shards may use on disk in lazy use (an integer or a
-    string such as "50GB"; least recently used shards are evicted; None: no limit), and
-    `progress` the progress bars.
+    string such as "50GB"; least recently used shards are evicted; None: no limit),
+    `check_hashes` whether reads check each cached shard's sha256 against its record the first
+    time this process reads it (otherwise its size; every inner chunk's crc32c is always checked),
+    and `progress` the progress bars.
     """
 
     name = "wildenberg"
@@ -72,7 +74,7 @@ class WildenbergSource(DataSource):
     def __init__(self, dataset: dict, label: str, parameters: dict | None = None,
                  workers: int = DEFAULT_WORKERS, progress: bool = True,
                  connections: int = DEFAULT_CONNECTIONS, retry: dict | None = None, lock: str | None = None,
-                 cache_limit=None, metadata=None, **user):
+                 cache_limit=None, check_hashes: bool = False, metadata=None, **user):
         # `dataset`: the experiment's declared fields; `parameters`: the user parameters as the
         # catalog rendered them; `user`: the same given directly (they win).
         self.request = make_request(**dataset, label=label, **{**(parameters or {}), **user})
@@ -81,6 +83,7 @@ class WildenbergSource(DataSource):
         self.retry = RetryPolicy(**(retry or {})) if not isinstance(retry, RetryPolicy) else retry
         self.progress = progress
         self.cache_limit = parse_size(cache_limit)
+        self.check_hashes = bool(check_hashes)
         self._plan = None
         self.entry_name = f"{self.request.experiment}_{self.request.label}"
         self.lock = None
@@ -171,7 +174,7 @@ class WildenbergSource(DataSource):
         """{"raw": ..., "labels": ...}: the entry's arrays read through the cache (`lazy.ReadThroughArray`):
         numpy-style windows that fetch only the shards they touch."""
         plan = self.plan
-        return {var: ReadThroughArray(plan, name, self.connections, self.cache_limit)
+        return {var: ReadThroughArray(plan, name, self.connections, self.cache_limit, check_hashes=self.check_hashes)
                 for var, name in (("raw", "raw"), ("labels", plan.label_name))}
 
     def to_dask(self):

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from .cache import SHARDS, StoreCache, shard_grid
+from .cache import SHARDS, DamagedShard, StoreCache, shard_grid
 from .engine import DEFAULT_CONNECTIONS, ShardWriter, cache_for, finish_array, prepare
 from .plan import StorePlan
 from .reader import DEFAULT_CACHE_MB, ShardedArrayReader
@@ -85,11 +85,11 @@ class ReadThroughArray:
     """
 
     def __init__(self, plan: StorePlan, name: str, connections: int = DEFAULT_CONNECTIONS,
-                 cache_limit: int | None = None, cache_mb: float = DEFAULT_CACHE_MB):
+                 cache_limit: int | None = None, cache_mb: float = DEFAULT_CACHE_MB, check_hashes: bool = False):
         if name not in plan.arrays:
             raise ValueError(f"array {name!r} is unknown; allowed: {sorted(plan.arrays)}")
         self.plan, self.name, self.connections = plan, name, connections
-        self.cache_limit, self.cache_mb = cache_limit, cache_mb
+        self.cache_limit, self.cache_mb, self.check_hashes = cache_limit, cache_mb, check_hashes
         src = plan.arrays[name]
         self.shape, self.dtype, self.ndim = tuple(src.shape), np.dtype(src.dtype), 3
         self.size = int(np.prod(self.shape))
@@ -97,10 +97,14 @@ class ReadThroughArray:
         self.cache = prepare(plan, [name])
         self._writer = None
         self._reader = None
+        self._checked = set()  # shards whose file this process has compared with its record
+        if self.cache.is_complete(name):  # opening a complete store: one stat per shard (or sha256)
+            self.cache.check_shards(name, check_hashes)
+            self._checked = set(self.cache.done_shards(name))
 
     def __getstate__(self):
         return {"plan": self.plan, "name": self.name, "connections": self.connections,
-                "cache_limit": self.cache_limit, "cache_mb": self.cache_mb}
+                "cache_limit": self.cache_limit, "cache_mb": self.cache_mb, "check_hashes": self.check_hashes}
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -150,6 +154,13 @@ class ReadThroughArray:
             self.ensure(index)
             fd = self.cache.hold(self.name, index, touch=self.cache_limit is not None)
             if fd is not None:
+                if index not in self._checked:
+                    problem = self.cache.check_shard(self.name, index, self.check_hashes)
+                    if problem:
+                        import os
+                        os.close(fd)
+                        raise DamagedShard(self.cache.shard_file(self.name, index), problem)
+                    self._checked.add(index)
                 return fd
             time.sleep(0.01)  # evicted between its write and our hold: write it again
         raise RuntimeError(f"shard {index} of {self.name} in {self.cache.root} was evicted 20 times before it "

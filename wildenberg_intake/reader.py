@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache import DamagedShard, check_crc32c
+
 DEFAULT_CACHE_MB = 256
 
 
@@ -35,6 +37,8 @@ class ShardedArrayReader:
         if sharding["name"] != "sharding_indexed" or sharding["configuration"].get("index_location", "end") != "end":
             raise ValueError(f"{self.path} is not laid out as this package writes stores; read it with zarr")
         conf = sharding["configuration"]
+        # Stores of layout 3 on carry a crc32c after every inner chunk; older ones do not.
+        self.checksummed = any(c.get("name") == "crc32c" for c in conf.get("codecs", []))
         self.chunk = tuple(conf["chunk_shape"])
         self.shard = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
         self.per_shard = tuple(s // c for s, c in zip(self.shard, self.chunk))
@@ -60,9 +64,17 @@ class ShardedArrayReader:
             n = int(np.prod(self.per_shard))
             try:
                 with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    if size < 16 * n + 4:
+                        raise DamagedShard(path, f"{size} bytes cannot hold its {16 * n + 4}-byte index")
                     f.seek(-(16 * n + 4), os.SEEK_END)
-                    raw = f.read(16 * n)
-                index = np.frombuffer(raw, dtype="<u8").reshape(self.per_shard + (2,))
+                    raw = f.read(16 * n + 4)
+                if check_crc32c(raw) is None:
+                    raise DamagedShard(path, "its index fails its crc32c")
+                index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.per_shard + (2,))
+                used = index[..., 0] != 2**64 - 1
+                if (index[used].sum(axis=1) > size - 16 * n - 4).any():
+                    raise DamagedShard(path, "its index points past the file")
             except FileNotFoundError:
                 index = None  # an all-zero shard has no file
             self._indices[shard] = index
@@ -85,7 +97,11 @@ class ShardedArrayReader:
                     blob = os.pread(fd, length, offset)
                 finally:
                     os.close(fd)
-                data = np.frombuffer(blosc.decompress(blob), dtype=self.dtype).reshape(self.chunk)
+                payload = check_crc32c(blob) if self.checksummed else blob
+                if payload is None:
+                    raise DamagedShard(self.path / "c" / Path(*map(str, shard)),
+                                       f"inner chunk {coords} fails its crc32c")
+                data = np.frombuffer(blosc.decompress(payload), dtype=self.dtype).reshape(self.chunk)
         with self._lock:
             nbytes = data.nbytes if data is not None else 64
             self._cache[coords] = data
