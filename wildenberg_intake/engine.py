@@ -28,17 +28,19 @@ import threading
 import time
 import uuid
 import shutil
+import warnings
 import zlib
+import json
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .cache import (CHUNKS, SHARDS, StoreCache, assemble_shard, durable_write, encode_chunks, make_dirs, ome_multiscale,
+from .cache import (CHUNKS, SHARDS, StoreCache, array_path, assemble_shard, durable_write, encode_chunks, make_dirs, ome_multiscale,
                     shard_box, shard_grid)
 from .layers import Layer, LayerError, place
 from .plan import ArraySource, StorePlan
-from .transfer import NO_GATE, TooLarge, inflate
+from .transfer import NO_GATE, Cancelled, TooLarge, inflate
 
 DEFAULT_WORKERS = max(2, os.cpu_count() or 2)
 DEFAULT_CONNECTIONS = 16
@@ -157,7 +159,7 @@ class ChunkStage:
             return True, decoded
         return False, None
 
-    def get(self, grid, gate=NO_GATE):
+    def get(self, grid, gate=NO_GATE, token=None):
         """The decoded chunk ((z, y, x) array; None: the server lacks it), fetched by whichever task
         asks first. Nothing is staged before it decodes to the chunk's shape and dtype.
 
@@ -174,7 +176,7 @@ class ChunkStage:
                     staged, decoded = self._read(grid, gate)
                     if staged:
                         return decoded
-                    data, wire = self.layer.fetch_chunk_with_wire(grid, gate)
+                    data, wire = self.layer.fetch_chunk_with_wire(grid, gate, token)
                     try:
                         decoded = None if data is None else self.layer.decode_chunk(grid, data)
                         if wire is not None and len(wire) * 4 > len(data):
@@ -310,6 +312,18 @@ class ShardWriter:
                 self._io = _PROCESS_POOLS[self.connections]
         return self._io
 
+    def finish(self):
+        """Mark the array complete (every shard recorded), and warn where every source chunk of
+        the box answered 404: empty data is legal, but usually a wrong base_url or box."""
+        cache, src = self.cache, self.src
+        finish_array(cache, src.name, src.shape)
+        chunks = self.layer.info.chunks_in(src.start_zyx, np.add(src.start_zyx, src.shape))
+        missing = json.loads((cache.zarr_path / array_path(src.name) / "zarr.json").read_text())
+        if chunks and missing["attributes"]["missing_source_chunks"]["count"] >= len(chunks):
+            warnings.warn(f"every source chunk of {self.layer.url} in the box answered 404: array {src.name} of "
+                          f"{cache.root} is all zeros. Empty data is legal, but check base_url and bbox_nm.",
+                          UserWarning, stacklevel=2)
+
     def shards_of_chunk(self, grid) -> list[tuple]:
         """Output shards that need source chunk `grid`."""
         start, stop = self.layer.info.chunk_box(grid)
@@ -318,14 +332,14 @@ class ShardWriter:
         return [(i, j, k) for i in range(lo[0], hi[0] + 1) for j in range(lo[1], hi[1] + 1)
                 for k in range(lo[2], hi[2] + 1)]
 
-    def _load(self, shared: bool, grid, out, out_start) -> bool:
+    def _load(self, shared: bool, grid, out, out_start, token=None) -> bool:
         """In an I/O thread: get chunk `grid` (from the stage if `shared`, else from the layer), decode
         it and copy it into `out`. Returns whether the server lacks the chunk."""
         layer = self.layer
         if shared:
-            decoded = self.stage.get(grid, self._gate)  # decoded (validated) before it was staged
+            decoded = self.stage.get(grid, self._gate, token)  # decoded (validated) before it was staged
         else:
-            data = layer.fetch_chunk(grid, self._gate)
+            data = layer.fetch_chunk(grid, self._gate, token)
             try:
                 decoded = None if data is None else layer.decode_chunk(grid, data)
             except BaseException:
@@ -401,7 +415,8 @@ class ShardWriter:
         # Every request of the slab goes out at once; each I/O thread decodes and places its own
         # chunk, holding the inflated bytes under the gate, so latency is hidden by as many
         # requests as there are connections while only a few chunks are in memory.
-        futures = {self.io().submit(self._load, grid in shared, grid, out, s_start): grid for grid in grids}
+        token = threading.Event()  # set when this slab fails: its other requests are cut
+        futures = {self.io().submit(self._load, grid in shared, grid, out, s_start, token): grid for grid in grids}
         missing = set()
         try:
             for future in cf.as_completed(futures):
@@ -410,13 +425,10 @@ class ShardWriter:
         except BaseException:
             for future in futures:  # none may write into this thread's buffer after we leave
                 future.cancel()
-            # Cut the requests in flight (of this and the run's other tasks) rather than wait for
-            # their deadlines and retries: the run stops with this failure. Cleared once they have
-            # ended, for later reads of the same plan.
-            fetcher = layer.fetcher
-            fetcher.cancel()
+            # Cut this slab's other requests rather than wait for their deadlines and retries (the
+            # run's other tasks are stopped by the run, see `_run_threads`).
+            token.set()
             cf.wait(futures)
-            fetcher.cancelled.clear()
             raise
         encoded.update(encode_chunks(out, src.codec, src.is_label, first=(z0 // CHUNKS[0], 0, 0)))
         digest.update(out)  # slabs split the shard along z: in order they are its C-order bytes
@@ -535,7 +547,7 @@ def _fill_arrays(cache: StoreCache, writers: list, workers: int, progress: bool,
         bars[src.name].set_postfix_str(f"{len(shards) - len(todo)}/{len(shards)} shards")
 
     def complete(writer: ShardWriter):
-        finish_array(cache, writer.src.name, writer.src.shape)
+        writer.finish()
 
     def finished(writer: ShardWriter, index):
         src = writer.src
@@ -596,12 +608,15 @@ def _run_threads(jobs, workers: int, finished, cancel=lambda: None):
             for future in done:
                 future.result()  # re-raises a task's error
                 finished(*pending.pop(future))
-    except BaseException:
+    except BaseException as first:
         for future in pending:
             future.cancel()
         cancel()
         pool.shutdown(wait=True, cancel_futures=True)
-        raise
+        # The failure that stopped the run, not a task cancelled because of it.
+        causes = [f.exception() for f in pending if not f.cancelled() and f.exception() is not None]
+        root = next((e for e in [first, *causes] if not isinstance(e, Cancelled)), first)
+        raise root
     pool.shutdown(wait=True)
 
 

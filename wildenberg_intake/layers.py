@@ -226,19 +226,19 @@ class Layer:
         a, b = self._cv(start), self._cv(stop)
         return "_".join(f"{lo}-{hi}" for lo, hi in zip(a, b))
 
-    def fetch_chunk(self, grid, gate=NO_GATE) -> bytes | None:
+    def fetch_chunk(self, grid, gate=NO_GATE, token=None) -> bytes | None:
         """The chunk's encoded bytes, or None if the server has no such chunk (an empty chunk).
 
         gate: see `Fetcher.get_with_wire`: held on return when bytes are returned."""
-        return self.fetch_chunk_with_wire(grid, gate)[0]
+        return self.fetch_chunk_with_wire(grid, gate, token)[0]
 
-    def fetch_chunk_with_wire(self, grid, gate=NO_GATE) -> tuple:
+    def fetch_chunk_with_wire(self, grid, gate=NO_GATE, token=None) -> tuple:
         """(`fetch_chunk`, its gzip stream as it came over the wire or None where it came uncompressed)."""
         base = f"{http_url(self.url)}/{self.info.scale_key}"
         if self.info.sharding is None:
             return self.fetcher.get_with_wire(f"{base}/{self.chunk_name(grid)}", gate=gate,
-                                              max_bytes=self.info.chunk_bytes(grid))
-        return self._fetch_sharded(base, grid, gate)
+                                              max_bytes=self.info.chunk_bytes(grid), token=token)
+        return self._fetch_sharded(base, grid, gate, token)
 
     def decode_chunk(self, grid, data: bytes | None) -> np.ndarray:
         """Decoded chunk as a (z, y, x) array; zeros for a missing chunk.
@@ -283,7 +283,7 @@ class Layer:
         return out
 
     # -- the sharded format --------------------------------------------------------------------
-    def _fetch_sharded(self, base: str, grid, gate=NO_GATE) -> tuple:
+    def _fetch_sharded(self, base: str, grid, gate=NO_GATE, token=None) -> tuple:
         from cloudvolume.datasource.precomputed.common import compressed_morton_code
         from cloudvolume.datasource.precomputed.sharding import ShardingSpecification
         spec = ShardingSpecification.from_dict(self.info.sharding)
@@ -301,7 +301,7 @@ class Layer:
         if size > self.info.chunk_bytes(grid):
             raise LayerError(f"layer {self.url}: shard {url} lists chunk {code} as {size} bytes; at most "
                              f"{self.info.chunk_bytes(grid)} fit it")
-        data = self.fetcher.get_with_wire(url, (offset, offset + size), gate=gate)[0]
+        data = self.fetcher.get_with_wire(url, (offset, offset + size), gate=gate, token=token)[0]
         if data is None or len(data) != size:
             if data is not None:
                 gate.release()

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from .cache import SHARDS, DamagedShard, StoreCache, shard_grid
-from .engine import DEFAULT_CONNECTIONS, ShardWriter, cache_for, finish_array, prepare
+from .engine import DEFAULT_CONNECTIONS, ShardWriter, cache_for, prepare
 from .plan import StorePlan
 from .reader import DEFAULT_CACHE_MB, ShardedArrayReader
 
@@ -145,7 +145,7 @@ class ReadThroughArray:
             with _FINISHING:  # threads of one process finishing the last shards at once mark it once
                 if not self.cache.is_complete(self.name) and \
                         len(self.cache.done_shards(self.name)) == self.total_shards:
-                    finish_array(self.cache, self.name, self.shape)
+                    self.writer.finish()
         return written
 
     def _hold(self, index) -> int:

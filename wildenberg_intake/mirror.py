@@ -325,6 +325,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with server.lock:
             server.requests[path] += 1
             fault = server.faults.draw(path) if server.faults else None
+        hostile = server.faults.hostile_for(path) if server.faults else None
+        if hostile is not None:
+            return self._hostile(hostile, target, send_body)
         if server.bandwidth and target is not None:  # per-response bandwidth, like a remote store
             time.sleep(target.stat().st_size / server.bandwidth)
         if fault == "slow":
@@ -369,6 +372,38 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             with server.lock:
                 server.bytes_sent += len(body)
 
+    def _hostile(self, kind, target, send_body):
+        """Answers no honest server gives: a gzip bomb, an HTML page, silence, a trickle."""
+        server = self.server
+        if kind == "stall":  # accept, read the request, never answer
+            server.stopping.wait()
+            self.close_connection = True
+            return
+        if kind == "bomb":
+            body, headers = gzip_bomb(server.faults.bomb_bytes), {"Content-Encoding": "gzip"}
+        elif kind == "html":
+            body = (b"<!DOCTYPE html><html><head><title>503 Service Unavailable</title></head><body>"
+                    b"<h1>Please try again later</h1></body></html>" + b" " * 64)
+            headers = {"Content-Type": "text/html"}
+        else:  # trickle: the true body, one byte every trickle_seconds
+            body, headers = (target.read_bytes() if target is not None else b"x" * 1024), {}
+        self.send_response(200)
+        headers["Content-Length"] = str(len(body))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if not send_body:
+            return
+        if kind != "trickle":
+            self.wfile.write(body)
+            return
+        for i in range(len(body)):
+            if server.stopping.wait(server.faults.trickle_seconds):
+                break
+            self.wfile.write(body[i:i + 1])
+            self.wfile.flush()
+        self.close_connection = True
+
     def do_GET(self):
         self._quietly(True)
 
@@ -397,6 +432,19 @@ class Faults:
     fail_paths: tuple = ()
     include_info: bool = False
     injected: Counter = field(default_factory=Counter)
+    # Hostile answers for paths containing a key: "bomb" (a gzip body inflating to bomb_bytes),
+    # "html" (an error page with 200), "stall" (no answer), "trickle" (a byte every trickle_seconds).
+    hostile: dict = field(default_factory=dict)
+    bomb_bytes: int = 2**30
+    trickle_seconds: float = 0.5
+
+    def hostile_for(self, path: str):
+        for key, kind in self.hostile.items():
+            if key in path:
+                if kind not in ("bomb", "html", "stall", "trickle"):
+                    raise ValueError(f"hostile kind {kind!r} is unknown; allowed: bomb, html, stall, trickle")
+                return kind
+        return None
 
     def __post_init__(self):
         for name in ("error_rate", "reset_rate", "truncate_rate", "slow_rate"):
@@ -420,6 +468,21 @@ class Faults:
                 return kind
             r -= rate
         return None
+
+
+_BOMBS: dict = {}
+
+
+def gzip_bomb(size: int) -> bytes:
+    """A gzip stream of `size` zero bytes (about size / 1000 bytes long), made once per size."""
+    if size not in _BOMBS:
+        import zlib
+        c = zlib.compressobj(9, zlib.DEFLATED, 31)
+        block = bytes(2**20)
+        parts = [c.compress(block) for _ in range(size // len(block))]
+        parts.append(c.compress(bytes(size % len(block))))
+        _BOMBS[size] = b"".join(parts) + c.flush()
+    return _BOMBS[size]
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -465,6 +528,7 @@ class MirrorServer:
         self._server.lock = threading.Lock()
         self._server.requests = Counter()
         self._server.bytes_sent = 0
+        self._server.stopping = threading.Event()
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         return self
@@ -474,6 +538,7 @@ class MirrorServer:
 
     def stop(self):
         if self._server is not None:
+            self._server.stopping.set()  # stalled and trickling answers end
             self._server.shutdown()
             self._server.server_close()
             self._thread.join()

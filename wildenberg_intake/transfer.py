@@ -67,6 +67,10 @@ class TransferError(IOError):
     """A fetch that failed for good: the URL and the last failure are in the message."""
 
 
+class Cancelled(TransferError):
+    """A fetch stopped because its run (or its shard) is stopping after another failure."""
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How transient faults are retried: `attempts` tries in all, waits growing from `backoff` seconds."""
@@ -130,7 +134,7 @@ class Fetcher:
         return self.get_with_wire(url, byte_range, max_bytes=max_bytes)[0]
 
     def get_with_wire(self, url: str, byte_range: tuple[int, int] | None = None, gate=NO_GATE,
-                      max_bytes: int | None = None) -> tuple:
+                      max_bytes: int | None = None, token: threading.Event | None = None) -> tuple:
         """(bytes, gzip stream as received or None): `get`, and the compressed body where the server sent
         one (already checked to inflate whole), for callers that keep the smaller form. (None, None) if
         the object does not exist.
@@ -138,6 +142,8 @@ class Fetcher:
         gate: a semaphore acquired once the server answers with a body, before the body is read and
             inflated. When bytes are returned the caller holds it and releases it when done with them,
             so that many requests can wait on the network while only a few bodies are in memory.
+        token: an event that, once set, cuts this request and its retries (`Cancelled`), as
+            `cancel()` does for every request of the fetcher.
         """
         url = to_fetchable(url)
         if url.startswith("file://"):
@@ -159,11 +165,13 @@ class Fetcher:
         for attempt in range(self.policy.attempts):
             if attempt:
                 self._count(retries=1)
-                self.cancelled.wait(self.policy.wait(attempt - 1))
-            if self.cancelled.is_set():
-                raise TransferError(f"GET {url} cancelled: the run is stopping after another failure")
+                (token or self.cancelled).wait(self.policy.wait(attempt - 1))
+            if self.cancelled.is_set() or (token is not None and token.is_set()):
+                raise Cancelled(f"GET {url} cancelled: the run is stopping after another failure")
             self._count(requests=1)
-            outcome = self._attempt(url, headers, byte_range, gate, max_bytes)
+            outcome = self._attempt(url, headers, byte_range, gate, max_bytes, token)
+            if outcome[0] == "retry" and outcome[1] == "cancelled":
+                raise Cancelled(f"GET {url} cancelled: the run is stopping after another failure")
             if outcome[0] == "ok":
                 self._count(bytes=len(outcome[1]))
                 return outcome[1], outcome[2]
@@ -173,7 +181,7 @@ class Fetcher:
             last = outcome[1]
         raise TransferError(f"GET {url} failed {self.policy.attempts} times; last failure: {last}")
 
-    def _attempt(self, url, headers, byte_range, gate, max_bytes=None) -> tuple:
+    def _attempt(self, url, headers, byte_range, gate, max_bytes=None, token=None) -> tuple:
         """One GET: ("ok", bytes, wire) with `gate` held, ("missing",), or ("retry", why); raises for an
         answer that retrying cannot change."""
         held = False
@@ -181,7 +189,7 @@ class Fetcher:
         # passes (a socket timeout alone restarts at every byte of a body that trickles in), or at
         # `cancel()`. Connecting and waiting for the headers are bounded by the socket timeouts.
         cut = threading.Event()
-        state = {"resp": None, "cut": cut, "deadline": time.monotonic() + self.policy.deadline}
+        state = {"resp": None, "cut": cut, "deadline": time.monotonic() + self.policy.deadline, "token": token}
         self._watch(state)
         try:
             try:
@@ -208,14 +216,14 @@ class Fetcher:
                 finally:
                     resp.release_conn()
             except urllib3.exceptions.MaxRetryError as e:  # urllib3's wrapper of a connect/read failure
-                return "retry", self._why(cut, f"{type(e.reason).__name__}: {e.reason}")
+                return "retry", self._why(cut, f"{type(e.reason).__name__}: {e.reason}", token)
             except (urllib3.exceptions.HTTPError, http.client.HTTPException,
                     OSError) as e:  # a reset, a timeout, or a body shorter than its Content-Length
                 if isinstance(e, TransferError):
                     raise
-                return "retry", self._why(cut, f"{type(e).__name__}: {e}")
+                return "retry", self._why(cut, f"{type(e).__name__}: {e}", token)
             if cut.is_set():
-                return "retry", self._why(cut, "cut")
+                return "retry", self._why(cut, "cut", token)
             if resp.status == 404:
                 return ("missing",)
             if resp.status in (200, 206):
@@ -267,7 +275,8 @@ class Fetcher:
                     self._watchdog = None
                     return
                 due = [st for st in self._watched.values()
-                       if self.cancelled.is_set() or now > st["deadline"]]
+                       if self.cancelled.is_set() or now > st["deadline"]
+                       or (st["token"] is not None and st["token"].is_set())]
             for st in due:
                 st["cut"].set()
                 resp = st["resp"]
@@ -277,8 +286,8 @@ class Fetcher:
                     except Exception:  # closed meanwhile
                         pass
 
-    def _why(self, cut: threading.Event, failure: str) -> str:
-        if self.cancelled.is_set():
+    def _why(self, cut: threading.Event, failure: str, token=None) -> str:
+        if self.cancelled.is_set() or (token is not None and token.is_set()):
             return "cancelled"
         if cut.is_set():
             return f"no complete answer within the {self.policy.deadline:g} s deadline ({failure})"
