@@ -138,15 +138,25 @@ class ReadThroughArray:
         index = tuple(index)
         if self.cache.is_done(self.name, index):  # one stat; writing nothing keeps a complete store read-only
             return 0
+        # The same shard of the store's other arrays (raw and labels of one window) is kept.
+        keep = {(name, index) for name in self.cache.arrays()}
+        if self.cache_limit is not None:  # make room first, so that the budget holds while it is written
+            enforce_limit(self.cache, max(0, self.cache_limit - self._estimate()), keep)
         written = self.writer.write(index)
         if written:
             if self.cache_limit is not None:
-                enforce_limit(self.cache, self.cache_limit, keep={(self.name, tuple(index))})
+                enforce_limit(self.cache, self.cache_limit, keep)
             with _FINISHING:  # threads of one process finishing the last shards at once mark it once
                 if not self.cache.is_complete(self.name) and \
                         len(self.cache.done_shards(self.name)) == self.total_shards:
                     self.writer.finish()
         return written
+
+    def _estimate(self) -> int:
+        """Bytes a new shard of this array will likely take: the largest of (up to 64) shards cached
+        now, 0 before any is."""
+        return max([self.cache.shard_bytes(self.name, i) for i in list(self.cache.done_shards(self.name))[:64]],
+                   default=0)
 
     def _hold(self, index) -> int:
         """Ensure shard `index` and hold it against eviction; returns the descriptor to close."""
