@@ -39,8 +39,8 @@ def test_every_entry_equals_the_mirror(entry, catalog, mirror, server, tmp_path)
     assert ds.attrs["experiment"] == experiment and ds.attrs["label"] == label
     assert "doi:10.1038/s41467-023-43088-3" in ds.attrs["citation"]
     assert ds["labels"].values.any(), "the test box should hold some labels"
-    # Coordinates are nm: the first voxel's lower corner sits at the clipped box's start.
-    assert ds["x"].values[0] == pytest.approx(ds.attrs["bbox_nm"][0] // 12 * 12)
+    # Coordinates are nm voxel centres: the first voxel's centre is half a voxel past the clipped box's start.
+    assert ds["x"].values[0] == pytest.approx(ds.attrs["bbox_nm"][0] // 12 * 12 + 6)
     assert ds["z"].values[1] - ds["z"].values[0] == 40
 
 
@@ -195,3 +195,27 @@ def test_the_store_is_valid_ome_zarr_0_5(catalog, server, tmp_path):
     assert translation["translation"] == [float(ds["z"][0]), float(ds["y"][0]), float(ds["x"][0])]
     label = zarr.open_group(path, mode="r")["labels/saturated"]
     assert "image-label" in label.attrs["ome"] and label.attrs["ome"]["multiscales"][0]["datasets"][0]["path"] == "0"
+
+
+def test_em_at_6_nm_and_labels_at_12_nm_place_a_physical_point_alike(catalog, server, tmp_path):
+    """xarray coordinates and OME-Zarr translations are voxel centres: the two 6 nm EM voxels over a
+    12 nm label voxel are centred on it, in the package's coordinates and in the OME metadata."""
+    import zarr
+    src = catalog.p105_psd(bbox_nm=BOX["p105"], base_url=server.base_url, cache_dir=str(tmp_path), em_mip=0)
+    ds = src.to_dask()
+    for axis in ("y", "x"):
+        fine, coarse = ds[f"{axis}_raw"].values, ds[axis].values
+        assert fine[1] - fine[0] == 6 and coarse[1] - coarse[0] == 12
+        n = min(len(fine) // 2, len(coarse))
+        np.testing.assert_allclose((fine[0:2 * n:2] + fine[1:2 * n:2]) / 2, coarse[:n])
+    store = zarr.open_group(src.materialise(), mode="r")
+    (raw,) = store.attrs["ome"]["multiscales"]
+    (lab,) = store["labels/psd"].attrs["ome"]["multiscales"]
+    r_scale, r_shift = (raw["datasets"][0]["coordinateTransformations"][i][k] for i, k in ((0, "scale"), (1, "translation")))
+    l_scale, l_shift = (lab["datasets"][0]["coordinateTransformations"][i][k] for i, k in ((0, "scale"), (1, "translation")))
+    assert r_scale[1:] == [6.0, 6.0] and l_scale[1:] == [12.0, 12.0]
+    for a in (1, 2):  # the centre of voxel 0 is the translation: lower corners coincide
+        assert r_shift[a] - r_scale[a] / 2 == pytest.approx(l_shift[a] - l_scale[a] / 2)
+        # and the same physical point as the xarray coordinate of voxel 0
+    assert l_shift[2] == pytest.approx(float(ds["x"].values[0]))
+    assert r_shift[2] == pytest.approx(float(ds["x_raw"].values[0]))

@@ -209,17 +209,24 @@ def encode_shard(block: np.ndarray, codec: str, is_label: bool) -> bytes | None:
 
 
 def array_path(name: str) -> str:
-    """Where array `name` lives in the zarr store: raw at `raw`, label <l> at `labels/<l>/0`
-    (OME-Zarr puts each label in an image-label group of its own, level 0 its full resolution)."""
-    return f"{name}/0" if name.startswith("labels/") else name
+    """Where array `name` lives in the zarr store: raw at `raw` (its pyramid levels `raw@<k>` at
+    `raw_s<k>`, beside it in the root image group), label <l> at `labels/<l>/0` (OME-Zarr puts each
+    label in an image-label group of its own; its level k at `labels/<l>/<k>`)."""
+    base, _, level = name.partition("@")
+    if base.startswith("labels/"):
+        return f"{base}/{level or 0}"
+    return f"{base}_s{level}" if level else base
 
 
-def ome_multiscale(name: str, resolution_zyx, origin_nm_zyx, path: str) -> dict:
-    """An OME-Zarr 0.5 multiscales entry with one level: axes z, y, x in nanometres."""
+def ome_multiscale(name: str, levels) -> dict:
+    """An OME-Zarr 0.5 multiscales entry, axes z, y, x in nanometres; `levels`: (path, voxel size,
+    lower corner of voxel 0) per level, finest first. OME-Zarr (and neuroglancer, napari) place
+    voxel 0's centre at the translation: half a voxel past its lower corner."""
     return {"name": name, "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
             "datasets": [{"path": path, "coordinateTransformations": [
-                {"type": "scale", "scale": [float(v) for v in resolution_zyx]},
-                {"type": "translation", "translation": [float(v) for v in origin_nm_zyx]}]}]}
+                {"type": "scale", "scale": [float(v) for v in resolution]},
+                {"type": "translation", "translation": [float(o) + float(r) / 2 for o, r in zip(origin, resolution)]}]}
+                for path, resolution, origin in levels]}
 
 
 def shard_grid(shape) -> list[tuple]:
@@ -401,12 +408,20 @@ class StoreCache:
         return cls(root.parent.parent, root.name)
 
     def arrays(self) -> list[str]:
-        """Names of the arrays the store holds: raw, labels/<label>."""
+        """Names of the arrays the store holds: raw, labels/<label>, and their pyramid levels (`@<k>`)."""
+        def levels(name):
+            found, k = [], 1
+            while (self.zarr_path / array_path(f"{name}@{k}") / "zarr.json").is_file():
+                found.append(f"{name}@{k}")
+                k += 1
+            return found
         out = [n for n in ("raw",) if (self.zarr_path / n / "zarr.json").is_file()]
+        out += levels("raw") if out else []
         labels = self.zarr_path / "labels"
         if labels.is_dir():
-            out += sorted(f"labels/{p.name}" for p in labels.iterdir()
-                          if (self.zarr_path / array_path(f"labels/{p.name}") / "zarr.json").is_file())
+            for p in sorted(labels.iterdir()):
+                if (self.zarr_path / array_path(f"labels/{p.name}") / "zarr.json").is_file():
+                    out += [f"labels/{p.name}"] + levels(f"labels/{p.name}")
         return out
 
     def mark_done(self, name: str, index, file_hash: str | None, content_sha256: str, missing_chunks=()) -> dict:

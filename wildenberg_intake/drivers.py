@@ -214,8 +214,9 @@ class WildenbergSource(DataSource):
                                                   == labels.layer.resolution_zyx[a]) else f"{d}_raw"
                          for a, d in enumerate(("z", "y", "x")))
             for dim, n, res, origin in zip(dims, src.shape, src.layer.resolution_zyx, src.origin_nm_zyx):
-                coords[dim] = xr.Variable(dim, origin + res * np.arange(n),
-                                          attrs={"units": "nm", "long_name": f"{dim[0]} (voxel lower corner)"})
+                # Voxel centres, as xarray/CF users expect and OME-Zarr's translation places them.
+                coords[dim] = xr.Variable(dim, origin + res * (np.arange(n) + 0.5),
+                                          attrs={"units": "nm", "long_name": f"{dim[0]} (voxel centre)"})
             variables[var] = xr.Variable(dims, arrays[var], attrs={
                 "source_url": src.layer.url, "mip": src.layer.mip,
                 "resolution_nm_zyx": list(src.layer.resolution_zyx)})

@@ -53,19 +53,46 @@ BODY_BYTES = 32 * 2**20
 SLAB_BYTES = 64 * 2**20
 
 
+def ome_levels(plan: StorePlan, name: str) -> list:
+    """(path within its image group, voxel size, lower corner of voxel 0) of each level of `name`."""
+    out = []
+    for level_name in plan.with_levels([name]):
+        src = plan.source(level_name)
+        path = array_path(level_name)
+        resolution = src.layer.resolution_zyx if level_name == name else src.resolution_zyx
+        out.append((path.rsplit("/", 1)[-1], resolution, src.origin_nm_zyx))
+    return out
+
+
+def writer_for(plan: StorePlan, name: str, connections: int = 16):
+    """The task that writes array `name`'s shards: fetched (`ShardWriter`) or a pyramid level (`LevelWriter`)."""
+    if "@" in name:
+        from .pyramid import LevelWriter
+        return LevelWriter(plan, name, connections)
+    return ShardWriter(plan, name, connections)
+
+
 def store_attributes(plan: StorePlan) -> dict:
     """Root attributes of a store: what it is and where it came from."""
-    req, raw = plan.request, plan.arrays["raw"]
-    return {"ome": {"version": "0.5", "multiscales": [
-                ome_multiscale("raw", raw.layer.resolution_zyx, raw.origin_nm_zyx, "raw")]},
+    req = plan.request
+    return {"ome": {"version": "0.5", "multiscales": [ome_multiscale("raw", ome_levels(plan, "raw"))]},
             "experiment": req.experiment, "bossdb_experiment": req.bossdb_experiment,
             "bbox_nm": list(plan.bbox_nm), "em_mip": req.em_mip, "seg_mip": req.seg_mip,
             "em_url": req.em_url, "citation": req.citation, "wildenberg_intake_store": plan.name}
 
 
-def array_attributes(src: ArraySource) -> dict:
-    return {"source_url": src.layer.url, "mip": src.layer.mip, "resolution_nm_zyx": list(src.layer.resolution_zyx),
-            "origin_nm_zyx": list(src.origin_nm_zyx), "source_start_voxel_zyx": list(src.start_zyx)}
+def array_attributes(src) -> dict:
+    """Attributes of a cache array: where it comes from, its voxel size and where voxel 0 lies
+    (`origin_nm_zyx`: its lower corner; `voxel_0_centre_nm_zyx`: its centre, OME-Zarr's translation)."""
+    if isinstance(src, ArraySource):
+        res = src.layer.resolution_zyx
+        out = {"source_url": src.layer.url, "mip": src.layer.mip, "source_start_voxel_zyx": list(src.start_zyx)}
+    else:  # a pyramid level
+        res = src.resolution_zyx
+        out = {"downsampled_from": src.base.name, "level": src.level,
+               "downsampling": "mode of 2 x 2 in y, x" if src.is_label else "mean of 2 x 2 in y, x"}
+    return {**out, "resolution_nm_zyx": list(res), "origin_nm_zyx": list(src.origin_nm_zyx),
+            "voxel_0_centre_nm_zyx": [o + r / 2 for o, r in zip(src.origin_nm_zyx, res)]}
 
 
 def cache_for(plan: StorePlan) -> StoreCache:
@@ -471,12 +498,13 @@ def materialise(plan: StorePlan, names=None, workers: int = DEFAULT_WORKERS, pro
     for name in names:
         if name not in plan.arrays:
             raise ValueError(f"array {name!r} is unknown; allowed: {sorted(plan.arrays)}")
+    names = plan.with_levels(names)  # and their pyramids, made from them
     cache = prepare(plan, names)
     if all(cache.is_complete(n) for n in names):
         return cache.zarr_path  # nothing to write: works on a read-only cache too
     if cache_limit is not None:
         _check_fits(cache, plan, names, cache_limit)
-    writers = [ShardWriter(plan, name, connections) for name in names if not cache.is_complete(name)]
+    writers = [writer_for(plan, name, connections) for name in names if not cache.is_complete(name)]
     _fill_arrays(cache, writers, workers, progress, client)
     return cache.zarr_path
 
@@ -487,16 +515,22 @@ def prepare(plan: StorePlan, names) -> StoreCache:
     cache = cache_for(plan)
     if all(cache.is_complete(n) for n in names):
         return cache
+    names = [n for name in names for n in _with_lower_levels(name)]  # a level is made from those below
     try:
         cache.initialise(plan.key(), store_attributes(plan))
         for name in names:
-            src = plan.arrays[name]
+            src = plan.source(name)
             if not cache.is_complete(name):
-                cache.ensure_array(name, src.shape, src.dtype, src.is_label, array_attributes(src), src.codec,
-                                   ome_multiscale(name, src.layer.resolution_zyx, src.origin_nm_zyx, "0"))
+                ome = ome_multiscale(name, ome_levels(plan, name)) if "@" not in name else None
+                cache.ensure_array(name, src.shape, src.dtype, src.is_label, array_attributes(src), src.codec, ome)
     except OSError as e:
         raise OSError(e.errno, f"cannot write the cache folder {cache.root}: {e.strerror or e}") from e
     return cache
+
+
+def _with_lower_levels(name: str) -> list[str]:
+    base, _, level = name.partition("@")
+    return [base] + [f"{base}@{k}" for k in range(1, int(level or 0) + 1)]
 
 
 def finish_array(cache: StoreCache, name: str, shape):
@@ -512,7 +546,7 @@ def _check_fits(cache: StoreCache, plan: StorePlan, names, cache_limit: int):
     voxel, extrapolated to the whole array), or as its uncompressed size when none is."""
     need = 0
     for name in names:
-        src = plan.arrays[name]
+        src = plan.source(name)
         done = cache.done_shards(name)
         on_disk = sum(cache.shard_bytes(name, i) for i in done)
         voxels_done = sum(int(np.prod(np.subtract(*shard_box(i, src.shape)[::-1]))) for i in done)

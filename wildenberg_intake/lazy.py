@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from .cache import SHARDS, DamagedShard, StoreCache, shard_grid
-from .engine import DEFAULT_CONNECTIONS, ShardWriter, cache_for, prepare
+from .engine import DEFAULT_CONNECTIONS, cache_for, prepare, writer_for
 from .plan import StorePlan
 from .reader import DEFAULT_CACHE_MB, ShardedArrayReader
 
@@ -86,11 +86,9 @@ class ReadThroughArray:
 
     def __init__(self, plan: StorePlan, name: str, connections: int = DEFAULT_CONNECTIONS,
                  cache_limit: int | None = None, cache_mb: float = DEFAULT_CACHE_MB, check_hashes: bool = False):
-        if name not in plan.arrays:
-            raise ValueError(f"array {name!r} is unknown; allowed: {sorted(plan.arrays)}")
+        src = plan.source(name)  # a fetched array, or a pyramid level `<array>@<level>`
         self.plan, self.name, self.connections = plan, name, connections
         self.cache_limit, self.cache_mb, self.check_hashes = cache_limit, cache_mb, check_hashes
-        src = plan.arrays[name]
         self.shape, self.dtype, self.ndim = tuple(src.shape), np.dtype(src.dtype), 3
         self.size = int(np.prod(self.shape))
         self.total_shards = len(shard_grid(self.shape))
@@ -116,9 +114,9 @@ class ReadThroughArray:
         return f"ReadThroughArray({self.cache.root.name}/{self.name}, shape={self.shape}, dtype={self.dtype})"
 
     @property
-    def writer(self) -> ShardWriter:
+    def writer(self):
         if self._writer is None:
-            self._writer = ShardWriter(self.plan, self.name, self.connections)
+            self._writer = writer_for(self.plan, self.name, self.connections)
         return self._writer
 
     @property

@@ -48,6 +48,64 @@ class ArraySource:
 
 
 @dataclass(frozen=True)
+class LevelSource:
+    """A downsampled level of an array (`<name>@<level>`): x and y halved per level, z kept (it is
+    already 40 nm), made from the level below (EM by mean, labels by mode), not fetched."""
+
+    name: str  # "raw@1", "labels/psd@2"
+    base: ArraySource
+    level: int
+
+    @property
+    def shape(self) -> tuple:
+        z, y, x = self.base.shape
+        f = 2 ** self.level
+        return (z, -(-y // f), -(-x // f))
+
+    @property
+    def dtype(self) -> str:
+        return self.base.dtype
+
+    @property
+    def is_label(self) -> bool:
+        return self.base.is_label
+
+    @property
+    def codec(self) -> str:
+        return self.base.codec
+
+    @property
+    def resolution_zyx(self) -> tuple:
+        z, y, x = self.base.layer.resolution_zyx
+        f = 2 ** self.level
+        return (z, y * f, x * f)
+
+    @property
+    def origin_nm_zyx(self) -> tuple:
+        """Lower corner of voxel 0: the same physical point at every level."""
+        return self.base.origin_nm_zyx
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+def pyramid_levels(shape) -> int:
+    """Levels above 0 of an array of `shape`: x and y halved until the level fits one output shard."""
+    from .cache import SHARDS
+    levels, (_, y, x) = 0, shape
+    while y > SHARDS[1] or x > SHARDS[2]:
+        y, x, levels = -(-y // 2), -(-x // 2), levels + 1
+    return levels
+
+
+def split_level(name: str) -> tuple[str, int]:
+    """"labels/psd@2" -> ("labels/psd", 2); "raw" -> ("raw", 0)."""
+    base, _, level = name.partition("@")
+    return base, int(level or 0)
+
+
+@dataclass(frozen=True)
 class StorePlan:
     request: Request
     bbox_nm: tuple  # clipped (x0, x1, y0, y1, z0, z1)
@@ -71,6 +129,22 @@ class StorePlan:
     @property
     def label_name(self) -> str:
         return f"labels/{self.request.label}"
+
+    def source(self, name: str):
+        """The ArraySource of a fetched array, or the LevelSource of a pyramid level (`<array>@<level>`)."""
+        base, level = split_level(name)
+        if base not in self.arrays or not 0 <= level <= pyramid_levels(self.arrays[base].shape):
+            allowed = sorted(self.arrays) + [f"{n}@{k}" for n in sorted(self.arrays)
+                                             for k in range(1, pyramid_levels(self.arrays[n].shape) + 1)]
+            raise ValueError(f"array {name!r} is unknown; allowed: {allowed}")
+        return self.arrays[base] if level == 0 else LevelSource(name, self.arrays[base], level)
+
+    def with_levels(self, names) -> list[str]:
+        """`names` and every pyramid level of each, level by level."""
+        out = []
+        for name in names:
+            out += [name] + [f"{name}@{k}" for k in range(1, pyramid_levels(self.arrays[name].shape) + 1)]
+        return out
 
 
 def plan_store(request: Request, policy: RetryPolicy | None = None) -> StorePlan:

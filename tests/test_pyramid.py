@@ -1,0 +1,111 @@
+"""The multiscale pyramid: levels equal an independent downsampling of level 0, are recorded and
+resumable like level 0, are made lazily from level 0's shards, and validate as OME-Zarr."""
+
+import numpy as np
+import pytest
+import zarr
+
+from wildenberg_intake.cache import StoreCache, array_path, file_sha256
+from wildenberg_intake.mirror import MirrorServer
+
+from conftest import all_layers, expected_window
+
+ALL = [-1e9, 1e9] * 3
+
+
+def _mean(a):
+    """x and y halved: each output voxel the rounded-half-up mean of its 2 x 2 block, clipped at the edge."""
+    z, y, x = a.shape
+    out = np.zeros((z, -(-y // 2), -(-x // 2)), dtype=a.dtype)
+    for j in range(out.shape[1]):
+        for i in range(out.shape[2]):
+            block = a[:, 2 * j:2 * j + 2, 2 * i:2 * i + 2].reshape(z, -1).astype(np.float64)
+            out[:, j, i] = np.floor(block.mean(axis=1) + 0.5)
+    return out
+
+
+def _mode(a):
+    """x and y halved: each output voxel the most frequent value of its 2 x 2 block, ties to the lowest."""
+    z, y, x = a.shape
+    out = np.zeros((z, -(-y // 2), -(-x // 2)), dtype=a.dtype)
+    for k in range(z):
+        for j in range(out.shape[1]):
+            for i in range(out.shape[2]):
+                values, counts = np.unique(a[k, 2 * j:2 * j + 2, 2 * i:2 * i + 2], return_counts=True)
+                out[k, j, i] = values[np.argmax(counts)]  # unique sorts: the first maximum is the lowest
+    return out
+
+
+@pytest.fixture(scope="module")
+def pyramid_store(wide, catalog, tmp_path_factory):
+    cache_dir = tmp_path_factory.mktemp("pyr")
+    with MirrorServer(wide.root) as server:
+        src = catalog.p14_saturated(base_url=server.base_url, cache_dir=str(cache_dir), progress=False)
+        path = src.materialise()
+    return src, zarr.open_group(path, mode="r"), StoreCache(cache_dir, src.plan.name)
+
+
+def test_levels_equal_an_independent_downsampling(wide, pyramid_store):
+    src, store, cache = pyramid_store
+    raw = expected_window(wide, "p14", "em_aligned", 1, ALL, all_layers("p14"))[0][:3]
+    labels = expected_window(wide, "p14", "saturated_autoseg", 0, ALL, all_layers("p14"))[0][:3]
+    # 1100 x 520: two levels until a level fits one 512 x 512 shard; level 1 spans two shards in x.
+    assert [n for n in cache.arrays() if n.startswith("raw")] == ["raw", "raw@1", "raw@2"]
+    z, y, x = store["raw"].shape
+    assert y > 512 and x > 1024
+    assert store["raw_s1"].shape == (z, -(-y // 2), -(-x // 2)) and store["raw_s2"].shape == (z, -(-y // 4), -(-x // 4))
+    assert store["labels/saturated/2"].shape == store["raw_s2"].shape
+    r1, l1 = _mean(raw), _mode(labels)
+    np.testing.assert_array_equal(store["raw_s1"][:3], r1)
+    np.testing.assert_array_equal(store["labels/saturated/1"][:3], l1)
+    np.testing.assert_array_equal(store["raw_s2"][:3], _mean(r1))
+    np.testing.assert_array_equal(store["labels/saturated/2"][:3], _mode(l1))
+    for name in ("raw@1", "raw@2", "labels/saturated@1", "labels/saturated@2"):
+        assert cache.is_complete(name)
+        for index in cache.done_shards(name):
+            assert file_sha256(cache.shard_file(name, index)) == cache.record(name, index)["sha256"]
+
+
+def test_ome_metadata_lists_the_levels_and_validates(pyramid_store):
+    yaozarrs = pytest.importorskip("yaozarrs")
+    src, store, cache = pyramid_store
+    (ms,) = store.attrs["ome"]["multiscales"]
+    assert [d["path"] for d in ms["datasets"]] == ["raw", "raw_s1", "raw_s2"]
+    scales = [d["coordinateTransformations"][0]["scale"] for d in ms["datasets"]]
+    shifts = [d["coordinateTransformations"][1]["translation"] for d in ms["datasets"]]
+    assert scales == [[40.0, 12.0, 12.0], [40.0, 24.0, 24.0], [40.0, 48.0, 48.0]]
+    for scale, shift in zip(scales, shifts):  # every level's voxel 0 starts at one physical corner
+        assert [t - s / 2 for t, s in zip(shift, scale)] == pytest.approx(
+            [t - s / 2 for t, s in zip(shifts[0], scales[0])])
+    (lab,) = store["labels/saturated"].attrs["ome"]["multiscales"]
+    assert [d["path"] for d in lab["datasets"]] == ["0", "1", "2"]
+    yaozarrs.validate_zarr_store(str(cache.zarr_path))
+
+
+def test_a_level_read_lazily_makes_only_the_shards_it_needs(wide, catalog, tmp_path):
+    with MirrorServer(wide.root) as server:
+        src = catalog.p14_psd(base_url=server.base_url, cache_dir=str(tmp_path), progress=False)
+        from wildenberg_intake.lazy import ReadThroughArray
+        level2 = ReadThroughArray(src.plan, "raw@2")
+        before = sum(server.requests.values())
+        z, y, x = src.plan.arrays["raw"].shape
+        assert level2.shape == (z, -(-y // 4), -(-x // 4))
+        assert sum(server.requests.values()) == before, "opening a level fetches nothing"
+        window = level2[0:4, 0:64, 0:64]
+        cache = level2.cache
+        assert cache.done_shards("raw@2") == {(0, 0, 0)}
+        # Level 2's one shard covers level 1's two, which cover all six of level 0; nothing else is made.
+        assert cache.done_shards("raw@1") == {(0, 0, 0), (0, 0, 1)}
+        assert len(cache.done_shards("raw")) == 6 and cache.done_shards("labels/psd") == set()
+        # Level 1 read lazily in one corner makes one level-1 shard from four level-0 ones.
+        other = catalog.p14_psd(base_url=server.base_url, cache_dir=str(tmp_path / "b"), progress=False)
+        corner = ReadThroughArray(other.plan, "labels/psd@1")[0:2, 0:10, 0:10]
+        assert corner.shape == (2, 10, 10)
+        b = ReadThroughArray(other.plan, "labels/psd@1").cache
+        assert b.done_shards("labels/psd@1") == {(0, 0, 0)}
+        assert b.done_shards("labels/psd") == {(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1)}
+        raw = expected_window(wide, "p14", "em_aligned", 1, ALL, all_layers("p14"))[0]
+        np.testing.assert_array_equal(window, _mean(_mean(raw[0:4]))[:, 0:64, 0:64])
+        # A later materialise() makes the rest and ends with the same bytes as one run.
+        src.materialise()
+        assert all(cache.is_complete(n) for n in ("raw@1", "raw@2", "labels/psd@2"))
