@@ -1,13 +1,19 @@
-# The two commands of the README. Each creates and fills its own virtual environment in .venv.
+# The two commands of the README. Each creates and fills its own virtual environment in .venv:
+# `make demo` installs the core dependencies only; `make test` adds torch, torch-em, dask.distributed,
+# the test tools and what the benchmarks compare against.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
 .PHONY: demo test venv clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.core
 	# torch and torchvision as a matching pair (torch-em needs torchvision); pip finds them on disk here.
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 	$(PY) -m pip install --quiet -e ".[torch,test,distributed]"
@@ -16,10 +22,10 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 # The main job: write a BossDB-layout mirror, serve it on 127.0.0.1 and read p105_psd through the catalog.
-demo: venv
+demo: $(VENV)/.core
 	$(PY) -m wildenberg_intake.demo
 
-test: venv
+test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 clean:

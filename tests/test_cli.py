@@ -57,7 +57,7 @@ def test_list_and_help(capsys):
     (["verify", "/nonexistent/store"], r"'/nonexistent/store' is neither a store folder \(no such path\) nor a "
                                        r"catalog entry; allowed: .*p105_psd"),
     (["verify", "--lock", "/nonexistent.lock"], r"lock='/nonexistent.lock' does not exist"),
-    (["serve", "/nonexistent"], r"holds no wildenberg2023/ mirror"),
+    (["serve", "/nonexistent"], r"holds no wildenberg2023/ folder"),
 ])
 def test_user_mistakes_get_one_line_and_exit_2(argv, pattern, capsys):
     code, out, err = run(capsys, *argv)
@@ -230,3 +230,50 @@ def test_preview_fetches_only_its_slice_and_verify_entry_never_fetches(deep, tmp
     assert state["raw"]["shards_cached"] == 1 and state["raw"]["shards_total"] == 2
     assert state["labels/psd"]["bytes_on_disk"] == cache.shard_bytes("labels/psd", (0, 0, 0)) > 0
     assert sum(n for p, n in server.requests.items() if not p.endswith(("/info", "/provenance"))) == chunk_requests
+
+
+def test_the_served_cache_answers_as_neuroglancer_asks(server, tmp_path):
+    """CORS (with a preflight), HEAD and suffix ranges, as neuroglancer reads shard indexes."""
+    import wildenberg_intake
+    import urllib.request
+    src = intake.open_catalog(wildenberg_intake.catalog_path()).p14_psd(
+        base_url=server.base_url, cache_dir=str(tmp_path), bbox_nm=BOX, progress=False)
+    store = Path(src.materialise())
+    shard = next(p for p in (store / "raw" / "c").rglob("*") if p.is_file())
+    data = shard.read_bytes()
+    rel = shard.relative_to(tmp_path).as_posix()
+    with MirrorServer(tmp_path) as cache_server:
+        url = f"{cache_server.url}/{rel}"
+
+        def ask(method, headers):
+            req = urllib.request.Request(url, method=method, headers=headers)
+            with urllib.request.urlopen(req) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        status, headers, body = ask("GET", {"Range": "bytes=-516", "Origin": "http://neuroglancer.example"})
+        assert status == 206 and body == data[-516:]
+        assert headers["Content-Range"] == f"bytes {len(data) - 516}-{len(data) - 1}/{len(data)}"
+        assert headers["Access-Control-Allow-Origin"] == "*" and "Content-Range" in headers["Access-Control-Expose-Headers"]
+        status, headers, body = ask("GET", {"Range": "bytes=10-19"})
+        assert status == 206 and body == data[10:20]
+        status, headers, body = ask("HEAD", {})
+        assert status == 200 and int(headers["Content-Length"]) == len(data) and body == b""
+        status, headers, _ = ask("OPTIONS", {"Origin": "http://x", "Access-Control-Request-Headers": "range"})
+        assert status == 204 and "Range" in headers["Access-Control-Allow-Headers"]
+        import urllib.error
+        with pytest.raises(urllib.error.HTTPError) as info:
+            ask("GET", {"Range": f"bytes={len(data) + 5}-"})
+        assert info.value.code == 416
+
+
+def test_the_preview_font_draws_the_micro_sign():
+    from PIL import Image, ImageDraw
+    from wildenberg_intake.preview import _font
+    font, micro = _font()
+    assert micro == "\u00b5"
+
+    def pixels(text):
+        image = Image.new("L", (40, 20))
+        ImageDraw.Draw(image).text((2, 2), text, fill=255, font=font)
+        return np.asarray(image)
+    # A glyph of its own: not blank, and not the box drawn for a character the font lacks.
+    assert pixels("\u00b5").any() and not np.array_equal(pixels("\u00b5"), pixels("\uffff"))

@@ -156,11 +156,18 @@ def cmd_mirror(args):
 def cmd_serve(args):
     from .mirror import MirrorServer
     if not Path(args.folder, "wildenberg2023").is_dir():
-        raise ValueError(f"folder={args.folder!r} holds no wildenberg2023/ mirror; allowed: a folder written by "
-                         "`wildenberg-intake mirror`")
+        raise ValueError(f"folder={args.folder!r} holds no wildenberg2023/ folder; allowed: a mirror written by "
+                         "`wildenberg-intake mirror`, or a cache folder (cache_dir)")
     with MirrorServer(args.folder, port=args.port) as server:
         print(f"serving {args.folder} at {server.base_url} (Ctrl-C to stop); use base_url={server.base_url}",
               flush=True)
+        stores = sorted(p for p in Path(args.folder, "wildenberg2023").glob("*/data.zarr"))
+        for store in stores:  # a cache folder: the layers a neuroglancer instance opens
+            base = f"zarr3://{server.url}/wildenberg2023/{store.parent.name}/data.zarr"
+            labels = sorted(p.name for p in (store / "labels").iterdir() if (p / "zarr.json").is_file()) \
+                if (store / "labels").is_dir() else []
+            print(f"{store.parent.name}: image {base}/  " + "  ".join(f"segmentation {base}/labels/{l}/"
+                                                                      for l in labels), flush=True)
         try:
             while True:
                 time.sleep(3600)
@@ -225,7 +232,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--sharded", action="store_true", help="synthetic: the sharded precomputed format")
     m.set_defaults(run=cmd_mirror)
 
-    s = sub.add_parser("serve", help="serve a mirror folder over HTTP on 127.0.0.1")
+    s = sub.add_parser("serve", help="serve a mirror or a cache folder over HTTP on 127.0.0.1 (byte ranges, "
+                                     "CORS: neuroglancer opens the cache's stores)")
     s.add_argument("folder")
     s.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     s.set_defaults(run=cmd_serve)

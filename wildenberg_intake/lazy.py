@@ -283,19 +283,20 @@ class ShardPool:
         """Window starts available now."""
         return int(self._windows(self.cached())[0].sum())
 
-    def sample(self, rng: np.random.Generator):
-        """A window (tuple of slices in the array's coordinates) of cached shards, or None if none is."""
-        weights, choices = self._windows(self.cached())
+    def sample(self, rng: np.random.Generator, anywhere: bool = False):
+        """A window (tuple of slices in the array's coordinates) of cached shards, or None if none is;
+        `anywhere`: of any shards of the box (to be read through the cache)."""
+        weights, choices = self._windows(frozenset(self.shards) if anywhere else self.cached())
         if not len(weights):
             return None
         pick = choices[int(rng.choice(len(weights), p=weights / weights.sum()))]
         starts = [int(rng.integers(s0, s1 + 1)) for s0, s1 in pick]
         return tuple(slice(s, s + p) for s, p in zip(starts, self.patch))
 
-    def wait(self, min_shards: int, timeout: float, error=lambda: None):
-        """Block until `min_shards` shards of the box (at most all) are cached and a window is;
-        `error()` returns the prefetcher's exception, raised at once. Raises TimeoutError when the
-        cache has not grown for `timeout` seconds."""
+    def wait(self, min_shards: int, stall: float, error=lambda: None, finished=lambda: False) -> bool:
+        """Block until `min_shards` shards of the box (at most all) are cached and a window is
+        (True), or until waiting is pointless (False): the prefetcher has `finished()`, or nothing
+        new was cached for `stall` seconds. `error()` returns the prefetcher's exception, raised here."""
         want = min(max(1, min_shards), len(self.shards))
         seen, since = -1, time.monotonic()
         while True:
@@ -304,14 +305,13 @@ class ShardPool:
                 raise RuntimeError(f"prefetching {self.arrays[0].cache.root} failed: {exc}") from exc
             cached = self.cached(refresh=True)
             if len(cached) >= want and self._windows(cached)[0].sum() > 0:
-                return
+                return True
+            if finished():
+                return False
             if len(cached) != seen:
                 seen, since = len(cached), time.monotonic()
-            elif time.monotonic() - since > timeout:
-                raise TimeoutError(
-                    f"no shard of {self.arrays[0].cache.root} was cached for {timeout:.0f} s ({len(cached)} of "
-                    f"{want} wanted): the prefetcher of the process that made the dataset is not running "
-                    "(stopped, or failed: see its error) or the server does not answer")
+            elif time.monotonic() - since > stall:
+                return False
             time.sleep(0.05)
 
 
@@ -320,9 +320,10 @@ class Prefetcher:
 
     One per dataset, in the process that made it (loader workers read the cache it fills, so they
     share one prefetch effort). Each shard index is fetched for every array of `arrays` (raw and
-    labels share their grid). Without a cache_limit it makes one pass; with one, the least
-    recently used shards are evicted as it goes and it starts a new pass (a new order) when one
-    ends, so the cached pool moves through the whole volume while training runs.
+    labels share their grid), in one pass. Under a cache_limit smaller than the box, least
+    recently used shards are evicted as it goes, so the pool ends as the shards most recently
+    read or fetched: a seeded random part of the box that fits the budget (it does not cycle
+    through the volume again, which would stream the whole box over the network without end).
     """
 
     def __init__(self, arrays: list, shards: list, seed: int = 0, workers: int = 2, first=()):
@@ -344,14 +345,7 @@ class Prefetcher:
                [rest[i] for i in rng.permutation(len(rest))]
 
     def _passes(self):
-        n = 0
-        while True:
-            before = self.fetched
-            yield from self.order(n)
-            # Another pass only where evictions may have made room, and the last pass fetched.
-            if all(a.cache_limit is None for a in self.arrays) or self.fetched == before:
-                return
-            n += 1
+        yield from self.order(0)
 
     def start(self) -> "Prefetcher":
         if not self._threads:

@@ -294,7 +294,8 @@ def copy_box(source_base_url: str, output, entry: str, bbox_nm=None) -> int:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves files like S3: `X.gz` on disk is served as `X` with Content-Encoding: gzip."""
+    """Serves files like S3: `X.gz` on disk is served as `X` with Content-Encoding: gzip; byte ranges
+    (suffix ranges too), HEAD, and CORS headers for browser viewers."""
 
     protocol_version = "HTTP/1.1"
     # Headers and body go out in two writes; with Nagle's algorithm the body would wait for the
@@ -344,11 +345,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         body = target.read_bytes()
         status, headers = 200, {}
-        match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
-        if match and not gzipped:
-            start = int(match.group(1))
-            end = int(match.group(2)) if match.group(2) else len(body) - 1
-            end = min(end, len(body) - 1)
+        # One range, as S3 answers it: "a-b", "a-" or a suffix "-n" (neuroglancer reads shard
+        # indexes with suffix ranges such as bytes=-516).
+        match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "").strip())
+        if match and not gzipped and (match.group(1) or match.group(2)):
+            if match.group(1):
+                start = int(match.group(1))
+                end = min(int(match.group(2)) if match.group(2) else len(body) - 1, len(body) - 1)
+            else:
+                start, end = max(0, len(body) - int(match.group(2))), len(body) - 1
+            if start >= len(body) or end < start:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             headers["Content-Range"] = f"bytes {start}-{end}/{len(body)}"
             body, status = body[start:end + 1], 206
         self.send_response(status)
@@ -403,6 +414,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body[i:i + 1])
             self.wfile.flush()
         self.close_connection = True
+
+    def end_headers(self):
+        # CORS, so that a viewer served from another origin (neuroglancer) may read the files.
+        self.send_header("Access-Control-Allow-Origin", "*")
+        self.send_header("Access-Control-Expose-Headers", "Content-Range, Content-Length, Content-Encoding")
+        self.send_header("Accept-Ranges", "bytes")
+        super().end_headers()
+
+    def do_OPTIONS(self):  # a CORS preflight (a Range header makes one)
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers", "Range, Content-Type")
+        self.send_header("Access-Control-Max-Age", "3600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def do_GET(self):
         self._quietly(True)

@@ -24,6 +24,19 @@ def _scale_bar_um(width_nm: float) -> float:
     return float(10**k)
 
 
+def _font():
+    """(font, the micro sign it can draw): DejaVu Sans, which matplotlib ships and which has µ; PIL's
+    default bitmap font has no µ (it drew a box), so without matplotlib the bar reads "um"."""
+    from PIL import ImageFont
+    try:
+        import os
+        import matplotlib
+        path = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
+        return ImageFont.truetype(path, 11), "\u00b5"
+    except (ImportError, OSError):
+        return ImageFont.load_default(), "u"
+
+
 def render(source, z: int, output) -> None:
     """Write a PNG of slice `z` of `source`'s store (materialised first): EM in grey, labels overlaid."""
     from PIL import Image, ImageDraw
@@ -53,6 +66,7 @@ def render(source, z: int, output) -> None:
     h, w = raw.shape
     x0, y0 = 10, h - 14
     draw.rectangle([x0, y0, x0 + length, y0 + 5], fill=(255, 255, 255))
-    draw.text((x0, y0 - 14), f"{um:g} µm", fill=(255, 255, 255))
-    draw.text((10, 6), f"{source.request.experiment} {source.request.label} z={z}", fill=(255, 255, 0))
+    font, micro = _font()
+    draw.text((x0, y0 - 14), f"{um:g} {micro}m", fill=(255, 255, 255), font=font)
+    draw.text((10, 6), f"{source.request.experiment} {source.request.label} z={z}", fill=(255, 255, 0), font=font)
     image.save(output, format="PNG")

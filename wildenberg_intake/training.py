@@ -149,14 +149,17 @@ class LazyStoreDataset(CachedStoreDataset):
             self._rng = np.random.default_rng([self._lazy["seed"], self._lazy["index"], *extra])
         return self._rng
 
-    def wait(self, min_shards=None, timeout=None):
-        """Block until `min_shards` shards of this dataset's box (default: its warm-up) are cached."""
+    def wait(self, min_shards=None, stall=None) -> bool:
+        """Block until `min_shards` shards of this dataset's box (default: its warm-up) are cached;
+        False if the prefetcher finished, or nothing new was cached for `stall` seconds, first."""
         pool = self._pool
         want = self._lazy["warmup"] if min_shards is None else min_shards
         if isinstance(want, float):
             want = int(np.ceil(want * len(pool.shards)))
-        error = (lambda: self.prefetcher.error) if self.prefetcher is not None else (lambda: None)
-        pool.wait(want, self._lazy["timeout"] if timeout is None else timeout, error)
+        prefetcher = self.prefetcher
+        return pool.wait(want, self._lazy["timeout"] if stall is None else stall,
+                         error=(lambda: prefetcher.error) if prefetcher is not None else (lambda: None),
+                         finished=(lambda: not prefetcher.running) if prefetcher is not None else (lambda: False))
 
     def _sample_bounding_box(self):
         if not getattr(self, "_warm", False):
@@ -164,10 +167,13 @@ class LazyStoreDataset(CachedStoreDataset):
             self._warm = True
         if self.prefetcher is not None and self.prefetcher.error is not None:
             self.wait()  # raises it
-        window = self._pool.sample(self._draw_rng())
-        if window is None:  # every cached shard was evicted meanwhile
-            self.wait(1)
-            window = self._pool.sample(self._draw_rng())
+        rng = self._draw_rng()
+        window = self._pool.sample(rng)
+        if window is None and self.prefetcher is not None and self.prefetcher.running:
+            self.wait(1)  # every cached shard was evicted meanwhile: the prefetcher brings more
+            window = self._pool.sample(rng)
+        if window is None:  # nothing cached holds a window and nothing more is coming: read one through
+            window = self._pool.sample(rng, anywhere=True)
         return tuple(slice(w.start - sl.start, w.stop - sl.start)
                      for w, sl in zip(window, self.roi or [slice(0, None)] * len(window)))
 
@@ -209,7 +215,7 @@ def _check_warmup(value):
 def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] = None,
                 offsets: Optional[List[List[int]]] = None, boundaries: bool = False, binary: bool = False,
                 labels: Optional[Sequence[str]] = None, download: bool = True, lazy: bool = False,
-                warmup: Union[int, float] = 1, seed: int = 0, lazy_timeout: float = 600.0, **kwargs) -> Dataset:
+                warmup: Union[int, float] = 1, seed: int = 0, lazy_timeout: float = 60.0, **kwargs) -> Dataset:
     """A torch-em segmentation dataset over one or more catalog entries.
 
     sources: entry names ("p105_psd"), catalog sources, a catalog, or a list of them. Entry
@@ -226,7 +232,9 @@ def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] =
         this process fetches the box's shards in an order seeded by `seed` (loader workers share
         it). Early patches thus come from few shards; the pool grows to the whole box (or moves
         through it under a `cache_limit`). The same seed, torch seed and cache state give the
-        same patches. `lazy_timeout`: seconds without a new shard before a waiting patch fails.
+        same patches. `lazy_timeout`: seconds without a new shard cached before a waiting patch
+        stops waiting and reads its window through the cache itself (as it does when the pool
+        holds no window and the prefetcher is done, e.g. under a small `cache_limit`).
         `cache_limit` (e.g. "50GB") bounds the store's disk use, evicting least recently used shards.
     warmup: shards to wait for before the first patch: a count, or a fraction of the box's shards.
     kwargs: everything else goes to `torch_em.default_segmentation_dataset`.
