@@ -56,3 +56,16 @@ def all_layers(experiment, em_mip=1, seg_mip=0):
 def wide(tmp_path_factory):
     """p14 with 3 x 2 output shards per array (1100 x 520 x 16 label voxels)."""
     return build_mirror(tmp_path_factory.mktemp("mirror-wide"), shape_xyz=(1100, 520, 16), experiments=("p14",))
+
+
+def record_windows(ds):
+    """Make a (torch-em) dataset remember the windows it samples: (the inner dataset, the list)."""
+    inner = ds.datasets[0] if hasattr(ds, "datasets") else ds  # torch-em wraps lists of paths
+    windows, sample = [], inner._sample_bounding_box
+
+    def recording():
+        bb = sample()
+        windows.append(bb)
+        return bb
+    inner._sample_bounding_box = recording
+    return inner, windows

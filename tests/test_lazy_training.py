@@ -13,7 +13,7 @@ from wildenberg_intake import training  # noqa: E402
 from wildenberg_intake.cache import StoreCache  # noqa: E402
 from wildenberg_intake.mirror import MirrorServer  # noqa: E402
 
-from conftest import all_layers, expected_window  # noqa: E402
+from conftest import all_layers, expected_window, record_windows  # noqa: E402
 
 PATCH = (8, 128, 128)
 ALL = [-1e9, 1e9] * 3
@@ -37,25 +37,13 @@ def _lazy(server, cache_dir, **kwargs):
                                 label_transform=None, label_dtype=torch.int64, n_samples=40, **kwargs)
 
 
-def _record(ds):
-    inner = ds.datasets[0] if hasattr(ds, "datasets") else ds
-    windows, sample = [], inner._sample_bounding_box
-
-    def recording():
-        bb = sample()
-        windows.append(bb)
-        return bb
-    inner._sample_bounding_box = recording
-    return inner, windows
-
-
 def test_first_patch_before_the_store_is_cached_and_patches_equal_the_mirror(wide, tmp_path):
     raw_all, lab_all = _expected(wide, "em_aligned", 1), _expected(wide, "saturated_autoseg", 0)
     # 0.3 s a request: a shard takes ~0.6 s (raw, then labels), the store ~4 s with one prefetch thread.
     with MirrorServer(wide.root, latency=0.3) as server:
         t = time.perf_counter()
         ds = _lazy(server, tmp_path, workers=1)
-        inner, windows = _record(ds)
+        inner, windows = record_windows(ds)
         raw, labels = ds[0]
         first = time.perf_counter() - t
         cache = StoreCache(tmp_path, inner._lazy["plan"].name)
@@ -86,14 +74,14 @@ def test_first_patch_before_the_store_is_cached_and_patches_equal_the_mirror(wid
 def test_same_seed_and_cache_state_give_the_same_patches(wide, tmp_path):
     with MirrorServer(wide.root) as server:
         first = _lazy(server, tmp_path, seed=7, warmup=1.0)  # wait for every shard: a fixed cache state
-        a_inner, a = _record(first)
+        a_inner, a = record_windows(first)
         seq_a = [first[i][0] for i in range(10)]
         a_inner.prefetcher.stop()
         second = _lazy(server, tmp_path, seed=7, warmup=1.0)
-        b_inner, b = _record(second)
+        b_inner, b = record_windows(second)
         seq_b = [second[i][0] for i in range(10)]
         other = _lazy(server, tmp_path, seed=8, warmup=1.0)
-        _, c = _record(other)
+        _, c = record_windows(other)
         [other[i] for i in range(10)]
     assert a == b and all(torch.equal(x, y) for x, y in zip(seq_a, seq_b))
     assert c != a
@@ -108,7 +96,7 @@ def test_a_partial_pool_only_yields_cached_windows(wide, tmp_path):
             arr[0:1, 0:1, 0:1]
             arr[0:1, 0:1, 600:601]
         ds = _lazy(server, tmp_path, workers=1)
-        inner, windows = _record(ds)
+        inner, windows = record_windows(ds)
         inner.prefetcher.stop()  # the pool stays as it is
         for i in range(30):
             ds[i]
@@ -162,7 +150,7 @@ def test_disk_budget_holds_while_training(wide, tmp_path):
         inner = ds.datasets[0] if hasattr(ds, "datasets") else ds
         cache = StoreCache(tmp_path / "c", inner._lazy["plan"].name)
         raw_all = _expected(wide, "em_aligned", 1)
-        inner, windows = _record(ds)
+        inner, windows = record_windows(ds)
         for i in range(20):
             raw, _ = ds[i]
             np.testing.assert_array_equal(raw.numpy()[0], raw_all[windows[-1]])

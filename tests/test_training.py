@@ -17,6 +17,8 @@ from torch_em.data.datasets.electron_microscopy import wildenberg as reference  
 import wildenberg_intake  # noqa: E402
 from wildenberg_intake import training, transforms  # noqa: E402
 
+from conftest import record_windows  # noqa: E402
+
 BOX = {"p105": [1001, 3007, 805, 2503, 301, 699], "p14": [101, 2990, 95, 2777, 99, 501]}
 PATCH = (8, 64, 64)
 
@@ -29,19 +31,6 @@ def identity2(x, y):
     return x, y
 
 
-def _record_windows(ds):
-    """Make a SegmentationDataset remember the windows it samples."""
-    inner = ds.datasets[0] if hasattr(ds, "datasets") else ds  # torch-em wraps lists of paths
-    windows, sample = [], inner._sample_bounding_box
-
-    def recording():
-        bb = sample()
-        windows.append(bb)
-        return bb
-    inner._sample_bounding_box = recording
-    return windows
-
-
 @pytest.mark.parametrize("entry,split", [("p105_psd", None), ("p14_saturated", None), ("p14_vesicle_cloud", "val")])
 def test_patches_equal_the_cached_arrays(entry, split, server, tmp_path):
     experiment, label = entry.split("_", 1)
@@ -49,7 +38,7 @@ def test_patches_equal_the_cached_arrays(entry, split, server, tmp_path):
     ds = training.get_dataset(entry, patch, bbox_nm=BOX[experiment], base_url=server.base_url,
                               cache_dir=str(tmp_path), progress=False, split=split,
                               raw_transform=identity, transform=identity2)
-    windows = _record_windows(ds)
+    _, windows = record_windows(ds)
     src = training.resolve_sources(entry, bbox_nm=BOX[experiment], base_url=server.base_url,
                                    cache_dir=str(tmp_path))[0]
     group = zarr.open_group(src.materialise(), mode="r")
@@ -155,7 +144,7 @@ def test_fast_flips_equal_torch_ems_augmentations_under_the_same_seeds():
 def test_binary_targets_from_instances(server, tmp_path):
     ds = training.get_dataset("p14_saturated", PATCH, binary=True, bbox_nm=BOX["p14"], base_url=server.base_url,
                               cache_dir=str(tmp_path), progress=False, raw_transform=identity, transform=identity2)
-    windows = _record_windows(ds)
+    _, windows = record_windows(ds)
     group = zarr.open_group(training.resolve_sources("p14_saturated", bbox_nm=BOX["p14"], base_url=server.base_url,
                                                      cache_dir=str(tmp_path))[0].materialise(), mode="r")
     _, labels = ds[0]
@@ -226,7 +215,7 @@ def test_several_label_channels_as_one_target(server, tmp_path):
     ds = training.get_dataset("p105_psd", PATCH, labels=["psd", "vesicle_cloud", "saturated"], bbox_nm=BOX["p105"],
                               base_url=server.base_url, cache_dir=str(tmp_path), progress=False,
                               raw_transform=identity, transform=identity2)
-    windows = _record_windows(ds)
+    _, windows = record_windows(ds)
     src = training.resolve_sources("p105_psd", bbox_nm=BOX["p105"], base_url=server.base_url,
                                    cache_dir=str(tmp_path))[0]
     group = zarr.open_group(src.materialise(), mode="r")

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import os
 import socket
@@ -136,6 +137,24 @@ def _stale(path: Path) -> bool:
         except PermissionError:
             return False
     return False
+
+
+@contextlib.contextmanager
+def owning(cache: StoreCache, name: str, index):
+    """Own shard `index` of array `name` while writing it: its lock, waited for while another task or
+    process holds it (a killed holder's lock is taken over). Yields whether it still needs writing
+    (False once another has recorded it)."""
+    lock = cache.progress / name / (".".join(map(str, index)) + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while not _try_lock(lock):
+        if cache.is_done(name, index):
+            yield False
+            return
+        time.sleep(0.05)
+    try:
+        yield not cache.is_done(name, index)
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 # -- staged chunks --------------------------------------------------------------------------------
@@ -389,14 +408,8 @@ class ShardWriter:
     def write(self, index) -> int:
         """Fetch, assemble and write output shard `index`, then record it. Returns bytes written."""
         cache, layer, src = self.cache, self.layer, self.src
-        lock = cache.progress / self.name / (".".join(map(str, index)) + ".lock")
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        while not _try_lock(lock):  # another process is writing this shard
-            if cache.is_done(self.name, index):
-                return 0
-            time.sleep(0.05)
-        try:
-            if cache.is_done(self.name, index):
+        with owning(cache, self.name, index) as needed:
+            if not needed:
                 return 0
             start, stop = shard_box(index, src.shape)
             g_start, g_stop = np.add(src.start_zyx, start), np.add(src.start_zyx, stop)
@@ -418,8 +431,6 @@ class ShardWriter:
                 raise OSError(e.errno, f"writing shard {index} of {self.name} under {cache.root} failed: "
                                        f"{e.strerror or e}. The store is incomplete; free space or fix the "
                                        "folder and run again to resume.") from e
-        finally:
-            lock.unlink(missing_ok=True)
         for grid in shared:  # a few record look-ups, not a listing of every record
             if all(cache.is_done(self.name, s) for s in self.shards_of_chunk(grid)):
                 self.stage.release(grid)

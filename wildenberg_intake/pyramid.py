@@ -14,7 +14,6 @@ array's edge (edge blocks have 1 or 2 voxels);
 from __future__ import annotations
 
 import hashlib
-import time
 
 import numpy as np
 
@@ -92,11 +91,9 @@ class LevelWriter:
     def write(self, index) -> int:
         """Make level shard `index` from the level below (making or fetching its shards first if
         they are not cached), write it and record it. Returns bytes written (0 if it was there)."""
-        from .engine import _try_lock
+        from .engine import owning
         from .reader import ShardedArrayReader
         cache, src = self.cache, self.src
-        lock = cache.progress / self.name / (".".join(map(str, index)) + ".lock")
-        lock.parent.mkdir(parents=True, exist_ok=True)
         start, stop = shard_box(index, src.shape)
         parent_shape = self.parent.src.shape
         parents = sorted({(index[0], j, k) for j in range(2 * index[1], min(2 * index[1] + 2,
@@ -105,12 +102,8 @@ class LevelWriter:
         for p in parents:  # before our lock: the level below may be written by another process
             if not cache.is_done(self.parent_name, p):
                 self.parent.write(p)
-        while not _try_lock(lock):
-            if cache.is_done(self.name, index):
-                return 0
-            time.sleep(0.05)
-        try:
-            if cache.is_done(self.name, index):
+        with owning(cache, self.name, index) as needed:
+            if not needed:
                 return 0
             from .cache import array_path
             reader = ShardedArrayReader(cache.zarr_path / array_path(self.parent_name), cache_mb=0)
@@ -130,6 +123,4 @@ class LevelWriter:
                 digest.update(out)
             written = cache.write_shard(self.name, index, assemble_shard(encoded))
             cache.mark_done(self.name, index, written, digest.hexdigest(), ())
-        finally:
-            lock.unlink(missing_ok=True)
         return int(np.prod(shape)) * np.dtype(src.dtype).itemsize
