@@ -95,8 +95,11 @@ print(src.materialise())
 
 
 def _start(base_url, cache_dir, workers=1):
+    # SIGINT back to its default in the child: a test run started in the background by a shell
+    # inherits it ignored, and Python would then never raise KeyboardInterrupt.
     return subprocess.Popen([sys.executable, "-c", FETCH, base_url, str(cache_dir), str(workers)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_ten_sigkills_at_spread_points_then_rerun_is_byte_identical(big, tmp_path):

@@ -33,7 +33,10 @@ def _chunk_requests(server) -> dict:
 
 
 def _tree(path: Path) -> dict:
-    return {str(p.relative_to(path)): file_sha256(p) for p in sorted(path.rglob("*")) if p.is_file()}
+    """Files and their sha256, without locks (a process killed after recording a shard leaves its lock,
+    which the next owner takes over: not data)."""
+    return {str(p.relative_to(path)): file_sha256(p) for p in sorted(path.rglob("*"))
+            if p.is_file() and not p.name.endswith(".lock")}
 
 
 def _store_bytes(root: Path, levels: bool = True) -> dict:
