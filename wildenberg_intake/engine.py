@@ -291,6 +291,17 @@ _PROCESS_POOLS: dict = {}  # connections -> request pool of a process whose task
 _PROCESS_POOLS_LOCK = threading.Lock()
 
 
+def _after_fork():
+    """A forked child (a torch loader worker) has none of its parent's threads: its request pools
+    would take work and never run it, and a lock a parent thread held would never be released."""
+    global _PROCESS_POOLS_LOCK
+    _PROCESS_POOLS.clear()
+    _PROCESS_POOLS_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def _shard_buffer(shape, dtype, zeroed: bool) -> np.ndarray:
     """A C-contiguous array in this thread's shard buffer (grown to the largest shard it has held),
     zeroed if asked. Reusing one buffer per task thread keeps freed 32-128 MB shards from being left
@@ -323,7 +334,7 @@ class ShardWriter:
     def __init__(self, plan: StorePlan, name: str, connections: int = DEFAULT_CONNECTIONS):
         self.plan, self.name, self.connections = plan, name, connections
         self.src = plan.arrays[name]
-        self._io = None
+        self._io, self._io_pid = None, os.getpid()
         # Chunks of this array held inflated at once by the I/O threads (BODY_BYTES of them).
         chunk_bytes = int(np.prod(self.src.layer.chunk_zyx)) * np.dtype(self.src.dtype).itemsize
         self._gate = threading.BoundedSemaphore(max(2, BODY_BYTES // chunk_bytes))
@@ -350,7 +361,9 @@ class ShardWriter:
     def io(self) -> cf.ThreadPoolExecutor:
         """The request pool: the run's (set by `materialise`), else this process's for `connections`
         (a dask worker unpickles a writer per task; a pool per task would multiply the connections)."""
-        if self._io is None:
+        if self._io is None or self._io_pid != os.getpid():  # a pool made before a fork has no threads here
+            self._io_pid = os.getpid()
+            self._io = None
             with _PROCESS_POOLS_LOCK:
                 if self.connections not in _PROCESS_POOLS:
                     _PROCESS_POOLS[self.connections] = cf.ThreadPoolExecutor(
@@ -613,7 +626,7 @@ def _fill_arrays(cache: StoreCache, writers: list, workers: int, progress: bool,
             # One pool of requests for the process, as `connections` promises, whichever array they serve.
             io = cf.ThreadPoolExecutor(writers[0].connections, thread_name_prefix="wildenberg-io")
             for writer in writers:
-                writer._io = io
+                writer._io, writer._io_pid = io, os.getpid()
             fetchers = {id(w.layer.fetcher): w.layer.fetcher for w in writers}.values()
             try:
                 _run_threads(jobs, workers, finished, cancel=lambda: [f.cancel() for f in fetchers])

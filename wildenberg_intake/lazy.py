@@ -16,6 +16,7 @@ shard files exceed it, except those a process is reading right now (`StoreCache.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import threading
 import time
@@ -28,6 +29,14 @@ from .plan import StorePlan
 from .reader import DEFAULT_CACHE_MB, ShardedArrayReader
 
 _FINISHING = threading.Lock()
+
+
+def _after_fork():
+    global _FINISHING
+    _FINISHING = threading.Lock()  # a prefetch thread of the parent may have held it
+
+
+os.register_at_fork(after_in_child=_after_fork)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 

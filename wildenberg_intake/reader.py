@@ -48,6 +48,7 @@ class ShardedArrayReader:
         self._cached = 0
         self._indices = {}
         self._lock = threading.Lock()
+        self._pid = os.getpid()
 
     def __getstate__(self):
         return {"path": self.path, "cache_mb": self.cache_bytes / 2**20}
@@ -81,6 +82,8 @@ class ShardedArrayReader:
         return self._indices[shard]
 
     def _chunk(self, coords) -> np.ndarray | None:
+        if self._pid != os.getpid():  # forked: a lock held by a parent thread would never be released
+            self._lock, self._pid = threading.Lock(), os.getpid()
         with self._lock:
             if coords in self._cache:
                 self._cache.move_to_end(coords)

@@ -13,6 +13,7 @@ and zero-fills 403 like 404 when fill_missing is on; this module replaces it for
 from __future__ import annotations
 
 import http.client
+import os
 import random
 import threading
 import time
@@ -106,6 +107,7 @@ class Fetcher:
         # Set by `cancel()` when a run stops: requests in flight are cut, none is retried or sent.
         self.cancelled = threading.Event()
         self._watched, self._watchdog = {}, None
+        self._pid = os.getpid()
         self.stats = {"requests": 0, "retries": 0, "bytes": 0, "missing": 0}
         # urllib3 directly, its connection pools shared by every thread: requests (a Session per
         # thread) measured 450-540 us of client CPU per chunk request against urllib3's 200.
@@ -114,6 +116,14 @@ class Fetcher:
         self._retries = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5,
                                       raise_on_status=False)
         self._timeout = urllib3.Timeout(connect=self.policy.connect_timeout, read=self.policy.read_timeout)
+
+    def _after_fork(self):
+        """In a forked child (a loader worker): fresh connections and locks; the parent's threads,
+        and any lock one of them held, did not come along."""
+        self._lock = threading.Lock()
+        self._watched, self._watchdog = {}, None
+        self._http = urllib3.PoolManager(num_pools=4, maxsize=64)
+        self._pid = os.getpid()
 
     def _count(self, **kw):
         with self._lock:
@@ -145,6 +155,8 @@ class Fetcher:
         token: an event that, once set, cuts this request and its retries (`Cancelled`), as
             `cancel()` does for every request of the fetcher.
         """
+        if self._pid != os.getpid():
+            self._after_fork()
         url = to_fetchable(url)
         if url.startswith("file://"):
             gate.acquire()
