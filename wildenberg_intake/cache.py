@@ -282,8 +282,6 @@ def make_dirs(folder: Path):
         _fsync_dir(new.parent)
 
 
-_atomic_write = durable_write
-
 
 def file_sha256(path: Path) -> str | None:
     """sha256 of a file, None if it does not exist (zarr writes no file for an all-zero shard)."""
@@ -310,7 +308,7 @@ class StoreCache:
         except OSError as e:
             raise OSError(e.errno, f"cannot create the cache folder {self.root}: {e.strerror}") from e
         if not (self.root / "source.json").exists():
-            _atomic_write(self.root / "source.json", json.dumps(key, indent=2, sort_keys=True).encode())
+            durable_write(self.root / "source.json", json.dumps(key, indent=2, sort_keys=True).encode())
         self._ensure_group("", attributes)
         self._ensure_group("labels", {})
 
@@ -318,7 +316,7 @@ class StoreCache:
         target = self.zarr_path / path
         if not (target / "zarr.json").exists():
             make_dirs(target)
-            _atomic_write(target / "zarr.json", json.dumps(group_metadata(attributes), indent=2).encode())
+            durable_write(target / "zarr.json", json.dumps(group_metadata(attributes), indent=2).encode())
 
     def ensure_array(self, name: str, shape, dtype: str, is_label: bool, attributes: dict, codec: str = LABEL_CODEC,
                      ome: dict | None = None):
@@ -333,7 +331,7 @@ class StoreCache:
         meta = array_metadata(shape, dtype, is_label, codec, attributes)
         if not (target / "zarr.json").exists():  # a racing process writes the same bytes
             make_dirs(target)
-            _atomic_write(target / "zarr.json", json.dumps(meta, indent=2).encode())
+            durable_write(target / "zarr.json", json.dumps(meta, indent=2).encode())
         found = json.loads((target / "zarr.json").read_text())
         if (found.get("shape"), found.get("data_type")) != (meta["shape"], meta["data_type"]):
             raise RuntimeError(f"cached array {target} has shape {found.get('shape')} and dtype "
@@ -347,7 +345,7 @@ class StoreCache:
         meta = json.loads((folder / "zarr.json").read_text())
         if meta.get("attributes", {}).get("ome", {}).get("labels") != present:
             meta.setdefault("attributes", {})["ome"] = {"version": "0.5", "labels": present}
-            _atomic_write(folder / "zarr.json", json.dumps(meta, indent=2).encode())
+            durable_write(folder / "zarr.json", json.dumps(meta, indent=2).encode())
 
     def label_view(self, label: str) -> Path:
         """A zarr group `views/<label>.zarr` whose `raw` and `labels` link to this store's arrays.
@@ -388,7 +386,7 @@ class StoreCache:
             path.unlink(missing_ok=True)
             return None
         make_dirs(path.parent)
-        _atomic_write(path, *parts)
+        durable_write(path, *parts)
         digest = hashlib.sha256()
         for part in parts:
             digest.update(part)
@@ -433,7 +431,7 @@ class StoreCache:
                   "content_sha256": content_sha256, "missing_chunks": sorted(missing_chunks)}
         target = self._record(name, index)
         make_dirs(target.parent)
-        _atomic_write(target, json.dumps(record).encode())
+        durable_write(target, json.dumps(record).encode())
         return record
 
     def done_shards(self, name: str) -> set:
@@ -509,8 +507,9 @@ class StoreCache:
         except (FileNotFoundError, ValueError):
             return None
 
-    def mark_complete(self, name: str, shape):
-        """Mark array `name` complete once every shard is recorded; note the 404 chunks in its attributes."""
+    def mark_complete(self, name: str, shape) -> list:
+        """Mark array `name` complete once every shard is recorded; note the 404 chunks in its
+        attributes and return them."""
         missing = set(shard_grid(shape)) - self.done_shards(name)
         if missing:
             raise RuntimeError(f"{self.zarr_path / name}: {len(missing)} shards are not recorded as written")
@@ -520,7 +519,7 @@ class StoreCache:
         meta.setdefault("attributes", {})["missing_source_chunks"] = {
             "count": len(empty), "chunks": empty,
             "meaning": "source chunks the server answered 404 for; stored as zeros (empty, not unfetched)"}
-        _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
+        durable_write(meta_path, json.dumps(meta, indent=2).encode())
         # Temporary files of writes cut short by a kill (zarr's *.partial, our .*.tmp): every shard
         # is recorded now; those older than a few minutes belong to no live writer (a lazy reader
         # may be writing this mark or a record's last use right now).
@@ -533,7 +532,8 @@ class StoreCache:
                     leftover.unlink(missing_ok=True)
             except FileNotFoundError:
                 pass
-        _atomic_write(self.progress / name / "COMPLETE", b"")
+        durable_write(self.progress / name / "COMPLETE", b"")
+        return empty
 
     def content_checksum(self, name: str, shape) -> str:
         """Checksum of an array's voxels, independent of compression: sha256 over its shards'

@@ -31,7 +31,6 @@ import uuid
 import shutil
 import warnings
 import zlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -375,10 +374,9 @@ class ShardWriter:
         """Mark the array complete (every shard recorded), and warn where every source chunk of
         the box answered 404: empty data is legal, but usually a wrong base_url or box."""
         cache, src = self.cache, self.src
-        finish_array(cache, src.name, src.shape)
+        missing = finish_array(cache, src.name, src.shape)
         chunks = self.layer.info.chunks_in(src.start_zyx, np.add(src.start_zyx, src.shape))
-        missing = json.loads((cache.zarr_path / array_path(src.name) / "zarr.json").read_text())
-        if chunks and missing["attributes"]["missing_source_chunks"]["count"] >= len(chunks):
+        if chunks and len(missing) >= len(chunks):
             warnings.warn(f"every source chunk of {self.layer.url} in the box answered 404: array {src.name} of "
                           f"{cache.root} is all zeros. Empty data is legal, but check base_url and bbox_nm.",
                           UserWarning, stacklevel=2)
@@ -557,10 +555,12 @@ def _with_lower_levels(name: str) -> list[str]:
     return [base] + [f"{base}@{k}" for k in range(1, int(level or 0) + 1)]
 
 
-def finish_array(cache: StoreCache, name: str, shape):
-    """Mark array `name` complete (every shard is recorded) and drop its staged chunks."""
-    cache.mark_complete(name, shape)
+def finish_array(cache: StoreCache, name: str, shape) -> list:
+    """Mark array `name` complete (every shard is recorded) and drop its staged chunks; returns the
+    source chunks recorded as answered 404."""
+    missing = cache.mark_complete(name, shape)
     shutil.rmtree(cache.root / "staging" / name, ignore_errors=True)
+    return missing
 
 
 def _check_fits(cache: StoreCache, plan: StorePlan, names, cache_limit: int):
@@ -572,7 +572,7 @@ def _check_fits(cache: StoreCache, plan: StorePlan, names, cache_limit: int):
     for name in names:
         src = plan.source(name)
         done = cache.done_shards(name)
-        on_disk = sum(cache.shard_bytes(name, i) for i in done)
+        _, on_disk = cache.disk_usage(name)
         voxels_done = sum(int(np.prod(np.subtract(*shard_box(i, src.shape)[::-1]))) for i in done)
         need += src.nbytes if not voxels_done else int(on_disk / voxels_done * np.prod(src.shape))
     if need > cache_limit:

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from .cache import SHARDS, DamagedShard, StoreCache, shard_grid
+from .cache import SHARDS, DamagedShard, StoreCache, array_path, shard_grid
 from .engine import DEFAULT_CONNECTIONS, cache_for, prepare, writer_for
 from .plan import StorePlan
 from .reader import DEFAULT_CACHE_MB, ShardedArrayReader
@@ -131,7 +131,6 @@ class ReadThroughArray:
     @property
     def reader(self) -> ShardedArrayReader:
         if self._reader is None:
-            from .cache import array_path
             self._reader = ShardedArrayReader(self.cache.zarr_path / array_path(self.name), self.cache_mb)
         return self._reader
 
@@ -174,7 +173,6 @@ class ReadThroughArray:
                 if index not in self._checked:
                     problem = self.cache.check_shard(self.name, index, self.check_hashes)
                     if problem:
-                        import os
                         os.close(fd)
                         raise DamagedShard(self.cache.shard_file(self.name, index), problem)
                     self._checked.add(index)
@@ -184,7 +182,6 @@ class ReadThroughArray:
                            "could be read: cache_limit is smaller than one read needs")
 
     def __getitem__(self, key) -> np.ndarray:
-        import os
         starts, stops = _box(key, self.shape)
         fds = []
         try:
@@ -288,10 +285,6 @@ class ShardPool:
         self._table = (cached, weights, choices)
         return weights, choices
 
-    def count(self) -> int:
-        """Window starts available now."""
-        return int(self._windows(self.cached())[0].sum())
-
     def sample(self, rng: np.random.Generator, anywhere: bool = False):
         """A window (tuple of slices in the array's coordinates) of cached shards, or None if none is;
         `anywhere`: of any shards of the box (to be read through the cache)."""
@@ -337,7 +330,8 @@ class Prefetcher:
 
     def __init__(self, arrays: list, shards: list, seed: int = 0, workers: int = 2, first=()):
         self.arrays, self.shards, self.seed, self.workers = arrays, list(shards), seed, max(1, int(workers))
-        self.first = [s for s in self.shards if s in set(first)]  # fetched before the others
+        first = set(first)
+        self.first = [s for s in self.shards if s in first]  # fetched before the others
         self.error = None
         self.fetched = 0
         self._stop = threading.Event()
@@ -345,20 +339,17 @@ class Prefetcher:
         self._lock = threading.Lock()
         self._order = iter(())
 
-    def order(self, n: int) -> list:
-        """Pass `n`'s order of the shards: a permutation seeded by (seed, n), `first` ones first."""
-        rng = np.random.default_rng([self.seed, n])
+    def order(self) -> list:
+        """The order of the shards: a permutation seeded by `seed`, the `first` ones first."""
+        rng = np.random.default_rng([self.seed, 0])
         head = set(self.first)
         rest = [s for s in self.shards if s not in head]
         return [self.first[i] for i in rng.permutation(len(self.first))] + \
                [rest[i] for i in rng.permutation(len(rest))]
 
-    def _passes(self):
-        yield from self.order(0)
-
     def start(self) -> "Prefetcher":
         if not self._threads:
-            self._order = self._passes()
+            self._order = iter(self.order())
             for i in range(self.workers):
                 t = threading.Thread(target=self._run, name=f"wildenberg-prefetch-{i}", daemon=True)
                 t.start()
@@ -373,7 +364,7 @@ class Prefetcher:
                 return
             try:
                 wrote = sum(arr.ensure(index) for arr in self.arrays)
-            except BaseException as e:  # raised by the dataset in this process, or a timeout in workers
+            except BaseException as e:  # raised by the dataset that owns this prefetcher
                 self.error = e
                 return
             if wrote:

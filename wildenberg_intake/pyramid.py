@@ -17,8 +17,10 @@ import hashlib
 
 import numpy as np
 
-from .cache import CHUNKS, SHARDS, assemble_shard, encode_chunks, shard_box
+from .cache import CHUNKS, SHARDS, array_path, assemble_shard, encode_chunks, shard_box
+from .engine import cache_for, finish_array, owning, writer_for
 from .plan import LevelSource, StorePlan, split_level
+from .reader import ShardedArrayReader
 
 
 def _blocks(block: np.ndarray):
@@ -87,7 +89,6 @@ class LevelWriter:
     """Writes the shards of one pyramid level (`<array>@<level>`); picklable like `ShardWriter`."""
 
     def __init__(self, plan: StorePlan, name: str, connections: int):
-        from .engine import cache_for, writer_for
         self.plan, self.name, self.connections = plan, name, connections
         self.src: LevelSource = plan.source(name)
         base, level = split_level(name)
@@ -106,14 +107,11 @@ class LevelWriter:
         return self.parent.layer
 
     def finish(self):
-        from .engine import finish_array
         finish_array(self.cache, self.name, self.src.shape)
 
     def write(self, index) -> int:
         """Make level shard `index` from the level below (making or fetching its shards first if
         they are not cached), write it and record it. Returns bytes written (0 if it was there)."""
-        from .engine import owning
-        from .reader import ShardedArrayReader
         cache, src = self.cache, self.src
         start, stop = shard_box(index, src.shape)
         parent_shape = self.parent.src.shape
@@ -126,7 +124,6 @@ class LevelWriter:
         with owning(cache, self.name, index) as needed:
             if not needed:
                 return 0
-            from .cache import array_path
             reader = ShardedArrayReader(cache.zarr_path / array_path(self.parent_name), cache_mb=0)
             shape = tuple(b - a for a, b in zip(start, stop))
             encoded, digest = {}, hashlib.sha256()
