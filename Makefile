@@ -23,7 +23,7 @@ venv: $(VENV)/.installed
 
 # The main job: write a BossDB-layout mirror, serve it on 127.0.0.1 and read p105_psd through the catalog.
 demo: $(VENV)/.core
-	$(PY) -m wildenberg_intake.demo
+	$(PY) -m wildenberg_intake.cli.demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

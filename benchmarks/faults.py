@@ -17,7 +17,7 @@ from pathlib import Path
 import intake
 
 import wildenberg_intake
-from wildenberg_intake.cache import file_sha256
+from wildenberg_intake.store.cache import file_sha256
 from wildenberg_intake.mirror import Faults, MirrorServer, build_mirror
 
 FETCH = """
@@ -33,7 +33,7 @@ def tree(path):
 
 def fetch(base_url, cache_dir, **kw):
     """Raw and all three label channels of p14."""
-    from wildenberg_intake.engine import materialise
+    from wildenberg_intake.store.engine import materialise
     src = intake.open_catalog(wildenberg_intake.catalog_path()).p14_psd(
         base_url=base_url, cache_dir=str(cache_dir), progress=False, **kw)
     return Path(materialise(src.plan, list(src.plan.arrays), progress=False)), src.plan.fetcher.stats

@@ -69,7 +69,7 @@ else:
                 self.vol = CloudVolume(url if url.startswith("precomputed://") else "precomputed://" + url, mip=layer.info.mip, cache=os.path.join(cache, "cv"),
                                        fill_missing=True, progress=False, bounded=False)
             else:
-                from wildenberg_intake.layers import http_url
+                from wildenberg_intake.source.layers import http_url
                 ctx = ts.Context({"cache_pool": {"total_bytes_limit": 1 << 30}})
                 self.vol = ts.open({"driver": "neuroglancer_precomputed", "kvstore": http_url(url) + "/",
                                     "scale_index": layer.info.mip, "recheck_cached_data": False},
@@ -119,8 +119,8 @@ def run_case(kind, base, cache, box, window, steady):
 def to_dask_probe(base, cache, server):
     """to_dask() on the whole box, then one 64 x 512 x 512 window against its minimum of requests."""
     import wildenberg_intake
-    from wildenberg_intake.cache import shard_box
-    from wildenberg_intake.lazy import shards_touching
+    from wildenberg_intake.store.cache import shard_box
+    from wildenberg_intake.store.lazy import shards_touching
 
     def chunk_requests():
         return sum(n for p, n in server.requests.items() if not p.endswith(("/info", "/provenance")))

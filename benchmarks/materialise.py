@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wildenberg_intake.cache import StoreCache
+from wildenberg_intake.store.cache import StoreCache
 from wildenberg_intake.mirror import MirrorServer, build_mirror
 
 RUN = r"""
@@ -32,8 +32,8 @@ kind, exp, label, base, cache, box, codec = sys.argv[1:8]
 box = json.loads(box)
 if kind == "tensorstore":
     import intake, numpy as np, tensorstore as ts, wildenberg_intake, zarr
-    from wildenberg_intake.cache import CHUNKS, CODECS, SHARDS, shuffle_of
-    from wildenberg_intake.layers import http_url
+    from wildenberg_intake.store.cache import CHUNKS, CODECS, SHARDS, shuffle_of
+    from wildenberg_intake.source.layers import http_url
     cat = intake.open_catalog(wildenberg_intake.catalog_path())
 elif kind == "reference":
     from torch_em.data.datasets.electron_microscopy import wildenberg as ref
@@ -136,9 +136,9 @@ def cpu_floor(mirror_root, plan, label_name, codec, cores, repeats=3):
     padded, as zarr stores them). No HTTP, no server, no copies into shards, no hashing, no file
     writes: those are the pipeline's overhead, which the floor must not hide."""
     import numcodecs.blosc
-    from wildenberg_intake.cache import CHUNKS, LABEL_CODEC, blosc_codec
-    from wildenberg_intake.layers import place
-    from wildenberg_intake.transfer import inflate
+    from wildenberg_intake.store.cache import CHUNKS, LABEL_CODEC, blosc_codec
+    from wildenberg_intake.source.layers import place
+    from wildenberg_intake.source.transfer import inflate
     numcodecs.blosc.use_threads = False  # thread_time below sees this thread only
     decode = encode = 0.0
     for name in ("raw", label_name):

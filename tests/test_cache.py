@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import zarr
 
-from wildenberg_intake.cache import CHUNKS, SHARDS, StoreCache, compressors, encode_shard, shard_box, shard_grid
+from wildenberg_intake.store.cache import CHUNKS, SHARDS, StoreCache, compressors, encode_shard, shard_box, shard_grid
 
 
 @pytest.mark.parametrize("dtype,is_label,codec", [("uint8", False, "zstd1"), ("uint8", True, "zstd3"),
@@ -40,7 +40,7 @@ def test_encode_shard_equals_zarr_python(dtype, is_label, codec, tmp_path):
 
 
 def test_fast_reader_equals_zarr_on_random_windows(tmp_path):
-    from wildenberg_intake.reader import ShardedArrayReader
+    from wildenberg_intake.store.reader import ShardedArrayReader
     rng = np.random.default_rng(1)
     shape = (150, 600, 530)
     data = np.zeros(shape, dtype="uint32")
@@ -63,8 +63,8 @@ def test_fast_reader_equals_zarr_on_random_windows(tmp_path):
 
 def test_shard_buffer_is_zeroed_unless_the_chunks_tile_the_shard():
     """The engine skips zeroing a reused shard buffer only when its chunks cover every voxel."""
-    from wildenberg_intake.engine import _shard_buffer, _voxels_covered
-    from wildenberg_intake.layers import LayerInfo
+    from wildenberg_intake.store.engine import _shard_buffer, _voxels_covered
+    from wildenberg_intake.source.layers import LayerInfo
     info = LayerInfo(url="http://x", mip=0, swap_xy=False, dtype="uint8", encoding="raw", resolution_zyx=(40, 12, 12),
                      offset_zyx=(3, 5, 7), size_zyx=(20, 30, 40), chunk_zyx=(8, 16, 16), n_mips=1, info_sha256="")
     start, stop = np.array([4, 6, 8]), np.array([21, 33, 45])  # inside the layer, cutting through chunks
@@ -87,7 +87,7 @@ def test_shard_buffer_is_zeroed_unless_the_chunks_tile_the_shard():
                                                   ("uint32", True, "zstd3"), ("uint64", True, "zstd6")])
 def test_array_and_group_metadata_equal_zarr_pythons(dtype, is_label, codec, tmp_path):
     import json
-    from wildenberg_intake.cache import array_metadata, group_metadata
+    from wildenberg_intake.store.cache import array_metadata, group_metadata
     attributes = {"source_url": "x", "nested": {"a": [1, 2]}}
     zarr.create_array(store=str(tmp_path / "a"), shape=(80, 700, 530), chunks=CHUNKS, shards=SHARDS, dtype=dtype,
                       fill_value=0, compressors=compressors(is_label, codec), dimension_names=("z", "y", "x"),
@@ -103,7 +103,7 @@ def test_array_and_group_metadata_equal_zarr_pythons(dtype, is_label, codec, tmp
 @pytest.mark.parametrize("shape", [(2, 4, 4), (1, 1, 1), (3, 5, 2), (8, 8, 8), (4, 1)])
 def test_morton_order_is_zarrs(shape):
     from zarr.core.indexing import morton_order_iter
-    from wildenberg_intake.cache import morton_order
+    from wildenberg_intake.store.cache import morton_order
     assert morton_order(shape) == [tuple(int(c) for c in coords) for coords in morton_order_iter(shape)]
 
 
@@ -119,7 +119,7 @@ def test_an_array_of_another_shape_is_refused(tmp_path):
 
 
 def test_malloc_tuning_leaves_a_users_own_malloc_settings_alone(monkeypatch):
-    from wildenberg_intake import engine
+    from wildenberg_intake.store import engine
 
     class Libc:  # records what would be set in glibc
         def __init__(self, refuse=()):

@@ -12,7 +12,7 @@ import zarr
 
 import intake
 from wildenberg_intake import cli
-from wildenberg_intake.cache import StoreCache
+from wildenberg_intake.store.cache import StoreCache
 from wildenberg_intake.mirror import MirrorServer, build_mirror
 
 BOX = ["101", "2990", "95", "2777", "99", "501"]
@@ -267,7 +267,7 @@ def test_the_served_cache_answers_as_neuroglancer_asks(server, tmp_path):
 
 def test_the_preview_font_draws_the_micro_sign():
     from PIL import Image, ImageDraw
-    from wildenberg_intake.preview import _font
+    from wildenberg_intake.viewer.preview import _font
     font, micro = _font()
     assert micro == "\u00b5"
 

@@ -19,7 +19,7 @@ import pytest
 
 import intake
 import wildenberg_intake
-from wildenberg_intake.cache import StoreCache, file_sha256, shard_grid
+from wildenberg_intake.store.cache import StoreCache, file_sha256, shard_grid
 from wildenberg_intake.mirror import MirrorServer
 
 

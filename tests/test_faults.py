@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import zarr
 
-from wildenberg_intake.cache import StoreCache, file_sha256
-from wildenberg_intake.layers import LayerError, parse_info
+from wildenberg_intake.store.cache import StoreCache, file_sha256
+from wildenberg_intake.source.layers import LayerError, parse_info
 from wildenberg_intake.mirror import Faults, MirrorServer, build_mirror
-from wildenberg_intake.transfer import TransferError
+from wildenberg_intake.source.transfer import TransferError
 
 from conftest import all_layers, expected_window
 
@@ -192,7 +192,7 @@ def test_verify_finds_and_repair_restores_deleted_and_truncated_shards(big, cata
     # Exactly the damaged shards' source chunks were fetched again, each once.
     expected = set()
     for name, index in (("raw", (0, 0, 1)), ("labels/psd", (0, 1, 0))):
-        from wildenberg_intake.cache import shard_box
+        from wildenberg_intake.store.cache import shard_box
         arr, layer = src.plan.arrays[name], src.plan.layers[name]
         start, stop = shard_box(index, arr.shape)
         expected |= {f"{layer.url.split('127.0.0.1')[1].split('/', 1)[1]}/{layer.info.scale_key}/"
@@ -315,7 +315,7 @@ def test_the_body_gate_is_released_on_every_fault_and_held_after_each_body(big):
     that leaked it would stall every later fetch of the array (here: a timeout instead of a hang)."""
     import gzip
     import threading
-    from wildenberg_intake.transfer import Fetcher, RetryPolicy
+    from wildenberg_intake.source.transfer import Fetcher, RetryPolicy
 
     class Gate:
         def __init__(self):
@@ -349,7 +349,7 @@ def test_redirects_are_followed_gzip_asked_for_403_fails_at_once_and_refusals_ar
     import http.server
     import socket
     import threading
-    from wildenberg_intake.transfer import Fetcher, RetryPolicy
+    from wildenberg_intake.source.transfer import Fetcher, RetryPolicy
 
     hits, encodings = [], set()
 
@@ -400,7 +400,7 @@ def test_redirects_are_followed_gzip_asked_for_403_fails_at_once_and_refusals_ar
 def test_file_urls_read_gzip_stored_chunks_and_missing_ones(big):
     """An offline copy (`file://`) may keep chunks as `X.gz`, as S3 stores them: read inflated."""
     import gzip
-    from wildenberg_intake.transfer import Fetcher
+    from wildenberg_intake.source.transfer import Fetcher
     folder = big.root / "wildenberg2023/mouse_v1_l4_p14/em_aligned/12_12_40"
     path = sorted(folder.glob("*.gz"))[0]
     fetcher = Fetcher()

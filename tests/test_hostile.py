@@ -17,10 +17,10 @@ import pytest
 
 import intake
 import wildenberg_intake
-from wildenberg_intake.cache import DamagedShard, StoreCache
-from wildenberg_intake.layers import LayerError
+from wildenberg_intake.store.cache import DamagedShard, StoreCache
+from wildenberg_intake.source.layers import LayerError
 from wildenberg_intake.mirror import Faults, MirrorServer, build_mirror
-from wildenberg_intake.transfer import TransferError
+from wildenberg_intake.source.transfer import TransferError
 
 from conftest import all_layers, expected_window
 

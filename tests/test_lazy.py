@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wildenberg_intake.cache import SHARDS, StoreCache, file_sha256, shard_box
-from wildenberg_intake.lazy import ReadThroughArray, parse_size, shards_touching
+from wildenberg_intake.store.cache import SHARDS, StoreCache, file_sha256, shard_box
+from wildenberg_intake.store.lazy import ReadThroughArray, parse_size, shards_touching
 from wildenberg_intake.mirror import MirrorServer
 
 from conftest import all_layers, expected_window

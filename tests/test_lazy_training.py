@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("torch_em")
 
 from wildenberg_intake import training  # noqa: E402
-from wildenberg_intake.cache import StoreCache  # noqa: E402
+from wildenberg_intake.store.cache import StoreCache  # noqa: E402
 from wildenberg_intake.mirror import MirrorServer  # noqa: E402
 
 from conftest import all_layers, expected_window, record_windows  # noqa: E402

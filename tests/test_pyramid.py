@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import zarr
 
-from wildenberg_intake.cache import StoreCache, array_path, file_sha256
+from wildenberg_intake.store.cache import StoreCache, array_path, file_sha256
 from wildenberg_intake.mirror import MirrorServer
 
 from conftest import all_layers, expected_window
@@ -85,7 +85,7 @@ def test_ome_metadata_lists_the_levels_and_validates(pyramid_store):
 def test_a_level_read_lazily_makes_only_the_shards_it_needs(wide, catalog, tmp_path):
     with MirrorServer(wide.root) as server:
         src = catalog.p14_psd(base_url=server.base_url, cache_dir=str(tmp_path), progress=False)
-        from wildenberg_intake.lazy import ReadThroughArray
+        from wildenberg_intake.store.lazy import ReadThroughArray
         level2 = ReadThroughArray(src.plan, "raw@2")
         before = sum(server.requests.values())
         z, y, x = src.plan.arrays["raw"].shape

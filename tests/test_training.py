@@ -15,7 +15,8 @@ torch_em = pytest.importorskip("torch_em")
 from torch_em.data.datasets.electron_microscopy import wildenberg as reference  # noqa: E402
 
 import wildenberg_intake  # noqa: E402
-from wildenberg_intake import training, transforms  # noqa: E402
+from wildenberg_intake import training  # noqa: E402
+from wildenberg_intake.training import transforms  # noqa: E402
 
 from conftest import record_windows  # noqa: E402
 
@@ -48,7 +49,7 @@ def test_patches_equal_the_cached_arrays(entry, split, server, tmp_path):
     if split == "val":
         assert 0 < raw_all.shape[0] < group["raw"].shape[0]
     inner = ds.datasets[0] if hasattr(ds, "datasets") else ds
-    from wildenberg_intake.reader import ShardedArrayReader
+    from wildenberg_intake.store.reader import ShardedArrayReader
     reader = getattr(inner.raw, "_wrapped", inner.raw) if split else inner.raw
     assert isinstance(reader, ShardedArrayReader) or "Roi" in type(inner.raw).__name__
     np.random.seed(0)

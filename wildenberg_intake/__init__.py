@@ -24,7 +24,7 @@ __all__ = ["__version__", "catalog_path", "default_cache_dir", "entry_names", "o
 
 def verify(path) -> dict:
     """Reread a cached store (its folder or data.zarr) and report missing and corrupted shards per array."""
-    from .cache import StoreCache
+    from .store.cache import StoreCache
     return StoreCache.at(path).verify()
 
 

@@ -16,10 +16,10 @@ from intake.source.base import DataSource, Schema
 
 from . import __version__
 from .catalog import make_request
-from .engine import DEFAULT_CONNECTIONS, DEFAULT_WORKERS, cache_for, materialise
-from .lazy import ReadThroughArray, parse_size
-from .plan import StorePlan, plan_store
-from .transfer import RetryPolicy
+from .store.engine import DEFAULT_CONNECTIONS, DEFAULT_WORKERS, cache_for, materialise
+from .store.lazy import ReadThroughArray, parse_size
+from .store.plan import StorePlan, plan_store
+from .source.transfer import RetryPolicy
 
 
 def entry_source(name: str, **parameters):
@@ -34,7 +34,7 @@ def entry_source(name: str, **parameters):
 
 def cache_state(plan: StorePlan, names) -> dict:
     """How much of each array is cached: shards recorded / total and bytes of their files on disk."""
-    from .cache import shard_grid
+    from .store.cache import shard_grid
     cache = cache_for(plan)
     out = {}
     for name in names:

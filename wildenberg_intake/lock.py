@@ -31,7 +31,7 @@ def _arrays(plan):
 
 def entry_lock(name: str, source) -> dict:
     """What a lock pins for one materialised entry."""
-    from .engine import cache_for
+    from .store.engine import cache_for
     source.materialise()
     cache, req = cache_for(source.plan), source.request
     arrays = _arrays(source.plan)
@@ -89,7 +89,7 @@ def check_plan(entry: str, pinned: dict, plan):
 
 def check_content(entry: str, pinned: dict, source, recompute: bool = False) -> dict:
     """Compare the cached arrays' voxel checksums with the lock; raise LockMismatch if any differs."""
-    from .engine import cache_for
+    from .store.engine import cache_for
     cache = cache_for(source.plan)
     found = {}
     for key, array in _arrays(source.plan).items():

@@ -42,12 +42,12 @@ def _params(args, **extra) -> dict:
 
 
 def _source(name, args, **extra):
-    from .drivers import entry_source
+    from ..drivers import entry_source
     return entry_source(name, **_params(args, **extra))
 
 
 def cmd_list(args):
-    from .catalog import load_catalog_yaml
+    from ..catalog import load_catalog_yaml
     cat = load_catalog_yaml()
     print(f"{'entry':20s} {'experiment':10s} {'label':14s} {'dtype':7s} {'annotated box (nm) x0 x1 y0 y1 z0 z1':40s} full size (z, y, x) at 12 nm")
     for name, entry in cat["sources"].items():
@@ -60,7 +60,7 @@ def cmd_list(args):
 
 
 def cmd_describe(args):
-    from .catalog import load_catalog_yaml
+    from ..catalog import load_catalog_yaml
     src = _source(args.entry, args, progress=False)
     meta = src.discover()["metadata"]
     entry = load_catalog_yaml()["sources"][args.entry]
@@ -78,7 +78,7 @@ def cmd_describe(args):
 def cmd_fetch(args):
     extra = {"workers": args.workers} if args.workers else {}
     if args.lock:
-        from .lock import open_locked
+        from ..lock import open_locked
         sources = open_locked(args.lock, **_params(args, progress=not args.quiet, **extra))
     elif args.entries:
         sources = {name: _source(name, args, progress=not args.quiet, **extra) for name in args.entries}
@@ -91,10 +91,10 @@ def cmd_fetch(args):
 
 
 def cmd_verify(args):
-    from .cache import StoreCache
+    from ..store.cache import StoreCache
     bad = 0
     if args.lock:
-        from .lock import check_content, open_locked
+        from ..lock import check_content, open_locked
         for name, src in open_locked(args.lock, **_params(args, progress=False)).items():
             src.plan  # checks parameters and info files
             found = check_content(name, src.lock, src, recompute=True)
@@ -102,13 +102,13 @@ def cmd_verify(args):
         return 0
     if args.target is None:
         raise ValueError("verify needs PATH or ENTRY, or --lock FILE")
-    from .catalog import entry_names
+    from ..catalog import entry_names
     target = Path(args.target)
     if target.exists():
         cache = StoreCache.at(target)
     elif args.target in entry_names():
         # Never fetches: the store these parameters name is checked as far as it is cached.
-        from .engine import cache_for
+        from ..store.engine import cache_for
         cache = cache_for(_source(args.target, args, progress=False).plan)
         if not cache.zarr_path.is_dir():
             print(f"{args.target}: nothing cached for these parameters (no store at {cache.root}); "
@@ -127,14 +127,14 @@ def cmd_verify(args):
 
 
 def cmd_lock(args):
-    from .lock import make_lock, write_lock
+    from ..lock import make_lock, write_lock
     sources = {name: _source(name, args, progress=not args.quiet) for name in args.entries}
     write_lock(args.output, make_lock(sources))
     print(f"wrote {args.output} pinning {', '.join(sources)}")
 
 
 def cmd_preview(args):
-    from .preview import render
+    from ..viewer.preview import render
     src = _source(args.entry, args, progress=False)
     render(src, args.z, args.output)
     print(f"wrote {args.output}")
@@ -142,11 +142,11 @@ def cmd_preview(args):
 
 def cmd_mirror(args):
     if args.source:
-        from .mirror import copy_box
+        from ..mirror import copy_box
         n = copy_box(args.source, args.output, args.entry, args.bbox_nm)
         print(f"copied {n} chunks of {args.entry}'s layers into {args.output}")
     else:
-        from .mirror import build_mirror
+        from ..mirror import build_mirror
         build_mirror(args.output, shape_xyz=args.shape, em_encoding=args.em_encoding,
                      label_encoding=args.label_encoding, sharded=args.sharded)
         print(f"wrote a synthetic BossDB-layout mirror to {args.output}; serve it with "
@@ -154,7 +154,7 @@ def cmd_mirror(args):
 
 
 def cmd_serve(args):
-    from .mirror import MirrorServer
+    from ..mirror import MirrorServer
     if not Path(args.folder, "wildenberg2023").is_dir():
         raise ValueError(f"folder={args.folder!r} holds no wildenberg2023/ folder; allowed: a mirror written by "
                          "`wildenberg-intake mirror`, or a cache folder (cache_dir)")
@@ -246,8 +246,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from .layers import LayerError
-    from .transfer import TransferError
+    from ..source.layers import LayerError
+    from ..source.transfer import TransferError
     try:
         return args.run(args) or 0
     except (ValueError, LayerError, TransferError, OSError, KeyError, MemoryError) as e:

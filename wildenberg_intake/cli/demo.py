@@ -1,6 +1,6 @@
 """The main job on the embedded default: a local BossDB-layout mirror read through the catalog.
 
-    python -m wildenberg_intake.demo [--folder demo-cache] [--shape 600 520 24]
+    python -m wildenberg_intake.cli.demo [--folder demo-cache] [--shape 600 520 24]
 
 Writes a synthetic mirror (BossDB's public bucket is out of reach here), serves it on 127.0.0.1,
 opens the packaged catalog with intake, materialises `p105_psd` into the cache, reads it back and
@@ -20,8 +20,8 @@ import numpy as np
 def run(folder: Path, shape_xyz=(600, 520, 24), entry: str = "p105_psd") -> bool:
     import intake
 
-    from .catalog import catalog_path
-    from .mirror import EXPERIMENTS, build_mirror
+    from ..catalog import catalog_path
+    from ..mirror import EXPERIMENTS, build_mirror
 
     folder = Path(folder)
     print(f"Writing a BossDB-layout mirror of {shape_xyz} label voxels to {folder / 'mirror'} ...")
@@ -62,7 +62,7 @@ def run(folder: Path, shape_xyz=(600, 520, 24), entry: str = "p105_psd") -> bool
 
 def _serve(root, port: int = 8765):
     """Serve on a fixed port when free, so a rerun hits the same URLs and hence the same store."""
-    from .mirror import MirrorServer
+    from ..mirror import MirrorServer
     try:
         return MirrorServer(root, port=port).start()
     except OSError:

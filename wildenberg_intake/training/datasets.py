@@ -19,8 +19,8 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 from torch_em.data import SegmentationDataset
 
-from .catalog import LABELS, load_catalog_yaml
-from .drivers import entry_source
+from ..catalog import LABELS, load_catalog_yaml
+from ..drivers import entry_source
 from .transforms import fast_label_transforms, fast_transform
 
 EXPERIMENTS = ("p105", "p14")
@@ -36,7 +36,7 @@ def resolve_sources(sources, **parameters) -> list:
     `parameters` (bbox_nm, em_mip, seg_mip, cache_dir, base_url, workers, progress) apply to entries
     given by name or catalog; sources already configured keep their own.
     """
-    from .drivers import WildenbergSource
+    from ..drivers import WildenbergSource
     if isinstance(sources, (str, WildenbergSource)) or not isinstance(sources, Sequence):
         if hasattr(sources, "walk") or hasattr(sources, "_cat"):  # an intake catalog (or our view of one)
             sources = [sources[name] for name in list(sources)]
@@ -91,13 +91,13 @@ def _attach_readers(ds):
     """Read a SegmentationDataset's windows with the cache's fast reader (see reader.py), or, for a
     lazy dataset, through the cache (lazy.py: shards fetched when first read)."""
     from elf.wrapper import RoiWrapper
-    from .reader import ShardedArrayReader
+    from ..store.reader import ShardedArrayReader
 
     def wrap(array):
         return RoiWrapper(array, ds.roi) if ds.roi is not None else array
     lazy = getattr(ds, "_lazy", None)
     if lazy is not None:
-        from .lazy import ReadThroughArray, ShardPool
+        from ..store.lazy import ReadThroughArray, ShardPool
         raw, *labels = [ReadThroughArray(lazy["plan"], name, lazy["connections"], lazy["cache_limit"])
                         for name in ["raw", *lazy["labels"]]]
         ds.raw = wrap(raw)
@@ -198,7 +198,7 @@ def _fast(ds, label_paths=None, lazy=None):
             d._lazy = {**options, "plan": plan, "labels": labels, "index": i}
         _attach_readers(d)
         if lazy is not None:
-            from .lazy import Prefetcher
+            from ..store.lazy import Prefetcher
             d.prefetcher = Prefetcher(d._pool.arrays, d._pool.shards, seed=options["seed"] + 1000003 * i,
                                       workers=options["prefetch_workers"], first=d._pool.owners).start()
     return ds
@@ -312,8 +312,8 @@ def get_loader(sources, patch_shape: Tuple[int, ...], batch_size: int, **kwargs)
 def label_view(source, download: bool = True, lazy: bool = False) -> str:
     """Path of a zarr group whose `raw` and `labels` are the store's raw and `source`'s label (links).
     lazy: only the arrays' metadata is written (their shards are fetched when read)."""
-    from .cache import StoreCache
-    from .engine import cache_for, prepare
+    from ..store.cache import StoreCache
+    from ..store.engine import cache_for, prepare
     cache: StoreCache = cache_for(source.plan)
     names = ["raw", source.plan.label_name]
     if lazy:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .cache import LABEL_CODEC, LAYOUT, LAYOUT_VERSION
-from .catalog import Request
-from .layers import Layer, LayerInfo
-from .transfer import Fetcher, RetryPolicy
+from ..catalog import Request
+from ..source.layers import Layer, LayerInfo
+from ..source.transfer import Fetcher, RetryPolicy
 
 
 @dataclass(frozen=True)

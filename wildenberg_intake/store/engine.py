@@ -38,9 +38,9 @@ from tqdm.auto import tqdm
 
 from .cache import (CHUNKS, SHARDS, StoreCache, array_path, assemble_shard, durable_write, encode_chunks, make_dirs, ome_multiscale,
                     shard_box, shard_grid)
-from .layers import Layer, LayerError, place
+from ..source.layers import Layer, LayerError, place
 from .plan import ArraySource, StorePlan
-from .transfer import NO_GATE, Cancelled, TooLarge, inflate
+from ..source.transfer import NO_GATE, Cancelled, TooLarge, inflate
 
 DEFAULT_WORKERS = max(2, os.cpu_count() or 2)
 DEFAULT_CONNECTIONS = 16
