@@ -1,6 +1,7 @@
 # The two commands of the README. Each creates and fills its own virtual environment in .venv:
 # `make demo` installs the core dependencies only; `make test` adds torch, torch-em, dask.distributed,
-# the test tools and what the benchmarks compare against.
+# neuroglancer, the test tools and what the benchmarks compare against. The browser test also needs
+# Debian's chromium and chromium-driver (`.ci/run` installs them when run as root).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -16,7 +17,7 @@ $(VENV)/.core: pyproject.toml
 $(VENV)/.installed: $(VENV)/.core
 	# torch and torchvision as a matching pair (torch-em needs torchvision); pip finds them on disk here.
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install --quiet -e ".[torch,test,distributed]"
+	$(PY) -m pip install --quiet -e ".[torch,test,distributed,viewer]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -42,7 +42,7 @@ def test_importing_the_package_is_cheap():
 def test_list_and_help(capsys):
     code, out, _ = run(capsys, "list")
     assert code == 0 and "p105_saturated" in out and "uint32" in out and "(904, 11328, 10000)" in out
-    for command in ("list", "describe", "fetch", "verify", "lock", "preview", "mirror", "serve", "demo"):
+    for command in ("list", "describe", "fetch", "verify", "lock", "preview", "view", "mirror", "serve", "demo"):
         with pytest.raises(SystemExit) as e:
             cli.main([command, "--help"])
         assert e.value.code == 0

@@ -37,11 +37,16 @@ def _mode(a):
 
 
 @pytest.fixture(scope="module")
-def pyramid_store(wide, catalog, tmp_path_factory):
-    cache_dir = tmp_path_factory.mktemp("pyr")
+def wide_server(wide):
     with MirrorServer(wide.root) as server:
-        src = catalog.p14_saturated(base_url=server.base_url, cache_dir=str(cache_dir), progress=False)
-        path = src.materialise()
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pyramid_store(wide_server, catalog, tmp_path_factory):
+    cache_dir = tmp_path_factory.mktemp("pyr")
+    src = catalog.p14_saturated(base_url=wide_server.base_url, cache_dir=str(cache_dir), progress=False)
+    path = src.materialise()
     return src, zarr.open_group(path, mode="r"), StoreCache(cache_dir, src.plan.name)
 
 
@@ -109,3 +114,34 @@ def test_a_level_read_lazily_makes_only_the_shards_it_needs(wide, catalog, tmp_p
         # A later materialise() makes the rest and ends with the same bytes as one run.
         src.materialise()
         assert all(cache.is_complete(n) for n in ("raw@1", "raw@2", "labels/psd@2"))
+
+
+def test_napari_reader_gives_an_image_and_a_labels_layer_per_label_with_their_levels(wide, wide_server, pyramid_store,
+                                                                                    catalog):
+    """napari-ome-zarr's reader (no window): one image layer, one labels layer per label, in nm, with
+    the pyramid's levels, all placed alike. napari-ome-zarr 0.10 reads only the first transform of
+    the first dataset (the scale; its issue #73), so napari starts the box at 0 nm, not at its place
+    in the dataset: EM and labels still overlay exactly."""
+    reader = pytest.importorskip("napari_ome_zarr._reader")
+    src, store, cache = pyramid_store
+    # A second label in the same store.
+    catalog.p14_psd(base_url=wide_server.base_url, cache_dir=str(cache.root.parent.parent), progress=False).materialise()
+    path = str(cache.zarr_path)
+    layers = reader.napari_get_reader(path)(path)
+    kinds = [kind for _, _, kind in layers]
+    assert kinds == ["image", "labels", "labels"]
+    names = sorted(meta["name"].rsplit("/", 1)[-1] for _, meta, kind in layers if kind == "labels")
+    assert names == ["psd", "saturated"]
+    raw = expected_window(wide, "p14", "em_aligned", 1, ALL, all_layers("p14"))[0]
+    for data, meta, kind in layers:
+        assert len(data) == 3 and [d.shape for d in data] == [store[p].shape for p in
+                                                               (("raw", "raw_s1", "raw_s2") if kind == "image" else
+                                                                ("labels/psd/0", "labels/psd/1", "labels/psd/2"))]
+        assert meta["units"] == ("nanometer",) * 3 and list(meta["scale"]) == [40.0, 12.0, 12.0]
+        np.testing.assert_array_equal(meta["affine"].affine_matrix, layers[0][1]["affine"].affine_matrix)
+    image = layers[0][0]
+    np.testing.assert_array_equal(np.asarray(image[0][:2]), raw[:2])
+    np.testing.assert_array_equal(np.asarray(image[1][:2]), _mean(raw[:2]))
+    saturated = next(d for d, m, k in layers if m.get("name", "").endswith("saturated"))
+    labels = expected_window(wide, "p14", "saturated_autoseg", 0, ALL, all_layers("p14"))[0]
+    np.testing.assert_array_equal(np.asarray(saturated[0][:2]), labels[:2])

@@ -1,4 +1,4 @@
-"""Command line: `wildenberg-intake list | describe | fetch | verify | lock | preview | mirror | serve | demo`.
+"""Command line: `wildenberg-intake list | describe | fetch | verify | lock | preview | view | mirror | serve | demo`.
 
 Every command has --help. A user's mistake (a bad value, an unknown entry, an unreachable server)
 prints one line on stderr and exits 2; only bugs show a traceback.
@@ -175,6 +175,21 @@ def cmd_serve(args):
             pass
 
 
+def cmd_view(args):
+    from ..viewer.view import View
+    sources = [_source(name, args) for name in args.entries]
+    with View(sources, port=args.port, viewer_port=args.viewer_port) as view:
+        print(f"serving {view.data_url} (shards are fetched as the viewer asks for them)", flush=True)
+        for name, kind, url in view.layers():
+            print(f"  {kind} layer {name}: {url}", flush=True)
+        print(f"open {view.url} (Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
 def cmd_demo(args):
     from .demo import run
     return 0 if run(Path(args.folder)) else 1
@@ -237,6 +252,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("folder")
     s.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     s.set_defaults(run=cmd_serve)
+
+    vw = sub.add_parser("view", help="neuroglancer over the cache of entries (EM as an image layer, each label "
+                                     "as a segmentation layer); shards are fetched as the viewer asks")
+    _entry_args(vw)
+    vw.add_argument("--port", type=int, default=0, help="port of the data server (default: a free one)")
+    vw.add_argument("--viewer-port", type=int, default=0, help="port of neuroglancer's server (default: a free one)")
+    vw.set_defaults(run=cmd_view)
 
     dm = sub.add_parser("demo", help="the main job: mirror, serve and read p105_psd through the catalog")
     dm.add_argument("--folder", default="demo-cache")

@@ -48,8 +48,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         server = self.server
         if server.latency:
             time.sleep(server.latency)
-        target, gzipped = self._resolve()
         path = self.path.split("?", 1)[0]
+        if server.before is not None:  # e.g. `view`: make the shard a viewer asks for before serving it
+            try:
+                server.before(path)
+            except Exception as e:  # noqa: BLE001  (the viewer sees a server error, the console why)
+                import sys
+                print(f"wildenberg-intake: {path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+        target, gzipped = self._resolve()
         with server.lock:
             server.requests[path] += 1
             fault = server.faults.draw(path) if server.faults else None
@@ -257,12 +267,13 @@ class MirrorServer:
     """
 
     def __init__(self, root, latency: float = 0.0, port: int = 0, faults: Faults | None = None,
-                 bandwidth: float = 0.0):
+                 bandwidth: float = 0.0, before=None):
         self.root = Path(root).resolve()
         self.latency = float(latency)
         self.bandwidth = float(bandwidth)  # bytes per second per response; 0 for unlimited
         self.faults = faults
         self.port = int(port)
+        self.before = before  # called with each request's path before it is answered (in the request's thread)
         self._server = None
         self._thread = None
 
@@ -278,6 +289,7 @@ class MirrorServer:
         self._server.latency = self.latency
         self._server.bandwidth = self.bandwidth
         self._server.faults = self.faults
+        self._server.before = self.before
         self._server.lock = threading.Lock()
         self._server.requests = Counter()
         self._server.bytes_sent = 0

@@ -1,0 +1,208 @@
+"""`view` in a real browser: neuroglancer (its PyPI package) in Debian's headless Chromium draws the
+served cache, and the screenshot's pixels are checked against the arrays the mirror was written from.
+
+Needs /usr/bin/chromium and /usr/bin/chromedriver (Debian's chromium and chromium-driver; `.ci/run`
+installs them). WebGL runs on SwiftShader, without a display or GPU.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+import io
+
+neuroglancer = pytest.importorskip("neuroglancer")  # the `viewer` extra, installed by `make test`
+selenium_webdriver = pytest.importorskip("selenium.webdriver")
+
+from wildenberg_intake.drivers import entry_source  # noqa: E402
+from wildenberg_intake.store.engine import cache_for  # noqa: E402
+from wildenberg_intake.mirror import LABEL_CHANNELS  # noqa: E402
+from wildenberg_intake.viewer.view import View  # noqa: E402
+
+EM, CHANNEL = "em_aligned", {label: channel for label, (channel, _) in LABEL_CHANNELS.items()}
+
+SIZE = (480, 360)  # screenshot pixels (width, height)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium.webdriver.chrome.service import Service
+    opts = selenium_webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--use-angle=swiftshader",
+                "--enable-unsafe-swiftshader", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--window-size=800,600"):
+        opts.add_argument(arg)
+    driver = selenium_webdriver.Chrome(options=opts, service=Service("/usr/bin/chromedriver"))
+    yield driver
+    driver.quit()
+
+
+def screenshot(view, driver, timeout=120) -> np.ndarray:
+    """An RGB screenshot of the view's canvas of SIZE, taken once every visible chunk is drawn."""
+    if driver.current_url != view.url:
+        driver.get(view.url)
+    with view.viewer.config_state.txn() as s:
+        s.show_ui_controls, s.show_panel_borders, s.viewer_size = False, False, list(SIZE)
+    done, out = threading.Event(), []
+    view.viewer.async_screenshot(lambda reply: (out.append(reply), done.set()))
+    assert done.wait(timeout), "neuroglancer took no screenshot in time"
+    shot = out[0].screenshot
+    assert (shot.width, shot.height) == SIZE
+    return np.asarray(Image.open(io.BytesIO(shot.image)).convert("RGB")).astype(int)
+
+
+def show(view, layers, position_nm, nm_per_pixel):
+    """Only `layers` visible, plain rendering (no outlines, axes or scale bar), centred on `position_nm`
+    (x, y, z) at `nm_per_pixel` across the screen."""
+    with view.viewer.txn() as s:
+        for layer in s.layers:
+            layer.visible = layer.name in layers
+        scales = [v * 1e9 for v in s.dimensions.scales]  # kept in metres
+        s.position = [p / sc for p, sc in zip(position_nm, scales)]
+        s.cross_section_scale = nm_per_pixel / scales[0]
+        s.show_axis_lines = s.show_default_annotations = s.show_scale_bar = False
+
+
+def pixel_points(position_nm, nm_per_pixel):
+    """Physical (y, x) nm of each pixel's centre: neuroglancer puts `position` at the canvas centre."""
+    w, h = SIZE
+    xs = position_nm[0] + (np.arange(w) + 0.5 - w / 2) * nm_per_pixel
+    ys = position_nm[1] + (np.arange(h) + 0.5 - h / 2) * nm_per_pixel
+    return ys, xs
+
+
+def sample(layer, mip, z_nm, ys, xs):
+    """The mirror's voxel under each pixel (voxel k spans [k, k + 1) x its size, as in BossDB), plus a
+    mask of pixels within 1 px of a voxel face (where rounding may fall either way)."""
+    rx, ry, rz = layer.resolution_xyz[mip]
+    iz = int(np.floor(z_nm / rz))
+    iy, ix = np.floor(ys / ry).astype(int), np.floor(xs / rx).astype(int)
+    lo = np.array([iz, iy.min(), ix.min()])
+    block = layer.expected(mip, lo, [iz + 1, iy.max() + 1, ix.max() + 1])[0]
+    values = block[np.ix_(iy - lo[1], ix - lo[2])]
+    step = ys[1] - ys[0]
+    edge_y = np.abs(ys / ry - np.round(ys / ry)) * ry < step / 2
+    edge_x = np.abs(xs / rx - np.round(xs / rx)) * rx < step / 2
+    return values, edge_y[:, None] | edge_x[None, :]
+
+
+def coloured(rgb):
+    """Pixels a segmentation colour was blended into (EM alone is grey: R = G = B)."""
+    return (rgb.max(axis=2) - rgb.min(axis=2)) > 12
+
+
+@pytest.fixture(scope="module")
+def p14_view(mirror, server, tmp_path_factory):
+    src = entry_source("p14_psd", base_url=server.base_url, cache_dir=str(tmp_path_factory.mktemp("view")))
+    with View([src]) as view:
+        yield view, src
+
+
+def test_view_draws_the_mirrors_em_and_labels_where_they_are(p14_view, mirror, browser):
+    view, src = p14_view
+    x0, x1, y0, y1, z0, z1 = src.plan.bbox_nm
+    cache = cache_for(src.plan)
+    assert cache.done_shards("raw") == set()  # nothing fetched before the browser asks
+    nm = 4.0  # 3 pixels per 12 nm voxel; pixel centres a quarter pixel off voxel faces:
+    position = ((x0 + x1) / 2 + nm / 4, (y0 + y1) / 2 + nm / 4, z0 + 40 * 7.5)  # the middle of slice 7
+    ys, xs = pixel_points(position, nm)
+    em, em_edge = sample(mirror.layer("p14", EM), 1, position[2], ys, xs)
+    for labels in (["psd", "vesicle_cloud"], ["saturated"]):
+        show(view, ["raw"] + labels, position, nm)
+        rgb = screenshot(view, browser)
+        want = np.zeros(em.shape, bool)
+        edge = em_edge.copy()
+        for label in labels:
+            values, label_edge = sample(mirror.layer("p14", CHANNEL[label]), 0, position[2], ys, xs)
+            want |= values != 0
+            edge |= label_edge
+        got = coloured(rgb)
+        inside = ~edge
+        assert want[inside].sum() > 500 and (~want[inside]).sum() > 500  # both kinds of pixel are on screen
+        # Label colour exactly where the mirror has labels, and nowhere else.
+        assert np.mean(got[inside] == want[inside]) > 0.995, labels
+        # Unlabelled pixels show the EM voxel under them, value for value.
+        grey = inside & ~want
+        assert np.mean(np.abs(rgb[..., 0][grey] - em[grey]) <= 1) > 0.99
+    # The browser's requests made the shards it drew, through the cache, with their done records.
+    assert cache.done_shards("raw") and cache.done_shards("labels/psd")
+
+
+def test_em_at_6nm_is_placed_on_its_12nm_labels(mirror, server, tmp_path, browser):
+    """em_mip=0: 6 nm EM under 12 nm labels. A half-voxel convention slip moves the EM 3 nm: at
+    1.5 nm a pixel that is 2 pixels, and half the EM pixels would show the neighbouring voxel."""
+    src = entry_source("p14_psd", base_url=server.base_url, cache_dir=str(tmp_path), em_mip=0)
+    with View([src]) as view:
+        x0, x1, y0, y1, z0, z1 = src.plan.bbox_nm
+        nm = 1.5
+        position = ((x0 + x1) / 2 + nm / 4, (y0 + y1) / 2 + nm / 4, z0 + 40 * 5.5)
+        ys, xs = pixel_points(position, nm)
+        show(view, ["raw", "vesicle_cloud"], position, nm)
+        rgb = screenshot(view, browser)
+        em, em_edge = sample(mirror.layer("p14", EM), 0, position[2], ys, xs)
+        labels, label_edge = sample(mirror.layer("p14", CHANNEL["vesicle_cloud"]), 0, position[2], ys, xs)
+        inside = ~(em_edge | label_edge)
+        assert np.mean(coloured(rgb)[inside] == (labels != 0)[inside]) > 0.995
+        grey = inside & (labels == 0)
+        assert grey.sum() > 1000
+        assert np.mean(np.abs(rgb[..., 0][grey] - em[grey]) <= 1) > 0.99
+        # The check tells: the EM placed 3 nm off (voxel corners taken for centres) would fail it.
+        slipped, _ = sample(mirror.layer("p14", EM), 0, position[2], ys - 3.0, xs - 3.0)
+        assert np.mean(np.abs(rgb[..., 0][grey] - slipped[grey]) <= 1) < 0.8
+
+
+def test_view_command_prints_the_page_and_serves_shards_made_on_request(mirror, server, tmp_path):
+    """`wildenberg-intake view` as a user runs it: the printed page answers, a shard asked for is made
+    (recorded, equal to the mirror's voxels) and served; Ctrl-C stops it cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+    import zarr
+    from wildenberg_intake.store.cache import SHARDS
+    exe = [sys.executable, "-m", "wildenberg_intake.cli.main"]
+    proc = subprocess.Popen(exe + ["view", "p14_psd", "--base-url", server.base_url, "--cache-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL) and None)
+    try:
+        lines = []
+        while not lines or not lines[-1].startswith("open "):
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            lines.append(line.strip())
+        page = lines[-1].split()[1]
+        with urllib.request.urlopen(page) as resp:
+            assert resp.status == 200 and b"neuroglancer" in resp.read().lower()
+        image = next(line.split()[-1] for line in lines if line.startswith("image layer raw:"))
+        assert image.startswith("zarr3://http://127.0.0.1:") and image.endswith("/data.zarr/")
+        with urllib.request.urlopen(image[len("zarr3://"):] + "raw/c/0/0/0") as resp:
+            body = resp.read()
+        store = next(tmp_path.glob("wildenberg2023/*/data.zarr"))
+        assert body == (store / "raw" / "c" / "0" / "0" / "0").read_bytes()
+        src = entry_source("p14_psd", base_url=server.base_url, cache_dir=str(tmp_path))
+        assert cache_for(src.plan).done_shards("raw") == {(0, 0, 0)}
+        raw = zarr.open_array(store / "raw", mode="r")
+        z, y, x = (min(n, s) for n, s in zip(raw.shape, SHARDS))
+        start = np.asarray(src.plan.arrays["raw"].start_zyx)
+        np.testing.assert_array_equal(raw[:z, :y, :x], mirror.layer("p14", EM).expected(1, start, start + [z, y, x]))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+
+
+def test_a_shard_that_cannot_be_fetched_is_a_server_error_and_not_recorded(mirror, tmp_path):
+    import urllib.error
+    import urllib.request
+    from wildenberg_intake.mirror import Faults, MirrorServer
+    with MirrorServer(mirror.root, faults=Faults(fail_paths=("em_aligned/12_12_40/",))) as failing:
+        src = entry_source("p14_psd", base_url=failing.base_url, cache_dir=str(tmp_path),
+                           retry={"attempts": 2, "backoff": 0.01})
+        with View([src]) as view:
+            url = view.layers()[0][2][len("zarr3://"):] + "raw/c/0/0/0"
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(url)
+            assert info.value.code == 503
+            assert cache_for(src.plan).done_shards("raw") == set()

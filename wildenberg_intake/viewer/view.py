@@ -1,0 +1,141 @@
+"""Neuroglancer over the cache: the cache served with byte ranges and CORS, shards made as a viewer asks.
+
+`View(sources)` serves the cache folder of catalog sources on 127.0.0.1 and, for every request of a
+shard of one of their arrays (pyramid levels included), first makes that shard through the
+read-through arrays of `store.lazy` (fetched once, written with its done record, like any lazy read):
+a box of hundreds of GB can be looked at without fetching it. It then starts a viewer from
+neuroglancer's PyPI package (the `viewer` extra) with raw as an image layer and each label of the
+store as a segmentation layer, x/y across the screen, nm units, centred on the box.
+
+    with View([src]) as view:
+        print(view.url)          # open in a browser
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+from ..store.cache import SHARDS, array_path
+from ..store.engine import cache_for
+from ..store.lazy import ReadThroughArray
+from ..store.plan import pyramid_levels
+
+_SHARD = re.compile(r"^/wildenberg2023/(?P<store>[^/]+)/data\.zarr/(?P<array>.+)/c/(?P<z>\d+)/(?P<y>\d+)/(?P<x>\d+)$")
+
+
+def store_layers(url: str, zarr_path: Path) -> list[tuple[str, str, str]]:
+    """(layer name, kind, neuroglancer source URL) of a store served at `url` (the address of its
+    data.zarr): the OME image group (raw, with its levels) and one image-label group per label."""
+    base = f"zarr3://{url}"
+    layers = [("raw", "image", f"{base}/")] if (zarr_path / "zarr.json").is_file() else []
+    labels = zarr_path / "labels"
+    if labels.is_dir():
+        layers += [(p.name, "segmentation", f"{base}/labels/{p.name}/") for p in sorted(labels.iterdir())
+                   if (p / "zarr.json").is_file()]
+    return layers
+
+
+class LazyShards:
+    """The `before` hook of the server: a request for a shard of a known array makes that shard first."""
+
+    def __init__(self, sources, connections: int | None = None):
+        self.arrays = {}  # (store folder name, array path) -> ReadThroughArray
+        for src in sources:
+            plan = src.plan
+            kwargs = {"connections": connections} if connections else {}
+            for base in plan.arrays:
+                for level in range(pyramid_levels(plan.arrays[base].shape) + 1):
+                    name = f"{base}@{level}" if level else base
+                    arr = ReadThroughArray(plan, name, cache_limit=src.cache_limit, **kwargs)
+                    self.arrays[(arr.cache.root.name, array_path(name))] = arr
+        self._lock = threading.Lock()
+
+    def __call__(self, path: str):
+        match = _SHARD.match(path)
+        if match is None:
+            return
+        arr = self.arrays.get((match["store"], match["array"]))
+        if arr is None:  # a label of the store that no given entry plans: served as it is on disk
+            return
+        index = (int(match["z"]), int(match["y"]), int(match["x"]))
+        if all(0 <= i < n for i, n in zip(index, _grid(arr.shape))):
+            arr.ensure(index)
+
+
+def _grid(shape):
+    return [-(-n // s) for n, s in zip(shape, SHARDS)]
+
+
+class View:
+    """A neuroglancer viewer of catalog `sources` (one store each, or several entries of one store).
+
+    port: the data server's port (0: a free one); viewer_port: neuroglancer's own server (0: free).
+    `url` is the page to open; `viewer` the `neuroglancer.Viewer` (for scripting and screenshots);
+    `data_url` the served cache folder. Close it (or use it as a context manager) to stop both."""
+
+    def __init__(self, sources, port: int = 0, viewer_port: int = 0, connections: int | None = None):
+        try:
+            import neuroglancer
+        except ImportError as e:
+            raise ImportError("`view` needs neuroglancer's Python package: pip install 'wildenberg-intake[viewer]'") from e
+        from ..mirror import MirrorServer
+        sources = list(sources)
+        if not sources:
+            raise ValueError("sources=[] is empty; allowed: one or more catalog sources")
+        roots = {Path(s.plan.request.cache_dir) for s in sources}
+        if len(roots) != 1:
+            raise ValueError(f"the sources' cache_dir differ ({sorted(map(str, roots))}); allowed: one cache_dir")
+        self.sources = sources
+        self.hook = LazyShards(sources, connections)  # creates every array's metadata, fetches no voxel
+        self.server = MirrorServer(roots.pop(), port=port, before=self.hook).start()
+        neuroglancer.set_server_bind_address("127.0.0.1", bind_port=viewer_port)
+        self.viewer = neuroglancer.Viewer()
+        self._show(neuroglancer)
+
+    @property
+    def data_url(self) -> str:
+        return f"{self.server.url}/wildenberg2023"
+
+    @property
+    def url(self) -> str:
+        return self.viewer.get_viewer_url()
+
+    def layers(self) -> list[tuple[str, str, str]]:
+        """(name, kind, source URL) of every layer shown."""
+        caches = {cache_for(s.plan).root.name: (s, cache_for(s.plan)) for s in self.sources}
+        out = []
+        for src, cache in caches.values():
+            prefix = f"{src.plan.request.experiment} " if len(caches) > 1 else ""
+            out += [(prefix + name, kind, url) for name, kind, url in
+                    store_layers(f"{self.data_url}/{cache.root.name}/data.zarr", cache.zarr_path)]
+        return out
+
+    def _show(self, ng):
+        plan = self.sources[0].plan
+        labels = plan.arrays[plan.label_name]
+        res = labels.layer.resolution_zyx  # display voxels: the labels' (the EM's may be finer)
+        x0, x1, y0, y1, z0, z1 = plan.bbox_nm
+        with self.viewer.txn() as s:
+            s.dimensions = ng.CoordinateSpace(names=["x", "y", "z"], units="nm", scales=[res[2], res[1], res[0]])
+            s.position = [(x0 + x1) / 2 / res[2], (y0 + y1) / 2 / res[1], (z0 + z1) / 2 / res[0]]
+            s.layout = "xy"
+            s.cross_section_scale = max((x1 - x0) / res[2] / 1000, (y1 - y0) / res[1] / 800, 1.0)
+            for name, kind, url in self.layers():
+                if kind == "image":
+                    s.layers[name] = ng.ImageLayer(source=url)
+                else:
+                    s.layers[name] = ng.SegmentationLayer(source=url)
+
+    def close(self):
+        """Stop the data server and neuroglancer's server."""
+        import neuroglancer
+        self.server.stop()
+        neuroglancer.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
