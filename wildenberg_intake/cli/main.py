@@ -155,19 +155,16 @@ def cmd_mirror(args):
 
 def cmd_serve(args):
     from ..mirror import MirrorServer
+    from ..viewer.view import store_layers
     if not Path(args.folder, "wildenberg2023").is_dir():
         raise ValueError(f"folder={args.folder!r} holds no wildenberg2023/ folder; allowed: a mirror written by "
                          "`wildenberg-intake mirror`, or a cache folder (cache_dir)")
     with MirrorServer(args.folder, port=args.port) as server:
         print(f"serving {args.folder} at {server.base_url} (Ctrl-C to stop); use base_url={server.base_url}",
               flush=True)
-        stores = sorted(p for p in Path(args.folder, "wildenberg2023").glob("*/data.zarr"))
-        for store in stores:  # a cache folder: the layers a neuroglancer instance opens
-            base = f"zarr3://{server.url}/wildenberg2023/{store.parent.name}/data.zarr"
-            labels = sorted(p.name for p in (store / "labels").iterdir() if (p / "zarr.json").is_file()) \
-                if (store / "labels").is_dir() else []
-            print(f"{store.parent.name}: image {base}/  " + "  ".join(f"segmentation {base}/labels/{l}/"
-                                                                      for l in labels), flush=True)
+        for store in sorted(Path(args.folder, "wildenberg2023").glob("*/data.zarr")):  # a cache folder
+            for name, kind, url in store_layers(f"{server.url}/wildenberg2023/{store.parent.name}/data.zarr", store):
+                print(f"  {store.parent.name}: {kind} layer {name}: {url}", flush=True)
         try:
             while True:
                 time.sleep(3600)
