@@ -42,7 +42,8 @@ def test_importing_the_package_is_cheap():
 def test_list_and_help(capsys):
     code, out, _ = run(capsys, "list")
     assert code == 0 and "p105_saturated" in out and "uint32" in out and "(904, 11328, 10000)" in out
-    for command in ("list", "describe", "fetch", "verify", "lock", "preview", "view", "mirror", "serve", "demo"):
+    for command in ("list", "describe", "fetch", "verify", "lock", "preview", "view", "synapses", "mirror", "serve",
+                    "demo"):
         with pytest.raises(SystemExit) as e:
             cli.main([command, "--help"])
         assert e.value.code == 0
@@ -111,7 +112,7 @@ def test_lock_pins_bytes_across_caches_and_refuses_a_changed_info(mirror, tmp_pa
                              "--quiet", "--cache-dir", str(tmp_path / "a"), *base)
         assert code == 0, err
         pinned = json.loads(lock.read_text())
-        assert pinned["catalog_version"] == "2023.1.0"
+        assert pinned["catalog_version"] == "2023.2.0"
         assert set(pinned["entries"]) == {"p14_psd", "p105_saturated"}
         entry = pinned["entries"]["p14_psd"]
         assert entry["urls"] == {"raw": "mouse_v1_l4_p14/em_aligned", "labels": "mouse_v1_l4_p14/psd_autoseg"}

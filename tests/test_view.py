@@ -109,23 +109,31 @@ def test_view_draws_the_mirrors_em_and_labels_where_they_are(p14_view, mirror, b
     position = ((x0 + x1) / 2 + nm / 4, (y0 + y1) / 2 + nm / 4, z0 + 40 * 7.5)  # the middle of slice 7
     ys, xs = pixel_points(position, nm)
     em, em_edge = sample(mirror.layer("p14", EM), 1, position[2], ys, xs)
-    for labels in (["psd", "vesicle_cloud"], ["saturated"]):
-        show(view, ["raw"] + labels, position, nm)
-        rgb = screenshot(view, browser)
-        want = np.zeros(em.shape, bool)
-        edge = em_edge.copy()
-        for label in labels:
-            values, label_edge = sample(mirror.layer("p14", CHANNEL[label]), 0, position[2], ys, xs)
-            want |= values != 0
-            edge |= label_edge
-        got = coloured(rgb)
-        inside = ~edge
-        assert want[inside].sum() > 500 and (~want[inside]).sum() > 500  # both kinds of pixel are on screen
-        # Label colour exactly where the mirror has labels, and nowhere else.
-        assert np.mean(got[inside] == want[inside]) > 0.995, labels
-        # Unlabelled pixels show the EM voxel under them, value for value.
-        grey = inside & ~want
-        assert np.mean(np.abs(rgb[..., 0][grey] - em[grey]) <= 1) > 0.99
+    show(view, ["raw", "psd", "vesicle_cloud"], position, nm)
+    rgb = screenshot(view, browser)
+    want, edge = np.zeros(em.shape, bool), em_edge.copy()
+    for label in ("psd", "vesicle_cloud"):
+        values, label_edge = sample(mirror.layer("p14", CHANNEL[label]), 0, position[2], ys, xs)
+        want |= values != 0
+        edge |= label_edge
+    got, inside = coloured(rgb), ~edge
+    assert want[inside].sum() > 300 and (~want[inside]).sum() > 300  # both kinds of pixel are on screen
+    # Label colour exactly where the mirror has labels, and nowhere else.
+    assert np.mean(got[inside] == want[inside]) > 0.995
+    # Unlabelled pixels show the EM voxel under them, value for value.
+    grey = inside & ~want
+    assert np.mean(np.abs(rgb[..., 0][grey] - em[grey]) <= 1) > 0.99
+    # The dense segmentation: every pixel coloured, and the colour changes exactly where the segment does.
+    show(view, ["raw", "saturated"], position, nm)
+    rgb = screenshot(view, browser)
+    segments, seg_edge = sample(mirror.layer("p14", CHANNEL["saturated"]), 0, position[2], ys, xs)
+    inside = ~(em_edge | seg_edge)
+    assert coloured(rgb)[inside].mean() > 0.995 and len(np.unique(segments)) >= 4
+    # Neighbouring segments get different colours (compared as means: the EM shows through).
+    means = {s: rgb[(segments == s) & inside].mean(axis=0) for s in np.unique(segments[inside])}
+    touching = {(a, b) for a, b in zip(segments[:, :-1].ravel(), segments[:, 1:].ravel())
+                if a != b and a in means and b in means}
+    assert touching and all(np.abs(means[a] - means[b]).max() > 6 for a, b in touching)
     # The browser's requests made the shards it drew, through the cache, with their done records.
     assert cache.done_shards("raw") and cache.done_shards("labels/psd")
 

@@ -51,7 +51,41 @@ def _memory_bytes() -> int:
         return 8 * 2**30
 
 
-class WildenbergSource(DataSource):
+class _StoreSource(DataSource):
+    """What every entry shares: a validated request for one experiment and box, the retry policy,
+    the parallelism, and the store plan (read from the layers' info files once)."""
+
+    version = __version__
+    partition_access = False
+
+    def __init__(self, dataset: dict, label: str, parameters: dict | None, user: dict,
+                 workers: int = DEFAULT_WORKERS, progress: bool = True, connections: int = DEFAULT_CONNECTIONS,
+                 retry: dict | None = None, cache_limit=None, metadata=None):
+        # `dataset`: the experiment's declared fields; `parameters`: the user parameters as the
+        # catalog rendered them; `user`: the same given directly (they win).
+        self.request = make_request(**dataset, label=label, **{**(parameters or {}), **user})
+        self.workers = workers
+        self.connections = connections
+        self.retry = RetryPolicy(**(retry or {})) if not isinstance(retry, RetryPolicy) else retry
+        self.progress = progress
+        self.cache_limit = parse_size(cache_limit)
+        self._plan = None
+        self.lock = None
+        super().__init__(metadata=metadata)
+
+    @property
+    def plan(self) -> StorePlan:
+        """The store layout: reads the layers' info files once, no voxel data."""
+        if self._plan is None:
+            plan = plan_store(self.request, self.retry)
+            if self.lock is not None:
+                from .lock import check_plan
+                check_plan(self.entry_name, self.lock, plan)
+            self._plan = plan
+        return self._plan
+
+
+class WildenbergSource(_StoreSource):
     """A Wildenberg 2023 experiment with one label channel, cached as a zarr v3 store.
 
     Arguments are the catalog entry's declared fields (`dataset`: experiment, URLs, dtypes, box,
@@ -67,44 +101,22 @@ class WildenbergSource(DataSource):
     """
 
     name = "wildenberg"
-    version = __version__
     container = "xarray"
-    partition_access = False
 
     def __init__(self, dataset: dict, label: str, parameters: dict | None = None,
                  workers: int = DEFAULT_WORKERS, progress: bool = True,
                  connections: int = DEFAULT_CONNECTIONS, retry: dict | None = None, lock: str | None = None,
                  cache_limit=None, check_hashes: bool = False, metadata=None, **user):
-        # `dataset`: the experiment's declared fields; `parameters`: the user parameters as the
-        # catalog rendered them; `user`: the same given directly (they win).
-        self.request = make_request(**dataset, label=label, **{**(parameters or {}), **user})
-        self.workers = workers
-        self.connections = connections
-        self.retry = RetryPolicy(**(retry or {})) if not isinstance(retry, RetryPolicy) else retry
-        self.progress = progress
-        self.cache_limit = parse_size(cache_limit)
+        super().__init__(dataset, label, parameters, user, workers, progress, connections, retry, cache_limit,
+                         metadata)
         self.check_hashes = bool(check_hashes)
-        self._plan = None
         self.entry_name = f"{self.request.experiment}_{self.request.label}"
-        self.lock = None
         if lock:
             from .lock import read_lock
             entries = read_lock(lock)["entries"]
             if self.entry_name not in entries:
                 raise ValueError(f"lock={str(lock)!r} does not pin {self.entry_name}; it pins {sorted(entries)}")
             self.lock = entries[self.entry_name]
-        super().__init__(metadata=metadata)
-
-    @property
-    def plan(self) -> StorePlan:
-        """The store layout: reads the layers' info files once, no voxel data."""
-        if self._plan is None:
-            plan = plan_store(self.request, self.retry)
-            if self.lock is not None:
-                from .lock import check_plan
-                check_plan(self.entry_name, self.lock, plan)
-            self._plan = plan
-        return self._plan
 
     def _get_schema(self):
         plan = self.plan
@@ -227,3 +239,70 @@ class WildenbergSource(DataSource):
             "em_mip": req.em_mip, "seg_mip": req.seg_mip,
             "source_urls": [raw.layer.url, labels.layer.url], "citation": req.citation,
             "store": str(cache_for(plan).zarr_path)})
+
+
+class SynapseTableSource(_StoreSource):
+    """The per-synapse table of an experiment's box (definitions: `analysis.synapses`).
+
+    The user parameters are the voxel entries' (bbox_nm, em_mip, seg_mip, cache_dir, base_url);
+    `block_shape` sets the voxels (z, y, x) per task (default: the store's shards), `client` a
+    dask.distributed Client or scheduler address to run the tasks on; `workers`, `connections`,
+    `retry`, `cache_limit` and `progress` as for the voxel entries. The table is computed from the
+    psd, vesicle_cloud and saturated arrays read through the cache (fetching what is missing) and
+    cached as parquet beside the store, keyed by their voxel checksums and the definition version.
+    """
+
+    name = "wildenberg_synapses"
+    container = "dataframe"
+
+    def __init__(self, dataset: dict, parameters: dict | None = None, workers: int = DEFAULT_WORKERS,
+                 progress: bool = True, connections: int = DEFAULT_CONNECTIONS, retry: dict | None = None,
+                 cache_limit=None, block_shape=None, client=None, metadata=None, **user):
+        super().__init__(dataset, "psd", parameters, user, workers, progress, connections, retry, cache_limit,
+                         metadata)
+        self.entry_name = f"{self.request.experiment}_synapses"
+        self.block_shape = block_shape
+        self.client = client
+
+    def table(self):
+        """The `analysis.synapses.SynapseTable` of this entry's store."""
+        from .analysis.synapses import SynapseTable
+        return SynapseTable(self.plan, self.block_shape, self.workers, self.client, self.connections,
+                            self.cache_limit, self.progress)
+
+    def _get_schema(self):
+        from .analysis.synapses import COLUMNS, DEFINITION_VERSION
+        plan = self.plan
+        psd = plan.arrays["labels/psd"]
+        return Schema(dtype=None, shape=(None, len(COLUMNS)), npartitions=1, extra_metadata={
+            "experiment": self.request.experiment, "columns": COLUMNS, "definition_version": DEFINITION_VERSION,
+            "bbox_nm": plan.bbox_nm, "shape_zyx": psd.shape, "voxel_size_nm_zyx": psd.layer.resolution_zyx,
+            "box_volume_um3": float(np.prod(psd.shape) * np.prod(psd.layer.resolution_zyx) / 1e9),
+            "store": str(cache_for(plan).root)})
+
+    def read(self):
+        """The table as a pandas DataFrame (from the cache, or computed blockwise and cached)."""
+        return self.table().read()
+
+    def materialise(self, client=None) -> str:
+        """Compute and cache the table (fetching the label arrays it needs); return the parquet path."""
+        table = self.table()
+        if client is not None:
+            table.client = client
+        table.read()
+        key = table.key()
+        if key is None:
+            raise RuntimeError(f"the table of {self.entry_name} was computed but not cached: cache_limit "
+                               f"evicted shards of its arrays before they were all recorded")
+        return str(table.path(key))
+
+    def to_dask(self):
+        """The table as a dask DataFrame of one partition; nothing is read or computed until it is."""
+        import dask
+        import dask.dataframe as dd
+        import pandas as pd
+        from .analysis.synapses import COLUMNS
+        meta = pd.DataFrame({c: pd.Series(dtype="string" if c == "experiment" else "bool" if c == "touches_box_edge"
+                                          else "float64" if c.endswith(("_nm", "_um3")) else "int64")
+                             for c in COLUMNS})
+        return dd.from_delayed([dask.delayed(self.read)()], meta=meta)

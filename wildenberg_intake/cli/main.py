@@ -1,4 +1,5 @@
-"""Command line: `wildenberg-intake list | describe | fetch | verify | lock | preview | view | mirror | serve | demo`.
+"""Command line: `wildenberg-intake list | describe | fetch | verify | lock | preview | view | synapses | mirror |
+serve | demo`.
 
 Every command has --help. A user's mistake (a bad value, an unknown entry, an unreachable server)
 prints one line on stderr and exits 2; only bugs show a traceback.
@@ -41,9 +42,14 @@ def _params(args, **extra) -> dict:
     return {**out, **extra}
 
 
-def _source(name, args, **extra):
-    from ..drivers import entry_source
-    return entry_source(name, **_params(args, **extra))
+def _source(name, args, voxels=False, **extra):
+    """Catalog entry `name` with the command's parameters; `voxels`: refuse the table entries."""
+    from ..drivers import SynapseTableSource, entry_source
+    src = entry_source(name, **_params(args, **extra))
+    if voxels and isinstance(src, SynapseTableSource):
+        raise ValueError(f"entry {name!r} is a synapse table; allowed here: a voxel entry such as "
+                         f"{src.request.experiment}_psd (for tables: `wildenberg-intake synapses`)")
+    return src
 
 
 def cmd_list(args):
@@ -51,11 +57,12 @@ def cmd_list(args):
     cat = load_catalog_yaml()
     print(f"{'entry':20s} {'experiment':10s} {'label':14s} {'dtype':7s} {'annotated box (nm) x0 x1 y0 y1 z0 z1':40s} full size (z, y, x) at 12 nm")
     for name, entry in cat["sources"].items():
-        ds, label = entry["args"]["dataset"], entry["args"]["label"]
+        ds, label = entry["args"]["dataset"], entry["args"].get("label")
         box = ds["annotated_bbox_nm"]
         res = ds["resolutions_nm"]["labels_mip0_nm"]
         size = [int((box[5] - box[4]) / res[2]), int((box[3] - box[2]) / res[1]), int((box[1] - box[0]) / res[0])]
-        print(f"{name:20s} {ds['experiment']:10s} {label:14s} {ds['label_channels'][label]['dtype']:7s} "
+        kind = ds["label_channels"][label]["dtype"] if label else "table"
+        print(f"{name:20s} {ds['experiment']:10s} {label or '(synapses)':14s} {kind:7s} "
               f"{' '.join(str(v) for v in box):40s} {tuple(size)}")
 
 
@@ -65,7 +72,7 @@ def cmd_describe(args):
     meta = src.discover()["metadata"]
     entry = load_catalog_yaml()["sources"][args.entry]
     out = {"entry": args.entry, "description": entry.get("description"), "catalog": entry["args"]["dataset"],
-           "label": entry["args"]["label"], "resolved": meta,
+           "label": entry["args"].get("label"), "resolved": meta,
            "layers": {name: {"url": l.url, "mip": l.info.mip, "encoding": l.info.encoding, "dtype": l.info.dtype,
                              "resolution_nm_zyx": l.info.resolution_zyx, "voxel_offset_zyx": l.info.offset_zyx,
                              "size_zyx": l.info.size_zyx, "chunk_zyx": l.info.chunk_zyx,
@@ -128,14 +135,14 @@ def cmd_verify(args):
 
 def cmd_lock(args):
     from ..lock import make_lock, write_lock
-    sources = {name: _source(name, args, progress=not args.quiet) for name in args.entries}
+    sources = {name: _source(name, args, voxels=True, progress=not args.quiet) for name in args.entries}
     write_lock(args.output, make_lock(sources))
     print(f"wrote {args.output} pinning {', '.join(sources)}")
 
 
 def cmd_preview(args):
     from ..viewer.preview import render
-    src = _source(args.entry, args, progress=False)
+    src = _source(args.entry, args, voxels=True, progress=False)
     render(src, args.z, args.output)
     print(f"wrote {args.output}")
 
@@ -174,7 +181,7 @@ def cmd_serve(args):
 
 def cmd_view(args):
     from ..viewer.view import View
-    sources = [_source(name, args) for name in args.entries]
+    sources = [_source(name, args, voxels=True) for name in args.entries]
     with View(sources, port=args.port, viewer_port=args.viewer_port) as view:
         print(f"serving {view.data_url} (shards are fetched as the viewer asks for them)", flush=True)
         for name, kind, url in view.layers():
@@ -185,6 +192,29 @@ def cmd_view(args):
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
+
+
+def cmd_synapses(args):
+    import pandas as pd
+    from ..analysis.report import format_summary, plot, summarise
+    from ..catalog import entry_names
+    allowed = [name[:-len("_synapses")] for name in entry_names() if name.endswith("_synapses")]
+    tables = {}
+    for experiment in args.experiments:
+        if experiment not in allowed:
+            raise ValueError(f"experiment={experiment!r} is unknown; allowed: {allowed}")
+        src = _source(f"{experiment}_synapses", args, progress=not args.quiet, client=args.scheduler,
+                      **({"workers": args.workers} if args.workers else {}),
+                      **({"block_shape": args.block_shape} if args.block_shape else {}))
+        table = src.read()
+        tables[experiment] = (table, src.discover()["metadata"]["box_volume_um3"])
+    print(format_summary(summarise(tables)), flush=True)
+    if args.output:
+        pd.concat([t for t, _ in tables.values()], ignore_index=True).to_parquet(args.output, index=False)
+        print(f"wrote {args.output}")
+    if args.plot:
+        plot(tables, args.plot)
+        print(f"wrote {args.plot}")
 
 
 def cmd_demo(args):
@@ -256,6 +286,19 @@ def parser() -> argparse.ArgumentParser:
     vw.add_argument("--port", type=int, default=0, help="port of the data server (default: a free one)")
     vw.add_argument("--viewer-port", type=int, default=0, help="port of neuroglancer's server (default: a free one)")
     vw.set_defaults(run=cmd_view)
+
+    sy = sub.add_parser("synapses", help="per-synapse tables of experiments (computed blockwise, cached): "
+                                         "counts, densities and sizes compared, a parquet file and a figure")
+    sy.add_argument("experiments", nargs="+", metavar="EXPERIMENT", help="p105, p14")
+    _param_args(sy)
+    sy.add_argument("-o", "--output", help="parquet file of all the experiments' rows")
+    sy.add_argument("--plot", help="PNG of PSD and vesicle-cloud volumes side by side")
+    sy.add_argument("--block-shape", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                    help="voxels per task (default: the store's shards, 128 512 512)")
+    sy.add_argument("--workers", type=int, default=None, help="threads (default: the cores)")
+    sy.add_argument("--scheduler", help="dask.distributed scheduler address to run the blocks on")
+    sy.add_argument("--quiet", action="store_true", help="no progress bars")
+    sy.set_defaults(run=cmd_synapses)
 
     dm = sub.add_parser("demo", help="the main job: mirror, serve and read p105_psd through the catalog")
     dm.add_argument("--folder", default="demo-cache")

@@ -6,11 +6,13 @@ ones (p105's EM layer has x and y transposed; EM and label layers have different
 extents) and serves them over HTTP on 127.0.0.1. Everything downstream then runs the same code
 path as against BossDB: cloud-volume over HTTP.
 
-The content is built so that mistakes show: label blobs sit over dark EM blobs at the same
-physical place (a wrong offset or axis order separates them), the EM background has a gradient
-along x (a transpose is visible), the saturated instance ids are distinct and larger than 255
-(a truncation to uint8 is visible), and every EM mip is sampled independently (a wrong mip gives
-different data).
+The content looks like the data (`tissue.py`): saturated is a dense segmentation of neurites, the
+EM shows their membranes, each PSD is a thin plate on the postsynaptic side of a contact between two
+segments and each vesicle cloud a ball inside the presynaptic segment next to it. It is also built
+so that mistakes show: EM and labels are sampled from one tissue at the same physical place (a
+wrong offset or axis order separates them), the EM background has a gradient along x (a transpose
+is visible), the saturated ids are distinct and larger than 255 (a truncation to uint8 is
+visible), and every EM mip has noise of its own (a wrong mip gives different data).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .tissue import Tissue, em_image
 
 CHUNK_SIZE_XYZ = (512, 512, 16)
 LABEL_RESOLUTION_XYZ = (12, 12, 40)
@@ -76,56 +80,10 @@ class Mirror:
         return self.layers[f"wildenberg2023/{EXPERIMENTS[experiment]['bossdb']}/{channel}"]
 
 
-def _blobs(rng, lo_nm, hi_nm, count):
-    """Random ellipsoids (centre nm (x, y, z), radius nm in xy, radius nm in z, kind, instance id)."""
-    blobs = []
-    for i in range(count):
-        centre = rng.uniform(lo_nm, hi_nm)
-        r_xy = rng.uniform(120, 420)
-        r_z = max(rng.uniform(60, 160), 45.0)
-        kind = "psd" if i % 2 == 0 else "vesicle_cloud"
-        blobs.append((centre, r_xy, r_z, kind, 1000 + 7919 * i))
-    return blobs
-
-
-def _grid(resolution_xyz, offset_xyz, size_xyz):
-    """Voxel-centre physical coordinates (nm) along x, y, z."""
-    return [(np.arange(size_xyz[a]) + offset_xyz[a] + 0.5) * resolution_xyz[a] for a in range(3)]
-
-
-def _paint(blobs, resolution_xyz, offset_xyz, size_xyz, value_of, dtype):
-    """Rasterise blobs into a (z, y, x) array; `value_of(blob)` gives the value or None to skip."""
-    xs, ys, zs = _grid(resolution_xyz, offset_xyz, size_xyz)
-    out = np.zeros((size_xyz[2], size_xyz[1], size_xyz[0]), dtype=dtype)
-    for blob in blobs:
-        value = value_of(blob)
-        if value is None:
-            continue
-        (cx, cy, cz), rxy, rz = blob[0], blob[1], blob[2]
-        sx = slice(*np.searchsorted(xs, [cx - rxy, cx + rxy]))
-        sy = slice(*np.searchsorted(ys, [cy - rxy, cy + rxy]))
-        sz = slice(*np.searchsorted(zs, [cz - rz, cz + rz]))
-        d = (((xs[sx] - cx) / rxy)[None, None, :] ** 2 + ((ys[sy] - cy) / rxy)[None, :, None] ** 2
-             + ((zs[sz] - cz) / rz)[:, None, None] ** 2)
-        out[sz, sy, sx][d <= 1.0] = value
-    return out
-
-
-def _em(blobs, resolution_xyz, offset_xyz, size_xyz, rng, slab=16):
-    """Synthetic EM (z, y, x) uint8, built `slab` z-slices at a time: whole-volume temporaries (the
-    int64 noise alone was 8 bytes a voxel) ran a 1400 x 1400 x 240 mirror out of 24 GB."""
-    xs, ys, _ = _grid(resolution_xyz, offset_xyz, size_xyz)
-    # A gradient along x and a different wave along y make a transpose visible.
-    background = (70 + 90 * (xs[None, :] / (xs[-1] + 1)) + 25 * np.sin(ys[:, None] / 900.0)).astype(np.int16)
-    dark = _paint(blobs, resolution_xyz, offset_xyz, size_xyz, lambda b: 1, np.uint8)
-    em = np.empty(dark.shape, dtype=np.uint8)
-    for z in range(0, em.shape[0], slab):
-        noise = rng.integers(-12, 13, size=(min(slab, em.shape[0] - z),) + em.shape[1:], dtype=np.int8)
-        part = np.clip(background[None] + noise, 40, 235).astype(np.uint8)
-        blob = dark[z:z + slab] == 1
-        part[blob] = 15 + (part[blob] % 10)
-        em[z:z + slab] = part
-    return em
+def _label_grid_index(resolution_xyz, offset_xyz, size_xyz) -> list[np.ndarray]:
+    """Per axis (x, y, z): the 12 x 12 x 40 nm label-grid voxel under each voxel centre of a grid."""
+    return [np.floor((np.arange(n) + o + 0.5) * r / lr).astype(np.int64)
+            for n, o, r, lr in zip(size_xyz, offset_xyz, resolution_xyz, LABEL_RESOLUTION_XYZ)]
 
 
 def _write_layer(root, rel_path, layer_type, dtype, encoding, scales, swap_xy, sharded):
@@ -210,21 +168,30 @@ def build_mirror(root, shape_xyz=(300, 260, 20), experiments=("p105", "p14"),
         exp = EXPERIMENTS[name]
         rng = np.random.default_rng(seed * 100 + e_i)
         lab_off = exp["label_offset"]
-        lo_nm = np.multiply(lab_off, LABEL_RESOLUTION_XYZ)
-        hi_nm = lo_nm + np.multiply((nx, ny, nz), LABEL_RESOLUTION_XYZ)
-        n_blobs = max(4, int(nx * ny * nz / 4000))
-        blobs = _blobs(rng, lo_nm, hi_nm, n_blobs)
         base = f"wildenberg2023/{exp['bossdb']}"
-
         # EM: a little wider in x, a little shorter in y and one slice deeper than the labels.
         em_size0 = (2 * nx + 24, 2 * ny - 8, nz + 1)
-        em_scales = []
+        grids = {"labels": (LABEL_RESOLUTION_XYZ, tuple(lab_off), (nx, ny, nz))}
         for mip in range(EM_MIPS):
             f = 2 ** mip
-            res = (EM_RESOLUTION_XYZ[0] * f, EM_RESOLUTION_XYZ[1] * f, EM_RESOLUTION_XYZ[2])
-            off = (exp["em_offset"][0] // f, exp["em_offset"][1] // f, exp["em_offset"][2])
-            size = (-(-em_size0[0] // f), -(-em_size0[1] // f), em_size0[2])
-            em_scales.append((res, off, _em(blobs, res, off, size, rng)))
+            grids[mip] = ((EM_RESOLUTION_XYZ[0] * f, EM_RESOLUTION_XYZ[1] * f, EM_RESOLUTION_XYZ[2]),
+                          (exp["em_offset"][0] // f, exp["em_offset"][1] // f, exp["em_offset"][2]),
+                          (-(-em_size0[0] // f), -(-em_size0[1] // f), em_size0[2]))
+        # One rendering of the tissue on the 12 nm label grid, covering every layer; each grid takes
+        # the label-grid voxel under each of its voxel centres (EM at 6 nm: 2 x 2 voxels each).
+        picks = {key: _label_grid_index(*grid) for key, grid in grids.items()}
+        lo = np.min([[p[a].min() for a in range(3)] for p in picks.values()], axis=0)
+        hi = np.max([[p[a].max() + 1 for a in range(3)] for p in picks.values()], axis=0)
+        tissue = Tissue(lo * LABEL_RESOLUTION_XYZ, hi * LABEL_RESOLUTION_XYZ, rng)
+        parts = tissue.render(LABEL_RESOLUTION_XYZ, lo, hi - lo)
+
+        em_scales = []
+        for mip in range(EM_MIPS):
+            res, off, size = grids[mip]
+            ix, iy, iz = (p - o for p, o in zip(picks[mip], lo))
+            xs_nm = (np.arange(size[0]) + off[0] + 0.5) * res[0]
+            ys_nm = (np.arange(size[1]) + off[1] + 0.5) * res[1]
+            em_scales.append((res, off, em_image(parts, (iz, iy, ix), xs_nm, ys_nm, rng)))
         em_path = f"{base}/{exp['em_channel']}"
         _write_layer(root, em_path, "image", "uint8", em_encoding, em_scales, exp["swap_xy"], sharded)
         em_data = {m: s[2] for m, s in enumerate(em_scales)}
@@ -234,13 +201,10 @@ def build_mirror(root, shape_xyz=(300, 260, 20), experiments=("p105", "p14"),
             em_path, {m: s[0] for m, s in enumerate(em_scales)},
             {m: (s[1][2], s[1][1], s[1][0]) for m, s in enumerate(em_scales)}, em_data)
 
+        crop = tuple(slice(o - l, o - l + n) for o, l, n in zip(lab_off[::-1], lo[::-1], (nz, ny, nx)))
         for label in labels:
             channel, dtype = LABEL_CHANNELS[label]
-            if label == "saturated":
-                value_of = lambda b: b[4]  # noqa: E731
-            else:
-                value_of = lambda b, label=label: 1 if b[3] == label else None  # noqa: E731
-            arr = _paint(blobs, LABEL_RESOLUTION_XYZ, lab_off, (nx, ny, nz), value_of, dtype)
+            arr = np.ascontiguousarray(parts["segments" if label == "saturated" else label][crop]).astype(dtype)
             path = f"{base}/{channel}"
             # compressed_segmentation exists for 32- and 64-bit ids only, as in precomputed itself.
             encoding = label_encoding if dtype in ("uint32", "uint64") else "raw"

@@ -1,0 +1,248 @@
+"""The synapse table: equal to one computed independently in memory (scipy.ndimage.label over the
+whole box) from the mirror's own arrays; the same on threads and on a dask cluster; crash-safe and
+cached by content."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+
+from wildenberg_intake.analysis.synapses import COLUMNS, SynapseTable
+from wildenberg_intake.drivers import entry_source
+from wildenberg_intake.mirror import LABEL_CHANNELS, MirrorServer, build_mirror
+
+from conftest import all_layers, expected_window
+
+BLOCK = (6, 70, 90)  # smaller than the box in every axis: components merge across faces, edges, corners
+CUBE = np.ones((3, 3, 3), bool)  # 26-connectivity
+
+
+def independent_table(psd, clouds, segments, origin_zyx, resolution_zyx, experiment):
+    """The definitions of analysis/synapses.py, computed in memory with scipy over the whole box."""
+    big = np.iinfo(np.int64).max
+
+    def components(mask):
+        lab, n = ndimage.label(mask != 0, structure=CUBE)
+        flat = lab.ravel()
+        where = np.flatnonzero(flat)
+        first = np.full(n + 1, big, np.int64)
+        np.minimum.at(first, flat[where], where)
+        order = np.argsort(first[1:], kind="stable") + 1  # labels in C order of their first voxel
+        renumber = np.zeros(n + 1, np.int64)
+        renumber[order] = np.arange(1, n + 1)
+        return renumber[lab], n
+
+    def majority(values):
+        values = values[values != 0]
+        if values.size == 0:
+            return 0
+        ids, counts = np.unique(values, return_counts=True)
+        return int(ids[np.argmax(counts)])  # np.unique sorts: the first maximum is the lowest id
+
+    psd_lab, n = components(psd)
+    cloud_lab, _ = components(clouds)
+    cloud_size = np.bincount(cloud_lab.ravel())
+    grow = np.ceil(200.0 / np.asarray(resolution_zyx)).astype(int)
+    voxel_um3 = float(np.prod(resolution_zyx)) / 1e9
+    rows = []
+    for k, box in enumerate(ndimage.find_objects(psd_lab), start=1):
+        voxels = np.argwhere(psd_lab[box] == k) + [s.start for s in box]
+        lo, hi = voxels.min(axis=0), voxels.max(axis=0) + 1
+        centre = np.asarray(origin_zyx) + (voxels.mean(axis=0) + 0.5) * np.asarray(resolution_zyx)
+        g_lo, g_hi = np.maximum(lo - grow, 0), np.minimum(hi + grow, psd.shape)
+        near = cloud_lab[g_lo[0]:g_hi[0], g_lo[1]:g_hi[1], g_lo[2]:g_hi[2]]
+        ids, counts = np.unique(near[near > 0], return_counts=True)
+        cloud = int(ids[np.argmax(counts)]) if ids.size else 0  # ties: lowest number = first in C order
+        rows.append({
+            "synapse_id": k, "experiment": experiment, "psd_voxels": len(voxels),
+            "psd_volume_um3": len(voxels) * voxel_um3,
+            "centroid_z_nm": centre[0], "centroid_y_nm": centre[1], "centroid_x_nm": centre[2],
+            "bbox_z0": lo[0], "bbox_z1": hi[0], "bbox_y0": lo[1], "bbox_y1": hi[1], "bbox_x0": lo[2], "bbox_x1": hi[2],
+            "touches_box_edge": bool(np.any(lo == 0) or np.any(hi == psd.shape)),
+            "post_segment": majority(segments[tuple(voxels.T)]),
+            "vesicle_cloud_voxels": int(cloud_size[cloud]) if cloud else 0,
+            "vesicle_cloud_volume_um3": (int(cloud_size[cloud]) if cloud else 0) * voxel_um3,
+            "pre_segment": majority(segments[cloud_lab == cloud]) if cloud else 0,
+        })
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def mirror_arrays(mirror, experiment, bbox_nm):
+    layers = all_layers(experiment)
+    return {label: expected_window(mirror, experiment, channel, 0, bbox_nm, layers)[0]
+            for label, (channel, _) in LABEL_CHANNELS.items()}
+
+
+def assert_same(got, want):
+    assert list(got.columns) == COLUMNS and len(got) == len(want) > 0
+    exact = [c for c in COLUMNS if not c.startswith("centroid") and not c.endswith("um3")]
+    for column in exact:
+        np.testing.assert_array_equal(got[column].to_numpy(), want[column].to_numpy(), err_msg=column)
+    for column in ("centroid_z_nm", "centroid_y_nm", "centroid_x_nm"):
+        np.testing.assert_allclose(got[column], want[column], rtol=0, atol=1e-6, err_msg=column)
+    for column in ("psd_volume_um3", "vesicle_cloud_volume_um3"):
+        np.testing.assert_allclose(got[column], want[column], rtol=1e-12, err_msg=column)
+
+
+@pytest.fixture(scope="module")
+def tissue(tmp_path_factory):
+    """A mirror with a few dozen synapses per box (p105 transposed EM, p14 not)."""
+    m = build_mirror(tmp_path_factory.mktemp("synapse-mirror"), shape_xyz=(420, 380, 22))
+    with MirrorServer(m.root) as server:
+        yield m, server
+
+
+@pytest.mark.parametrize("experiment", ["p14", "p105"])
+def test_the_table_equals_an_independent_in_memory_computation(tissue, tmp_path, experiment):
+    mirror, server = tissue
+    src = entry_source(f"{experiment}_synapses", base_url=server.base_url, cache_dir=str(tmp_path))
+    src.block_shape = BLOCK
+    got = src.read()
+    plan = src.plan
+    arrays = mirror_arrays(mirror, experiment, plan.bbox_nm)
+    origin = plan.arrays["labels/psd"].origin_nm_zyx
+    want = independent_table(arrays["psd"], arrays["vesicle_cloud"], arrays["saturated"], origin,
+                             plan.arrays["labels/psd"].layer.resolution_zyx, experiment)
+    assert_same(got, want)
+    # The box exercises what the definitions are about.
+    spans = [(got[f"bbox_{a}0"] // b) != ((got[f"bbox_{a}1"] - 1) // b) for a, b in zip("zyx", BLOCK)]
+    assert (spans[0] | spans[1] | spans[2]).sum() >= 3  # synapses merged across block faces
+    assert got["touches_box_edge"].any() and not got["touches_box_edge"].all()
+    assert (got["vesicle_cloud_voxels"] > 0).sum() >= len(got) // 2
+    # Most pair with the cloud of their own contact, across two segments (a neighbouring contact's
+    # larger cloud may win the box: the definition takes the most voxels).
+    assert (got["post_segment"] != got["pre_segment"]).mean() > 0.7
+
+
+def test_threads_and_a_dask_cluster_give_the_same_table(tissue, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    mirror, server = tissue
+    local = entry_source("p14_synapses", base_url=server.base_url, cache_dir=str(tmp_path / "a"))
+    local.block_shape = BLOCK
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        remote = entry_source("p14_synapses", base_url=server.base_url, cache_dir=str(tmp_path / "b"))
+        remote.block_shape = BLOCK
+        remote.client = client
+        on_dask = remote.read()
+    pd.testing.assert_frame_equal(local.read(), on_dask)
+
+
+def test_a_killed_computation_leaves_no_table_and_a_rerun_gives_the_same(tissue, tmp_path):
+    mirror, server = tissue
+    code = textwrap.dedent(f"""
+        import os, signal
+        from wildenberg_intake.analysis import synapses
+        from wildenberg_intake.drivers import entry_source
+        done = [0]
+        real = synapses.count_clouds_in_boxes
+        def killing(*args):
+            done[0] += 1
+            if done[0] == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args)
+        synapses.count_clouds_in_boxes = killing
+        src = entry_source("p14_synapses", base_url={server.base_url!r}, cache_dir={str(tmp_path)!r}, workers=1)
+        src.block_shape = {BLOCK!r}
+        src.read()
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not list(tmp_path.glob("wildenberg2023/*/tables/*.parquet"))  # nothing taken as complete
+    src = entry_source("p14_synapses", base_url=server.base_url, cache_dir=str(tmp_path))
+    src.block_shape = BLOCK
+    again = src.read()
+    fresh = entry_source("p14_synapses", base_url=server.base_url, cache_dir=str(tmp_path / "fresh"))
+    fresh.block_shape = BLOCK
+    pd.testing.assert_frame_equal(again, fresh.read())
+
+
+def test_a_rerun_reads_the_cached_table_and_another_box_gets_its_own(tissue, tmp_path, monkeypatch):
+    mirror, server = tissue
+    src = entry_source("p14_synapses", base_url=server.base_url, cache_dir=str(tmp_path))
+    first = src.read()
+    tables = list(tmp_path.glob("wildenberg2023/*/tables/synapses-v1-*.parquet"))
+    assert len(tables) == 1
+    pd.testing.assert_frame_equal(pd.read_parquet(tables[0]), first)
+    from wildenberg_intake.analysis import synapses
+
+    def refuse(*args):
+        raise AssertionError("recomputed")
+    monkeypatch.setattr(synapses, "summarise_block", refuse)
+    before = sum(server.requests.values())
+    pd.testing.assert_frame_equal(entry_source("p14_synapses", base_url=server.base_url,
+                                               cache_dir=str(tmp_path)).read(), first)
+    assert sum(server.requests.values()) - before <= 4  # the info files only
+    monkeypatch.undo()
+    plan = src.plan
+    x0, x1, y0, y1, z0, z1 = plan.bbox_nm
+    other = entry_source("p14_synapses", base_url=server.base_url, cache_dir=str(tmp_path),
+                         bbox_nm=[x0, (x0 + x1) / 2, y0, y1, z0, z1])
+    half = other.read()
+    assert len(list(tmp_path.glob("wildenberg2023/*/tables/synapses-v1-*.parquet"))) == 2
+    assert 0 < len(half) < len(first)
+
+
+def test_to_dask_is_lazy_and_equal(tissue, tmp_path):
+    mirror, server = tissue
+    src = entry_source("p14_synapses", base_url=server.base_url, cache_dir=str(tmp_path))
+    before = sum(server.requests.values())
+    frame = src.to_dask()
+    assert sum(server.requests.values()) - before <= 4  # nothing but info files until computed
+    assert list(frame.columns) == COLUMNS
+    pd.testing.assert_frame_equal(frame.compute().reset_index(drop=True), src.read())
+
+
+def test_bad_block_shape_is_refused(tissue, tmp_path):
+    mirror, server = tissue
+    src = entry_source("p14_synapses", base_url=server.base_url, cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"block_shape=\(0, 10, 10\) is not valid; allowed: three positive"):
+        SynapseTable(src.plan, block_shape=(0, 10, 10))
+
+
+def test_synapses_command_prints_the_comparison_and_writes_the_table_and_figure(tissue, tmp_path, capsys):
+    from PIL import Image
+    from wildenberg_intake import cli
+    mirror, server = tissue
+    common = ["--base-url", server.base_url, "--cache-dir", str(tmp_path), "--quiet"]
+    out, png = tmp_path / "synapses.parquet", tmp_path / "synapses.png"
+    assert cli.main(["synapses", "p105", "p14", *common, "-o", str(out), "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    both = pd.read_parquet(out)
+    for experiment in ("p105", "p14"):
+        src = entry_source(f"{experiment}_synapses", base_url=server.base_url, cache_dir=str(tmp_path))
+        table = src.read()
+        pd.testing.assert_frame_equal(both[both["experiment"] == experiment].reset_index(drop=True), table)
+        # The printed line, recomputed here from the table and the box.
+        shape, res = src.plan.arrays["labels/psd"].shape, src.plan.arrays["labels/psd"].layer.resolution_zyx
+        box_um3 = np.prod(shape) * np.prod(res) / 1e9
+        whole = table[~table["touches_box_edge"]]
+        line = next(line for line in printed.splitlines() if line.startswith(experiment + " "))
+        fields = line.split()
+        assert int(fields[1]) == len(table)
+        assert float(fields[2]) == pytest.approx(box_um3, abs=0.05)
+        assert float(fields[3]) == pytest.approx(1000 * len(table) / box_um3, abs=0.05)
+        assert float(fields[4]) == pytest.approx(whole["psd_volume_um3"].median(), abs=5e-6)
+        assert f"{experiment} {table['touches_box_edge'].sum()} of {len(table)}" in printed
+    image = Image.open(png)
+    assert image.size[0] > 800 and np.asarray(image.convert("L")).std() > 10
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["synapses", "p99"], r"experiment='p99' is unknown; allowed: \['p105', 'p14'\]"),
+    (["preview", "p14_synapses", "--z", "0", "-o", "x.png"], r"entry 'p14_synapses' is a synapse table; allowed "
+                                                              r"here: a voxel entry such as p14_psd"),
+    (["synapses", "p14", "--block-shape", "0", "5", "5"], r"block_shape=\(0, 5, 5\) is not valid"),
+])
+def test_synapse_command_mistakes(tissue, tmp_path, capsys, argv, pattern):
+    import re
+    from wildenberg_intake import cli
+    mirror, server = tissue
+    code = cli.main(argv + ["--base-url", server.base_url, "--cache-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(pattern, err), err

@@ -1,0 +1,1 @@
+"""Analysis of cached stores: blockwise connected components and the per-synapse table."""

@@ -1,0 +1,261 @@
+"""The per-synapse table of a store: PSD components, sizes, centroids, partners and vesicle clouds.
+
+Definitions (DEFINITION_VERSION; exact enough that an independent implementation gets the same
+table, see tests/test_synapses.py):
+
+- A synapse is a 26-connected component of the PSD mask (psd != 0) within the store. `synapse_id`
+  numbers them 1..N in C order (z, then y, then x) of each component's first voxel.
+- `psd_voxels`, `psd_volume_um3`: its voxel count and volume (voxel volume from the label layer's
+  resolution).
+- `centroid_z_nm`, `centroid_y_nm`, `centroid_x_nm`: the mean of its voxel centres in the frame of
+  the package's xarray coordinates (lower corner of the store's voxel 0 + (index + 0.5) x voxel size).
+- `bbox_z0` .. `bbox_x1`: its bounding box in store voxel indices, half-open.
+- `touches_box_edge`: the bounding box reaches a face of the store (the synapse may be cut).
+- `post_segment`: the non-zero saturated id covering most of its voxels (ties to the lower id; 0 if none).
+- The paired vesicle cloud: among the 26-connected components of the vesicle-cloud mask, the one
+  with the most voxels inside the PSD's bounding box grown by ceil(200 nm / voxel size) voxels on
+  every side (17 in y and x, 5 in z at 12 x 12 x 40 nm) and clipped to the store; ties go to the
+  component whose first voxel comes first in C order. `vesicle_cloud_voxels` and
+  `vesicle_cloud_volume_um3` are that whole component's size, `pre_segment` the non-zero saturated
+  id covering most of it (ties to the lower id). All three are 0 when no vesicle cloud is in the box.
+
+Computed blockwise (`components.py`): two passes over blocks, never a whole volume in memory,
+on local threads or on a dask.distributed cluster with identical output, reading through the cache.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import io
+import json
+import math
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..store.cache import SHARDS, durable_write, make_dirs
+from ..store.engine import DEFAULT_CONNECTIONS, DEFAULT_WORKERS, cache_for
+from ..store.lazy import ReadThroughArray
+from ..store.plan import StorePlan
+from .components import Components, block_summary, blocks, label_block
+
+DEFINITION_VERSION = 1
+GROW_NM = 200.0
+ARRAYS = {"psd": "labels/psd", "vesicle_cloud": "labels/vesicle_cloud", "saturated": "labels/saturated"}
+COLUMNS = ["synapse_id", "experiment", "psd_voxels", "psd_volume_um3", "centroid_z_nm", "centroid_y_nm",
+           "centroid_x_nm", "bbox_z0", "bbox_z1", "bbox_y0", "bbox_y1", "bbox_x0", "bbox_x1", "touches_box_edge",
+           "post_segment", "vesicle_cloud_voxels", "vesicle_cloud_volume_um3", "pre_segment"]
+
+
+def _window(arr):
+    def read(start, stop):
+        return arr[tuple(slice(a, b) for a, b in zip(start, stop))]
+    return read
+
+
+def summarise_block(arrays: dict, start, stop) -> tuple[dict, dict]:
+    """Pass 1 of one block: the PSD and vesicle-cloud summaries, with saturated ids per label
+    (saturated is read only where the block has a PSD or vesicle-cloud voxel)."""
+    shape = arrays["psd"].shape
+    out = []
+    labelled = [label_block(_window(arrays[name]), shape, start, stop) for name in ("psd", "vesicle_cloud")]
+    cores = [lab[tuple(slice(h, None) for h in halo)] for lab, halo in labelled]
+    segments = None
+    if any(core.any() for core in cores):
+        segments = _window(arrays["saturated"])(start, stop)
+    for labels, halo in labelled:
+        out.append(block_summary(labels, halo, start, stop, shape, values=segments if segments is not None
+                                 else np.zeros(tuple(b - a for a, b in zip(start, stop)), np.uint8)))
+    return out[0], out[1]
+
+
+def count_clouds_in_boxes(arrays: dict, start, stop, nodes: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Pass 2 of one block: for each (synapse, lo z y x, hi z y x) row of `boxes`, how many voxels of
+    each vesicle-cloud component lie in the box's part of this block. `nodes` maps this block's
+    vesicle labels (as pass 1 numbered them) to global components. Rows (synapse, component, count)."""
+    labels, halo = label_block(_window(arrays["vesicle_cloud"]), arrays["psd"].shape, start, stop)
+    comp = nodes[labels[tuple(slice(h, None) for h in halo)].astype(np.int64)]
+    rows = []
+    for syn, *box in boxes:
+        lo = np.maximum(box[:3], start) - start
+        hi = np.minimum(box[3:], stop) - start
+        if np.any(hi <= lo):
+            continue
+        part = comp[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        found, counts = np.unique(part[part >= 0], return_counts=True)
+        rows += [(syn, c, n) for c, n in zip(found, counts)]
+    return np.array(rows, np.int64).reshape(-1, 3)
+
+
+def _run(fn, calls: list, workers: int, client, progress: bool, desc: str) -> list:
+    """fn(*args) for each args of `calls`, on `workers` threads or a dask client; results in order."""
+    results = [None] * len(calls)
+    bar = tqdm(total=len(calls), desc=desc, unit="block", disable=not progress)
+    try:
+        if client is not None:
+            from dask.distributed import Client, as_completed
+            if isinstance(client, str):
+                client = Client(client)
+            futures = {client.submit(fn, *args, pure=False, priority=-i): i for i, args in enumerate(calls)}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update()
+        else:
+            with cf.ThreadPoolExecutor(workers, thread_name_prefix="wildenberg-synapses") as pool:
+                futures = {}
+                pending = iter(enumerate(calls))
+                for i, args in pending:  # bounded submission: results stay small, blocks do not pile up
+                    futures[pool.submit(fn, *args)] = i
+                    if len(futures) >= 2 * workers:
+                        break
+                while futures:
+                    done, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
+                    for future in done:
+                        results[futures.pop(future)] = future.result()
+                        bar.update()
+                    for i, args in pending:
+                        futures[pool.submit(fn, *args)] = i
+                        if len(futures) >= 2 * workers:
+                            break
+    finally:
+        bar.close()
+    return results
+
+
+class SynapseTable:
+    """The synapse table of the store of `plan` (any entry of an experiment and box).
+
+    block_shape: voxels (z, y, x) per task (default: the store's shards); workers: threads;
+    client: a dask.distributed Client or scheduler address (the cache folder shared with its workers);
+    connections, cache_limit: as for lazy reads; progress: bars over blocks.
+    """
+
+    def __init__(self, plan: StorePlan, block_shape=None, workers: int = DEFAULT_WORKERS, client=None,
+                 connections: int = DEFAULT_CONNECTIONS, cache_limit: int | None = None, progress: bool = True):
+        missing = [n for n in ARRAYS.values() if n not in plan.arrays]
+        if missing:
+            raise ValueError(f"the store of {plan.request.experiment} lacks {missing}; a synapse table needs "
+                             f"{sorted(ARRAYS.values())}")
+        block_shape = tuple(SHARDS) if block_shape is None else tuple(int(v) for v in block_shape)
+        if len(block_shape) != 3 or min(block_shape) < 1:
+            raise ValueError(f"block_shape={block_shape!r} is not valid; allowed: three positive voxel counts (z, y, x)")
+        self.plan, self.block_shape, self.workers, self.client = plan, block_shape, workers, client
+        self.progress = progress
+        self.arrays = {k: ReadThroughArray(plan, name, connections, cache_limit) for k, name in ARRAYS.items()}
+        self.cache = cache_for(plan)
+        src = plan.arrays[ARRAYS["psd"]]
+        self.shape = src.shape
+        self.resolution = np.array(src.layer.resolution_zyx, float)
+        self.origin = np.array(src.origin_nm_zyx, float)
+
+    # -- the cache of tables --------------------------------------------------------------------
+    def key(self) -> str | None:
+        """Content key of the table: the definition version and the voxel checksums of the three
+        label arrays (None while any of their shards is not recorded)."""
+        try:
+            sums = {k: self.cache.content_checksum(name, self.shape) for k, name in ARRAYS.items()}
+        except RuntimeError:
+            return None
+        text = json.dumps({"definition": DEFINITION_VERSION, "arrays": sums, "shape": list(self.shape),
+                           "resolution_nm_zyx": list(self.resolution), "origin_nm_zyx": list(self.origin)},
+                          sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def path(self, key: str):
+        return self.cache.root / "tables" / f"synapses-v{DEFINITION_VERSION}-{key[:16]}.parquet"
+
+    def cached(self):
+        """The cached table if there is one for the store's current content, else None."""
+        import pandas as pd
+        key = self.key()
+        if key is not None and self.path(key).is_file():
+            return pd.read_parquet(self.path(key))
+        return None
+
+    def read(self):
+        """The table as a pandas DataFrame: from the cache when this content's table is there, else
+        computed and cached (written whole, then renamed: a killed run leaves no table)."""
+        table = self.cached()
+        if table is not None:
+            return table
+        table = self.compute()
+        key = self.key()  # the arrays are all recorded now (unless cache_limit evicted some)
+        if key is not None:
+            buffer = io.BytesIO()
+            table.to_parquet(buffer, index=False)
+            make_dirs(self.path(key).parent)
+            durable_write(self.path(key), buffer.getvalue())
+        return table
+
+    # -- the computation -------------------------------------------------------------------------
+    def compute(self):
+        import pandas as pd
+        tiles = blocks(self.shape, self.block_shape)
+        exp = self.plan.request.experiment
+        first = _run(summarise_block, [(self.arrays, a, b) for a, b in tiles], self.workers, self.client,
+                     self.progress, f"{exp} synapses: components")
+        psd = Components([s[0] for s in first])
+        clouds = Components([s[1] for s in first])
+        n = psd.n
+        voxel_um3 = float(np.prod(self.resolution)) / 1e9
+        grow = np.array(grow_voxels(self.resolution), np.int64)
+        lo_g = np.maximum(psd.lo.T - grow, 0)
+        hi_g = np.minimum(psd.hi.T + grow, self.shape)
+        boxes = np.concatenate([np.arange(n)[:, None], lo_g, hi_g], axis=1)
+        # Pass 2 over blocks that hold a vesicle cloud and meet a grown PSD box.
+        calls = []
+        for b, ((start, stop), s) in enumerate(zip(tiles, first)):
+            if s[1]["n"] == 0 or n == 0:
+                continue
+            meets = np.all(lo_g < stop, axis=1) & np.all(hi_g > start, axis=1)
+            if meets.any():
+                nodes = clouds.component[clouds.offsets[b]:clouds.offsets[b + 1]]
+                calls.append((self.arrays, start, stop, nodes, boxes[meets]))
+        counted = _run(count_clouds_in_boxes, calls, self.workers, self.client, self.progress,
+                       f"{exp} synapses: vesicle clouds")
+        rows = np.concatenate(counted, axis=0) if counted else np.zeros((0, 3), np.int64)
+        cloud = np.full(n, -1, np.int64)
+        if len(rows):
+            keys, inverse = np.unique(rows[:, :2], axis=0, return_inverse=True)
+            totals = np.bincount(inverse.ravel(), weights=rows[:, 2], minlength=len(keys))
+            # Most voxels in the box, ties to the component whose first voxel comes first: components
+            # are numbered by first voxel, so the lower number.
+            order = np.lexsort((keys[:, 1], -totals, keys[:, 0]))
+            syn = keys[order, 0]
+            head = np.ones(len(order), bool)
+            head[1:] = syn[1:] != syn[:-1]
+            cloud[syn[head]] = keys[order, 1][head]
+        post = psd.majority_value()
+        pre_of_cloud = clouds.majority_value()
+        paired = cloud >= 0
+        cloud_voxels = np.where(paired, clouds.count[np.maximum(cloud, 0)] if clouds.n else 0, 0)
+        centroid = self.origin[:, None] + (psd.sum / np.maximum(psd.count, 1) + 0.5) * self.resolution[:, None]
+        touches = np.any(psd.lo == 0, axis=0) | np.any(psd.hi == np.array(self.shape)[:, None], axis=0)
+        table = pd.DataFrame({
+            "synapse_id": np.arange(1, n + 1, dtype=np.int64),
+            "experiment": pd.Series([exp] * n, dtype="string"),
+            "psd_voxels": psd.count.astype(np.int64),
+            "psd_volume_um3": psd.count * voxel_um3,
+            "centroid_z_nm": centroid[0], "centroid_y_nm": centroid[1], "centroid_x_nm": centroid[2],
+            "bbox_z0": psd.lo[0], "bbox_z1": psd.hi[0], "bbox_y0": psd.lo[1], "bbox_y1": psd.hi[1],
+            "bbox_x0": psd.lo[2], "bbox_x1": psd.hi[2],
+            "touches_box_edge": touches.astype(bool),
+            "post_segment": post.astype(np.int64),
+            "vesicle_cloud_voxels": cloud_voxels.astype(np.int64),
+            "vesicle_cloud_volume_um3": cloud_voxels * voxel_um3,
+            "pre_segment": np.where(paired, pre_of_cloud[np.maximum(cloud, 0)] if clouds.n else 0, 0).astype(np.int64),
+        }, columns=COLUMNS)
+        table.attrs.update({"definition_version": DEFINITION_VERSION, "store": str(self.cache.root),
+                            "bbox_nm": list(self.plan.bbox_nm), "box_volume_um3": self.box_volume_um3()})
+        return table
+
+    def box_volume_um3(self) -> float:
+        return float(np.prod(self.shape) * np.prod(self.resolution) / 1e9)
+
+
+def grow_voxels(resolution_zyx) -> list[int]:
+    """ceil(200 nm / voxel size) per axis: how far the vesicle-cloud search box reaches past a PSD."""
+    return [math.ceil(GROW_NM / r) for r in resolution_zyx]
+
+
