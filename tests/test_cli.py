@@ -27,9 +27,11 @@ def run(capsys, *argv):
 def test_catalog_is_discovered_through_intake_and_the_driver_by_short_name():
     assert "wildenberg2023" in list(intake.cat)
     cat = intake.cat.wildenberg2023
-    assert sorted(cat) == sorted(f"{e}_{l}" for e in ("p105", "p14") for l in ("psd", "vesicle_cloud", "saturated"))
-    from wildenberg_intake.drivers import WildenbergSource
+    assert sorted(cat) == sorted(f"{e}_{l}" for e in ("p105", "p14")
+                                 for l in ("psd", "vesicle_cloud", "saturated", "synapses"))
+    from wildenberg_intake.drivers import SynapseTableSource, WildenbergSource
     assert intake.registry["wildenberg"] is WildenbergSource
+    assert intake.registry["wildenberg_synapses"] is SynapseTableSource
 
 
 def test_importing_the_package_is_cheap():

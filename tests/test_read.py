@@ -158,7 +158,7 @@ def test_every_encoding_and_the_sharded_format(entry, variant, catalog, tmp_path
 
 def test_open_catalog_with_overrides(mirror, server, tmp_path):
     cat = wildenberg_intake.open_catalog(base_url=server.base_url, cache_dir=str(tmp_path))
-    assert sorted(cat) == sorted(ENTRIES)
+    assert sorted(cat) == sorted(ENTRIES + ["p105_synapses", "p14_synapses"])
     ds = cat.p14_vesicle_cloud(bbox_nm=BOX["p14"]).read()
     _check(ds, mirror, "p14", "vesicle_cloud", BOX["p14"])
     assert Path(ds.attrs["store"]).is_relative_to(tmp_path)

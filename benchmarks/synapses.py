@@ -1,0 +1,135 @@
+"""The synapse table's speed and memory, side by side in one run.
+
+    .venv/bin/python benchmarks/synapses.py [--size 1024 1024 64] [--mirror DIR] [--workers 2]
+
+For three boxes (a quarter, half and all of a p14 mirror's label volume, cached first), each in a
+fresh process so that its peak memory is its own:
+- table: `SynapseTable.compute()` (two blockwise passes, shard-sized blocks, `--workers` threads);
+- floor: reading the same three label arrays (psd, vesicle_cloud, saturated) block by block through
+  the same reader and threads, doing nothing with them: what any blockwise computation pays;
+- scipy: what a user would write with the box in memory: read the arrays whole, scipy.ndimage.label
+  (26-connected) the PSD and vesicle-cloud masks, then one vectorised reduction per column (sizes,
+  centroids, boxes, majority segment; the vesicle-cloud pairing is left out, so it is a lower bound).
+Prints seconds, voxels per second and peak resident memory (VmHWM) per box, and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ARRAYS = ("labels/psd", "labels/vesicle_cloud", "labels/saturated")
+
+
+def _peak_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child(mode: str, base_url: str, cache_dir: str, bbox: list, workers: int) -> dict:
+    """One measurement in this (fresh) process."""
+    from wildenberg_intake.analysis.synapses import SynapseTable, _run, _window
+    from wildenberg_intake.analysis.components import blocks
+    from wildenberg_intake.drivers import entry_source
+    from wildenberg_intake.store.cache import SHARDS
+    src = entry_source("p14_synapses", base_url=base_url, cache_dir=cache_dir, bbox_nm=bbox, progress=False)
+    table = SynapseTable(src.plan, workers=workers, progress=False)
+    shape = table.shape
+    t = time.perf_counter()
+    if mode == "table":
+        rows = len(table.compute())
+    elif mode == "floor":
+        def read_all(start, stop):
+            return sum(int(_window(table.arrays[k])(start, stop).size) for k in ("psd", "vesicle_cloud", "saturated"))
+        _run(read_all, blocks(shape, SHARDS), workers, None, False, "")
+        rows = 0
+    else:
+        rows = _scipy_table(table)
+    return {"seconds": time.perf_counter() - t, "voxels": int(np.prod(shape)), "rows": rows, "peak_mb": _peak_mb()}
+
+
+def _scipy_table(table) -> int:
+    """In memory: whole arrays, ndimage.label, vectorised reductions (no vesicle-cloud pairing)."""
+    from scipy import ndimage
+    whole = tuple(slice(0, n) for n in table.shape)
+    psd, clouds, segments = (table.arrays[k][whole] for k in ("psd", "vesicle_cloud", "saturated"))
+    cube = np.ones((3, 3, 3), bool)
+    lab, n = ndimage.label(psd != 0, structure=cube)
+    ndimage.label(clouds != 0, structure=cube)
+    flat = lab.ravel()
+    where = np.flatnonzero(flat)
+    ids = flat[where]
+    count = np.bincount(ids, minlength=n + 1)
+    z, y, x = np.unravel_index(where, lab.shape)
+    centroids = [np.bincount(ids, weights=c, minlength=n + 1) / np.maximum(count, 1) for c in (z, y, x)]
+    boxes = ndimage.find_objects(lab)
+    seg = segments.ravel()[where]
+    pairs, counts = np.unique(np.stack([ids, seg.astype(np.int64)]), axis=1, return_counts=True)
+    order = np.lexsort((pairs[1], -counts, pairs[0]))
+    _ = (centroids, boxes, order)
+    return int(n)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, nargs=3, default=(1024, 1024, 64), metavar=("X", "Y", "Z"),
+                   help="label voxels of the p14 mirror")
+    p.add_argument("--mirror", help="an existing mirror folder (written by this script) to reuse")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(**json.loads(args.child))))
+        return
+    from wildenberg_intake.drivers import entry_source
+    from wildenberg_intake.mirror import MirrorServer, build_mirror
+    from wildenberg_intake.store.engine import materialise
+    tmp = Path(tempfile.mkdtemp(prefix="bench-synapses-"))
+    root = Path(args.mirror) if args.mirror else tmp / "mirror"
+    if not (root / "wildenberg2023").is_dir():
+        t = time.perf_counter()
+        build_mirror(root, shape_xyz=tuple(args.size), experiments=("p14",))
+        print(f"mirror {tuple(args.size)} written in {time.perf_counter() - t:.0f} s", flush=True)
+    cache = tmp / "cache"
+    results = []
+    with MirrorServer(root) as server:
+        full = entry_source("p14_synapses", base_url=server.base_url, cache_dir=str(cache), progress=False).plan
+        x0, x1, y0, y1, z0, z1 = full.bbox_nm
+        for fraction in (0.25, 0.5, 1.0):
+            bbox = [x0, x1, y0, y0 + (y1 - y0) * fraction, z0, z1]
+            src = entry_source("p14_synapses", base_url=server.base_url, cache_dir=str(cache), bbox_nm=bbox,
+                               progress=False)
+            materialise(src.plan, list(ARRAYS), progress=False)  # cached first: the table's cost alone
+            row = {"fraction": fraction}
+            for mode in ("floor", "table", "scipy"):
+                spec = json.dumps({"mode": mode, "base_url": server.base_url, "cache_dir": str(cache), "bbox": bbox,
+                                   "workers": args.workers})
+                out = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True)
+                if out.returncode:
+                    raise RuntimeError(out.stderr)
+                row[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\np14 mirror {tuple(args.size)}, {args.workers} workers, cached store, each mode in a fresh process")
+    print(f"{'box':>5s} {'Mvoxels':>8s} | {'floor s':>8s} {'table s':>8s} {'scipy s':>8s} | "
+          f"{'table Mvox/s':>12s} {'table/floor':>11s} {'scipy/table':>11s} | "
+          f"{'floor MB':>8s} {'table MB':>8s} {'scipy MB':>8s} | synapses")
+    for r in results:
+        f, tb, sc = r["floor"], r["table"], r["scipy"]
+        print(f"{r['fraction']:5.2f} {tb['voxels'] / 1e6:8.1f} | {f['seconds']:8.2f} {tb['seconds']:8.2f} "
+              f"{sc['seconds']:8.2f} | {tb['voxels'] / tb['seconds'] / 1e6:12.1f} {tb['seconds'] / f['seconds']:11.2f} "
+              f"{sc['seconds'] / tb['seconds']:11.2f} | {f['peak_mb']:8.0f} {tb['peak_mb']:8.0f} {sc['peak_mb']:8.0f} | "
+              f"{tb['rows']}")
+
+
+if __name__ == "__main__":
+    main()
