@@ -33,9 +33,10 @@ def label_block(mask_reader, shape, start, stop):
     block, halo width per axis)."""
     halo = tuple(1 if s > 0 else 0 for s in start)
     ext_start = tuple(s - h for s, h in zip(start, halo))
-    mask = mask_reader(ext_start, stop)
-    labels = cc3d.connected_components(np.ascontiguousarray(mask != 0), connectivity=26, binary_image=True,
-                                       out_dtype=np.uint32)
+    mask = np.ascontiguousarray(mask_reader(ext_start, stop))
+    if not mask.any():  # most blocks of a sparse mask: nothing to label
+        return np.zeros(mask.shape, np.uint32), halo
+    labels = cc3d.connected_components(mask, connectivity=26, binary_image=True, out_dtype=np.uint32)
     return labels, halo
 
 
@@ -43,14 +44,14 @@ def _linear(shape, coords) -> np.ndarray:
     return np.ravel_multi_index(tuple(np.asarray(c, np.int64) for c in coords), shape)
 
 
-def block_summary(labels: np.ndarray, halo, start, stop, shape, values: np.ndarray | None = None) -> dict:
+def block_summary(labels: np.ndarray, halo, start, stop, shape) -> dict:
     """What one block contributes: per label over the block's own voxels (not its halo) the voxel
-    count, coordinate sums, bounding box and first voxel (C order); the labels of its foreground
-    voxels on its high faces (`exports`) and in its halo (`imports`), by global voxel index; and,
-    given `values` over the block (e.g. segment ids), the count of each (label, non-zero value)."""
+    count, coordinate sums, bounding box and first voxel (C order); and the labels of its
+    foreground voxels on its high faces (`exports`) and in its halo (`imports`), by global voxel
+    index. `core` and its foreground coordinates are kept for `value_counts`."""
     n = int(labels.max()) if labels.size else 0
     core = labels[tuple(slice(h, None) for h in halo)]
-    z, y, x = np.nonzero(core)
+    z, y, x = np.nonzero(core) if n else (np.zeros(0, np.int64),) * 3  # C order: grows with the global index
     lab = core[z, y, x].astype(np.int64)
     gz, gy, gx = z + start[0], y + start[1], x + start[2]
     count = np.bincount(lab, minlength=n + 1)
@@ -61,31 +62,51 @@ def block_summary(labels: np.ndarray, halo, start, stop, shape, values: np.ndarr
     for axis, g in enumerate((gz, gy, gx)):
         np.minimum.at(lo[axis], lab, g)
         np.maximum.at(hi[axis], lab, g)
+    position = np.full(n + 1, big, np.int64)
+    np.minimum.at(position, lab, np.arange(len(lab)))
     first = np.full(n + 1, big, np.int64)
-    present, where = np.unique(lab, return_index=True)  # np.nonzero is C order: the first is the lowest
-    first[present] = _linear(shape, (gz[where], gy[where], gx[where]))
-    out.update(lo=lo, hi=hi + 1, first=first)
-    # High faces (voxels a neighbour's halo holds) and the halo itself.
-    exports = []
-    for axis in range(3):
+    seen = position < big
+    first[seen] = _linear(shape, (gz[position[seen]], gy[position[seen]], gx[position[seen]]))
+    out.update(lo=lo, hi=hi + 1, first=first, core=core, where=(z, y, x), lab=lab)
+    # High faces (the voxels neighbours' halos hold), deduplicated where faces meet.
+    on = np.zeros(len(lab), bool)
+    for axis, local in enumerate((z, y, x)):
         if stop[axis] < shape[axis]:
-            on = (z == stop[axis] - start[axis] - 1) if axis == 0 else (y == stop[axis] - start[axis] - 1) \
-                if axis == 1 else (x == stop[axis] - start[axis] - 1)
-            exports.append(np.stack([_linear(shape, (gz[on], gy[on], gx[on])), lab[on]]))
-    out["exports"] = np.unique(np.concatenate(exports, axis=1), axis=1) if exports else np.zeros((2, 0), np.int64)
-    ext_start = [s - h for s, h in zip(start, halo)]
-    hz, hy, hx = np.nonzero(labels)
-    in_halo = (hz < halo[0]) | (hy < halo[1]) | (hx < halo[2])
-    hz, hy, hx = hz[in_halo], hy[in_halo], hx[in_halo]
-    out["imports"] = np.stack([_linear(shape, (hz + ext_start[0], hy + ext_start[1], hx + ext_start[2])),
-                               labels[hz, hy, hx].astype(np.int64)]) if hz.size else np.zeros((2, 0), np.int64)
-    if values is not None:
-        v = values[z, y, x].astype(np.int64)
-        keep = v != 0
-        pairs, counts = np.unique(np.stack([lab[keep], v[keep]]), axis=1, return_counts=True) if keep.any() \
-            else (np.zeros((2, 0), np.int64), np.zeros(0, np.int64))
-        out["values"] = (pairs, counts)
+            on |= local == stop[axis] - start[axis] - 1
+    out["exports"] = np.stack([_linear(shape, (gz[on], gy[on], gx[on])), lab[on]])
+    # The halo: only its planes are scanned.
+    ext_start = np.array([s - h for s, h in zip(start, halo)])
+    imports = []
+    for axis in range(3):
+        if halo[axis]:
+            plane = np.take(labels, 0, axis=axis)
+            if axis > 0:  # the lower planes' voxels are counted once, by the first axis that holds them
+                plane = plane[tuple(slice(h, None) for h in halo[:axis])]
+            found = np.nonzero(plane)
+            coords = list(found)
+            for earlier in range(axis):
+                coords[earlier] = coords[earlier] + halo[earlier]
+            coords.insert(axis, np.zeros(len(found[0]), np.int64))
+            imports.append(np.stack([_linear(shape, [c + o for c, o in zip(coords, ext_start)]),
+                                     plane[found].astype(np.int64)]))
+    out["imports"] = np.concatenate(imports, axis=1) if imports else np.zeros((2, 0), np.int64)
     return out
+
+
+def value_counts(summary: dict, values: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(pairs (label, value) as a (2, k) array, their voxel counts) over the block's own foreground
+    voxels, for non-zero `values` (an array over the block, e.g. segment ids; None: none)."""
+    if values is None or not len(summary["lab"]):
+        return np.zeros((2, 0), np.int64), np.zeros(0, np.int64)
+    v = values[summary["where"]].astype(np.int64)
+    keep = v != 0
+    keys, counts = np.unique((summary["lab"][keep] << 32) | v[keep], return_counts=True)
+    return np.stack([keys >> 32, keys & 0xFFFFFFFF]), counts
+
+
+def slim(summary: dict) -> dict:
+    """The summary without its block-sized parts, as it is returned and kept."""
+    return {k: v for k, v in summary.items() if k not in ("core", "where", "lab")}
 
 
 class Components:
@@ -117,8 +138,8 @@ class Components:
                 continue
             pos = np.searchsorted(exp_idx, idx)
             ok = (pos < len(exp_idx)) & (exp_idx[np.minimum(pos, len(exp_idx) - 1)] == idx)
-            pairs = np.unique(np.stack([lab[ok] + self.offsets[b], exp_node[pos[ok]]]), axis=1)
-            for a, c in pairs.T:
+            keys = np.unique(((lab[ok] + self.offsets[b]) << 32) | exp_node[pos[ok]])
+            for a, c in zip(keys >> 32, keys & 0xFFFFFFFF):
                 ra, rc = find(int(a)), find(int(c))
                 if ra != rc:
                     parent[max(ra, rc)] = min(ra, rc)
@@ -167,11 +188,11 @@ class Components:
             return out
         comp, value, count = self.values
         # Sum a value's counts across blocks, then sort by component, count descending, value ascending.
-        keys, inverse = np.unique(np.stack([comp, value]), axis=1, return_inverse=True)
-        totals = np.bincount(inverse.ravel(), weights=count, minlength=keys.shape[1])
-        order = np.lexsort((keys[1], -totals, keys[0]))
-        comps = keys[0][order]
+        keys, inverse = np.unique((comp << 32) | value, return_inverse=True)
+        totals = np.bincount(inverse.ravel(), weights=count, minlength=len(keys))
+        comps, values = keys >> 32, keys & 0xFFFFFFFF
+        order = np.lexsort((values, -totals, comps))
         head = np.ones(len(order), bool)
-        head[1:] = comps[1:] != comps[:-1]
-        out[comps[head]] = keys[1][order][head]
+        head[1:] = comps[order][1:] != comps[order][:-1]
+        out[comps[order][head]] = values[order][head]
         return out

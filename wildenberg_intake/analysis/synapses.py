@@ -38,9 +38,10 @@ from ..store.cache import SHARDS, durable_write, make_dirs
 from ..store.engine import DEFAULT_CONNECTIONS, DEFAULT_WORKERS, cache_for
 from ..store.lazy import ReadThroughArray
 from ..store.plan import StorePlan
-from .components import Components, block_summary, blocks, label_block
+from .components import Components, block_summary, blocks, label_block, slim, value_counts
 
 DEFINITION_VERSION = 1
+READER_CACHE_MB = 32
 GROW_NM = 200.0
 ARRAYS = {"psd": "labels/psd", "vesicle_cloud": "labels/vesicle_cloud", "saturated": "labels/saturated"}
 COLUMNS = ["synapse_id", "experiment", "psd_voxels", "psd_volume_um3", "centroid_z_nm", "centroid_y_nm",
@@ -58,16 +59,12 @@ def summarise_block(arrays: dict, start, stop) -> tuple[dict, dict]:
     """Pass 1 of one block: the PSD and vesicle-cloud summaries, with saturated ids per label
     (saturated is read only where the block has a PSD or vesicle-cloud voxel)."""
     shape = arrays["psd"].shape
-    out = []
-    labelled = [label_block(_window(arrays[name]), shape, start, stop) for name in ("psd", "vesicle_cloud")]
-    cores = [lab[tuple(slice(h, None) for h in halo)] for lab, halo in labelled]
-    segments = None
-    if any(core.any() for core in cores):
-        segments = _window(arrays["saturated"])(start, stop)
-    for labels, halo in labelled:
-        out.append(block_summary(labels, halo, start, stop, shape, values=segments if segments is not None
-                                 else np.zeros(tuple(b - a for a, b in zip(start, stop)), np.uint8)))
-    return out[0], out[1]
+    summaries = [block_summary(*label_block(_window(arrays[name]), shape, start, stop), start, stop, shape)
+                 for name in ("psd", "vesicle_cloud")]
+    segments = _window(arrays["saturated"])(start, stop) if any(len(s["lab"]) for s in summaries) else None
+    for s in summaries:
+        s["values"] = value_counts(s, segments)
+    return slim(summaries[0]), slim(summaries[1])
 
 
 def count_clouds_in_boxes(arrays: dict, start, stop, nodes: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -75,16 +72,19 @@ def count_clouds_in_boxes(arrays: dict, start, stop, nodes: np.ndarray, boxes: n
     each vesicle-cloud component lie in the box's part of this block. `nodes` maps this block's
     vesicle labels (as pass 1 numbered them) to global components. Rows (synapse, component, count)."""
     labels, halo = label_block(_window(arrays["vesicle_cloud"]), arrays["psd"].shape, start, stop)
-    comp = nodes[labels[tuple(slice(h, None) for h in halo)].astype(np.int64)]
+    core = labels[tuple(slice(h, None) for h in halo)]
     rows = []
     for syn, *box in boxes:
         lo = np.maximum(box[:3], start) - start
         hi = np.minimum(box[3:], stop) - start
         if np.any(hi <= lo):
             continue
-        part = comp[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        found, counts = np.unique(part[part >= 0], return_counts=True)
-        rows += [(syn, c, n) for c, n in zip(found, counts)]
+        part = core[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        found, counts = np.unique(part[part > 0], return_counts=True)
+        # Labels of one block may belong to one component (joined through other blocks): summed.
+        comps = nodes[found.astype(np.int64)]
+        for c in np.unique(comps):
+            rows.append((syn, c, counts[comps == c].sum()))
     return np.array(rows, np.int64).reshape(-1, 3)
 
 
@@ -142,7 +142,9 @@ class SynapseTable:
             raise ValueError(f"block_shape={block_shape!r} is not valid; allowed: three positive voxel counts (z, y, x)")
         self.plan, self.block_shape, self.workers, self.client = plan, block_shape, workers, client
         self.progress = progress
-        self.arrays = {k: ReadThroughArray(plan, name, connections, cache_limit) for k, name in ARRAYS.items()}
+        # Blocks are read once (their halo planes twice): a small chunk cache keeps memory flat.
+        self.arrays = {k: ReadThroughArray(plan, name, connections, cache_limit, cache_mb=READER_CACHE_MB)
+                       for k, name in ARRAYS.items()}
         self.cache = cache_for(plan)
         src = plan.arrays[ARRAYS["psd"]]
         self.shape = src.shape
