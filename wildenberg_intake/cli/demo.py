@@ -4,8 +4,9 @@
 
 Writes a synthetic mirror (BossDB's public bucket is out of reach here), serves it on 127.0.0.1,
 opens the packaged catalog with intake, materialises `p105_psd` into the cache, reads it back and
-checks it voxel for voxel against the arrays the mirror was written from. Run it twice: the second
-run finds the store complete and fetches nothing.
+checks it voxel for voxel against the arrays the mirror was written from; then computes the
+per-synapse tables of both experiments and prints their comparison. Run it twice: the second run
+finds the stores and tables cached and fetches nothing.
 """
 
 from __future__ import annotations
@@ -40,6 +41,16 @@ def run(folder: Path, shape_xyz=(600, 520, 24), entry: str = "p105_psd") -> bool
         print(ds)
         print(f"\nrequests served: {sum(server.requests.values())}, bytes: {server.bytes_sent:,}")
 
+        # Synapses as data: the per-synapse tables of both experiments, compared.
+        from ..analysis.report import format_summary, summarise
+        tables = {}
+        for experiment in ("p105", "p14"):
+            table_source = getattr(cat, f"{experiment}_synapses")(base_url=server.base_url,
+                                                                  cache_dir=str(folder / "cache"))
+            tables[experiment] = (table_source.read(), table_source.discover()["metadata"]["box_volume_um3"])
+        print("\nSynapse tables (p105_synapses, p14_synapses; cached as parquet beside each store):")
+        print(format_summary(summarise(tables)))
+
     # Check against the arrays the mirror was written from, at the store's source windows.
     plan = source.plan
     exp = EXPERIMENTS[source.request.experiment]
@@ -55,8 +66,9 @@ def run(folder: Path, shape_xyz=(600, 520, 24), entry: str = "p105_psd") -> bool
     labels = ds["labels"].values > 0
     if labels.any():
         print(f"mean EM under labels {ds['raw'].values[labels].mean():.1f} vs elsewhere "
-              f"{ds['raw'].values[~labels].mean():.1f} (labels sit on dark EM blobs)")
+              f"{ds['raw'].values[~labels].mean():.1f} (the labels sit on dark EM)")
     print(f"store: {ds.attrs['store']}")
+    print(f"first synapses of p105:\n{tables['p105'].head(3).to_string()}")
     return ok
 
 

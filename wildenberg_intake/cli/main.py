@@ -172,11 +172,16 @@ def cmd_serve(args):
         for store in sorted(Path(args.folder, "wildenberg2023").glob("*/data.zarr")):  # a cache folder
             for name, kind, url in store_layers(f"{server.url}/wildenberg2023/{store.parent.name}/data.zarr", store):
                 print(f"  {store.parent.name}: {kind} layer {name}: {url}", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+        _until_interrupted()
+
+
+def _until_interrupted():
+    """Serve until Ctrl-C (the servers run in their own threads)."""
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
 
 
 def cmd_view(args):
@@ -187,11 +192,7 @@ def cmd_view(args):
         for name, kind, url in view.layers():
             print(f"  {kind} layer {name}: {url}", flush=True)
         print(f"open {view.url} (Ctrl-C to stop)", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+        _until_interrupted()
 
 
 def cmd_synapses(args):
