@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -246,3 +248,18 @@ def test_synapse_command_mistakes(tissue, tmp_path, capsys, argv, pattern):
     code = cli.main(argv + ["--base-url", server.base_url, "--cache-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and re.search(pattern, err), err
+
+
+def test_a_box_without_synapses_gives_an_empty_table_that_is_cached(tmp_path):
+    """Saturated is only read where a block has PSD or cloud voxels; here none has, yet every shard
+    is recorded, so the (empty) table gets its content key and is cached."""
+    from wildenberg_intake.store.engine import cache_for
+    m = build_mirror(tmp_path / "mirror", shape_xyz=(200, 150, 10), experiments=("p14",), synapse_rate=0.0)
+    with MirrorServer(m.root) as server:
+        src = entry_source("p14_synapses", base_url=server.base_url, cache_dir=str(tmp_path / "cache"))
+        src.block_shape = (4, 64, 64)
+        table = src.read()
+        assert list(table.columns) == COLUMNS and len(table) == 0
+        assert cache_for(src.plan).is_complete("labels/saturated")
+        assert Path(src.materialise()).is_file()
+        pd.testing.assert_frame_equal(pd.read_parquet(src.materialise()), table)

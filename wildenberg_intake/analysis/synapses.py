@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..store.cache import SHARDS, durable_write, make_dirs
 from ..store.engine import DEFAULT_CONNECTIONS, DEFAULT_WORKERS, cache_for
-from ..store.lazy import ReadThroughArray
+from ..store.lazy import ReadThroughArray, shards_touching
 from ..store.plan import StorePlan
 from .components import Components, block_summary, blocks, label_block, slim, value_counts
 
@@ -61,7 +61,12 @@ def summarise_block(arrays: dict, start, stop) -> tuple[dict, dict]:
     shape = arrays["psd"].shape
     summaries = [block_summary(*label_block(_window(arrays[name]), shape, start, stop), start, stop, shape)
                  for name in ("psd", "vesicle_cloud")]
-    segments = _window(arrays["saturated"])(start, stop) if any(len(s["lab"]) for s in summaries) else None
+    if any(len(s["lab"]) for s in summaries):
+        segments = _window(arrays["saturated"])(start, stop)
+    else:  # not needed here, but recorded, so that the table's key (every array's checksum) exists
+        segments = None
+        for index in shards_touching(start, stop):
+            arrays["saturated"].ensure(index)
     for s in summaries:
         s["values"] = value_counts(s, segments)
     return slim(summaries[0]), slim(summaries[1])

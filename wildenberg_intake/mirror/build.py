@@ -145,13 +145,14 @@ def _read_back(root, rel_path, mip, swap_xy):
 
 def build_mirror(root, shape_xyz=(300, 260, 20), experiments=("p105", "p14"),
                  labels=tuple(LABEL_CHANNELS), em_encoding="raw", label_encoding="raw",
-                 sharded=False, seed=0) -> Mirror:
+                 sharded=False, seed=0, synapse_rate: float | None = None) -> Mirror:
     """Write a synthetic BossDB-layout mirror under `root` and return what it was written from.
 
     shape_xyz: size of the label layers in voxels at 12 x 12 x 40 nm; EM at 6 nm is about twice
         that in x and y, with a slightly different offset and extent.
     em_encoding: "raw" (gzip-served) or "jpeg". label_encoding: "raw" or "compressed_segmentation".
     sharded: write the sharded precomputed format instead of one file per chunk.
+    synapse_rate: synapses per segment (default `tissue.SYNAPSE_RATE`; 0 for a box without any).
     """
     if em_encoding not in EM_ENCODINGS:
         raise ValueError(f"em_encoding={em_encoding!r} is not supported; allowed: {EM_ENCODINGS}")
@@ -182,7 +183,8 @@ def build_mirror(root, shape_xyz=(300, 260, 20), experiments=("p105", "p14"),
         picks = {key: _label_grid_index(*grid) for key, grid in grids.items()}
         lo = np.min([[p[a].min() for a in range(3)] for p in picks.values()], axis=0)
         hi = np.max([[p[a].max() + 1 for a in range(3)] for p in picks.values()], axis=0)
-        tissue = Tissue(lo * LABEL_RESOLUTION_XYZ, hi * LABEL_RESOLUTION_XYZ, rng)
+        tissue = Tissue(lo * LABEL_RESOLUTION_XYZ, hi * LABEL_RESOLUTION_XYZ, rng,
+                        **({} if synapse_rate is None else {"synapse_rate": synapse_rate}))
         parts = tissue.render(LABEL_RESOLUTION_XYZ, lo, hi - lo)
 
         em_scales = []

@@ -27,7 +27,7 @@ _OFFSETS = np.array(list(itertools.product((-1, 0, 1), repeat=3)))  # (dx, dy, d
 class Tissue:
     """Seeds and synapses over the physical box [lo_nm, hi_nm) (x, y, z), drawn from `rng`."""
 
-    def __init__(self, lo_nm, hi_nm, rng: np.random.Generator):
+    def __init__(self, lo_nm, hi_nm, rng: np.random.Generator, synapse_rate: float = SYNAPSE_RATE):
         lo, hi = np.asarray(lo_nm, float), np.asarray(hi_nm, float)
         self.origin = (np.floor(lo / CELL_NM) - 2) * CELL_NM  # two cells of margin: +-1 never leaves the grid
         self.cells = (np.ceil(hi / CELL_NM) + 2 - np.floor(lo / CELL_NM) + 2).astype(int)  # x, y, z
@@ -36,16 +36,16 @@ class Tissue:
         corner = self.origin + np.stack([cx, cy, cz], axis=1) * CELL_NM
         self.seeds = corner + rng.uniform(0.15, 0.85, size=(n, 3)) * CELL_NM  # (n, 3) x y z
         self.ids = (1000 + 7919 * np.arange(n)).astype(np.uint32)
-        self.synapses = self._synapses(rng)
+        self.synapses = self._synapses(rng, synapse_rate)
 
     def _index(self, cx, cy, cz):
         return (cz * self.cells[1] + cy) * self.cells[0] + cx
 
-    def _synapses(self, rng) -> list[dict]:
+    def _synapses(self, rng, rate: float) -> list[dict]:
         """Pairs of neighbouring seeds (pre, post) with a contact disc on their bisecting plane."""
         out, seen = [], set()
         n = len(self.seeds)
-        for pre in rng.choice(n, size=int(SYNAPSE_RATE * n), replace=False):
+        for pre in rng.choice(n, size=int(rate * n), replace=False):
             cz, rem = divmod(int(pre), self.cells[0] * self.cells[1])
             cy, cx = divmod(rem, self.cells[0])
             dx, dy, dz = _OFFSETS[rng.integers(len(_OFFSETS))]
@@ -104,7 +104,7 @@ class Tissue:
             last = int(np.floor((pts[-1] - self.origin[a]) / CELL_NM[a]))
             cuts.append([(c, slice(*np.searchsorted(pts, self.origin[a] + CELL_NM[a] * np.array([c, c + 1]))))
                          for c in range(first, last + 1)])
-        boxes = np.array([s["box"] for s in self.synapses]).reshape(-1, 2, 3)  # (n, lo/hi, x y z) nm
+        boxes = np.array([s["box"] for s in self.synapses], float).reshape(-1, 2, 3)  # (n, lo/hi, x y z) nm
         for (cz, sz), (cy, sy), (cx, sx) in itertools.product(cuts[2], cuts[1], cuts[0]):
             xs, ys, zs = axes[0][sx], axes[1][sy], axes[2][sz]
             i1, i2, h = self.nearest((cx, cy, cz), xs, ys, zs)
