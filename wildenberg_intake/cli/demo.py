@@ -68,7 +68,7 @@ def run(folder: Path, shape_xyz=(600, 520, 24), entry: str = "p105_psd") -> bool
         print(f"mean EM under labels {ds['raw'].values[labels].mean():.1f} vs elsewhere "
               f"{ds['raw'].values[~labels].mean():.1f} (the labels sit on dark EM)")
     print(f"store: {ds.attrs['store']}")
-    print(f"first synapses of p105:\n{tables['p105'].head(3).to_string()}")
+    print(f"first synapses of p105:\n{tables['p105'][0].head(3).to_string()}")
     return ok
 
 
