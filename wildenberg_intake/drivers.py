@@ -91,7 +91,7 @@ class WildenbergSource(_StoreSource):
     Arguments are the catalog entry's declared fields (`dataset`: experiment, URLs, dtypes, box,
     axis swap; `label`) plus the user parameters bbox_nm, em_mip, seg_mip, cache_dir and base_url;
     `workers` sets the shard tasks at once (CPU), `connections` the chunk requests in flight,
-    `retry` the retry policy for transient faults (fields of `transfer.RetryPolicy`), `lock` a
+    `retry` the retry policy for transient faults (fields of `source.transfer.RetryPolicy`), `lock` a
     lock file whose pinned info files, box and voxel checksums the data must match,
     `cache_limit` the bytes the store's shards may use on disk in lazy use (an integer or a
     string such as "50GB"; least recently used shards are evicted; None: no limit),
@@ -183,7 +183,7 @@ class WildenbergSource(_StoreSource):
         return bad
 
     def arrays(self) -> dict:
-        """{"raw": ..., "labels": ...}: the entry's arrays read through the cache (`lazy.ReadThroughArray`):
+        """{"raw": ..., "labels": ...}: the entry's arrays read through the cache (`store.lazy.ReadThroughArray`):
         numpy-style windows that fetch only the shards they touch."""
         plan = self.plan
         return {var: ReadThroughArray(plan, name, self.connections, self.cache_limit, check_hashes=self.check_hashes)

@@ -88,8 +88,8 @@ def _with_label(source, label: str):
 
 
 def _attach_readers(ds):
-    """Read a SegmentationDataset's windows with the cache's fast reader (see reader.py), or, for a
-    lazy dataset, through the cache (lazy.py: shards fetched when first read)."""
+    """Read a SegmentationDataset's windows with the cache's fast reader (see store/reader.py), or, for a
+    lazy dataset, through the cache (store/lazy.py: shards fetched when first read)."""
     from elf.wrapper import RoiWrapper
     from ..store.reader import ShardedArrayReader
 
