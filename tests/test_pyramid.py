@@ -145,3 +145,25 @@ def test_napari_reader_gives_an_image_and_a_labels_layer_per_label_with_their_le
     saturated = next(d for d, m, k in layers if m.get("name", "").endswith("saturated"))
     labels = expected_window(wide, "p14", "saturated_autoseg", 0, ALL, all_layers("p14"))[0]
     np.testing.assert_array_equal(np.asarray(saturated[0][:2]), labels[:2])
+
+
+def test_a_wide_preview_is_drawn_from_the_level_that_fits(wide, wide_server, tmp_path, capsys):
+    """1100 x 520 voxels with --max-size 300: level 2 (275 wide), made lazily from level 0's shards
+    of that slice, its pixels the independent downsampling of the mirror's."""
+    from PIL import Image
+    from wildenberg_intake import cli
+    png = tmp_path / "overview.png"
+    code = cli.main(["preview", "p14_psd", "--base-url", wide_server.base_url, "--cache-dir", str(tmp_path),
+                     "--z", "2", "-o", str(png), "--max-size", "300"])
+    assert code == 0 and "(pyramid level 2)" in capsys.readouterr().out
+    raw = expected_window(wide, "p14", "em_aligned", 1, ALL, all_layers("p14"))[0][2:3]
+    psd = expected_window(wide, "p14", "psd_autoseg", 0, ALL, all_layers("p14"))[0][2:3]
+    want_raw, want_psd = _mean(_mean(raw))[0], _mode(_mode(psd))[0]
+    image = np.asarray(Image.open(png))
+    assert image.shape[:2] == want_raw.shape and want_raw.shape[1] <= 300 < 2 * want_raw.shape[1]
+    plain = want_psd == 0
+    plain[-30:, :] = plain[:20, :] = False  # the scale bar and the title
+    np.testing.assert_array_equal(image[plain][:, 0], want_raw[plain])
+    (root,) = (tmp_path / "wildenberg2023").iterdir()
+    cache = StoreCache(tmp_path, root.name)
+    assert cache.done_shards("raw@2") == {(0, 0, 0)} and not cache.is_complete("raw")

@@ -143,8 +143,8 @@ def cmd_lock(args):
 def cmd_preview(args):
     from ..viewer.preview import render
     src = _source(args.entry, args, voxels=True, progress=False)
-    render(src, args.z, args.output)
-    print(f"wrote {args.output}")
+    level = render(src, args.z, args.output, args.max_size)
+    print(f"wrote {args.output}" + (f" (pyramid level {level})" if level else ""))
 
 
 def cmd_mirror(args):
@@ -260,6 +260,8 @@ def parser() -> argparse.ArgumentParser:
     _entry_args(pv, many=False)
     pv.add_argument("--z", type=int, required=True, help="slice index in the store (0 = first)")
     pv.add_argument("-o", "--output", required=True, help="PNG file to write")
+    pv.add_argument("--max-size", type=int, default=2048, help="widest slice drawn at full resolution; a wider "
+                    "one is drawn from the pyramid level that fits (default 2048 pixels)")
     pv.set_defaults(run=cmd_preview)
 
     m = sub.add_parser("mirror", help="write a BossDB-layout mirror: synthetic, or a copy of a box of a "

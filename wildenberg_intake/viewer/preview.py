@@ -37,18 +37,39 @@ def _font():
         return ImageFont.load_default(), "u"
 
 
-def render(source, z: int, output) -> None:
-    """Write a PNG of slice `z` of `source`'s store (materialised first): EM in grey, labels overlaid."""
+DEFAULT_MAX_SIZE = 2048
+
+
+def overview_level(shape_zyx, max_size: int) -> int:
+    """The finest pyramid level whose slice fits `max_size` pixels in y and x (levels halve both)."""
+    from ..store.plan import pyramid_levels
+    level, (_, y, x) = 0, shape_zyx
+    while max(-(-y // 2 ** level), -(-x // 2 ** level)) > max_size and level < pyramid_levels(shape_zyx):
+        level += 1
+    return level
+
+
+def render(source, z: int, output, max_size: int = DEFAULT_MAX_SIZE) -> int:
+    """Write a PNG of slice `z` of `source`'s store: EM in grey, labels overlaid, a scale bar. A slice
+    wider than `max_size` pixels is drawn from the pyramid level that fits (fetching and making only
+    that slice's shards); returns the level drawn."""
     from PIL import Image, ImageDraw
-    ds = source.to_dask()
-    depth = ds.sizes["z"]
+    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 16:
+        raise ValueError(f"max_size={max_size!r} is not valid; allowed: an integer of at least 16 pixels")
+    plan = source.plan
+    raw_src, label_src = plan.arrays["raw"], plan.arrays[plan.label_name]
+    depth = label_src.shape[0]
     if isinstance(z, bool) or not isinstance(z, int) or not 0 <= z < depth:
         raise ValueError(f"z={z!r} is not valid; allowed: a slice index from 0 to {depth - 1}")
-    raw = np.asarray(ds["raw"][z])
-    labels = np.asarray(ds["labels"][z])
-    if raw.shape != labels.shape:
-        raise ValueError(f"raw {raw.shape} and labels {labels.shape} differ in shape (em_mip != seg_mip); "
+    if raw_src.shape != label_src.shape:
+        raise ValueError(f"raw {raw_src.shape} and labels {label_src.shape} differ in shape (em_mip != seg_mip); "
                          "preview needs em_mip at the labels' resolution")
+    from ..store.lazy import ReadThroughArray
+    level = overview_level(label_src.shape, max_size)
+    suffix = f"@{level}" if level else ""
+    arrays = [ReadThroughArray(plan, name + suffix, source.connections, source.cache_limit,
+                               check_hashes=source.check_hashes) for name in ("raw", plan.label_name)]
+    raw, labels = arrays[0][z], arrays[1][z]
     rgb = np.repeat(raw[..., None], 3, axis=2).astype(np.float32)
     mask = labels > 0
     if mask.any():
@@ -60,7 +81,7 @@ def render(source, z: int, output) -> None:
         rgb[mask] = 0.45 * rgb[mask] + 0.55 * colour
     image = Image.fromarray(rgb.clip(0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(image)
-    res_x = float(ds["labels"].attrs["resolution_nm_zyx"][2])
+    res_x = float(label_src.layer.resolution_zyx[2]) * 2 ** level
     um = _scale_bar_um(raw.shape[1] * res_x)
     length = int(round(um * 1000 / res_x))
     h, w = raw.shape
@@ -68,5 +89,8 @@ def render(source, z: int, output) -> None:
     draw.rectangle([x0, y0, x0 + length, y0 + 5], fill=(255, 255, 255))
     font, micro = _font()
     draw.text((x0, y0 - 14), f"{um:g} {micro}m", fill=(255, 255, 255), font=font)
-    draw.text((10, 6), f"{source.request.experiment} {source.request.label} z={z}", fill=(255, 255, 0), font=font)
+    title = f"{source.request.experiment} {source.request.label} z={z}" + (f" (level {level}: {res_x:g} nm)"
+                                                                             if level else "")
+    draw.text((10, 6), title, fill=(255, 255, 0), font=font)
     image.save(output, format="PNG")
+    return level
