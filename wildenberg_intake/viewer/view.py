@@ -22,6 +22,7 @@ from ..store.engine import cache_for
 from ..store.lazy import ReadThroughArray
 from ..store.plan import pyramid_levels
 
+OVERVIEW_MAX_ZOOM = 2.0  # voxels per screen pixel of the first view (larger boxes open at full resolution)
 _SHARD = re.compile(r"^/wildenberg2023/(?P<store>[^/]+)/data\.zarr/(?P<array>.+)/c/(?P<z>\d+)/(?P<y>\d+)/(?P<x>\d+)$")
 
 
@@ -121,7 +122,11 @@ class View:
             s.dimensions = ng.CoordinateSpace(names=["x", "y", "z"], units="nm", scales=[res[2], res[1], res[0]])
             s.position = [(x0 + x1) / 2 / res[2], (y0 + y1) / 2 / res[1], (z0 + z1) / 2 / res[0]]
             s.layout = "xy"
-            s.cross_section_scale = max((x1 - x0) / res[2] / 1000, (y1 - y0) / res[1] / 800, 1.0)
+            # The whole box when it nearly fits the screen; else full resolution at its centre: an
+            # overview of a large box draws from coarse levels, each made from every level-0 shard
+            # below it, and would fetch the whole slice's layer before the first picture.
+            fit = max((x1 - x0) / res[2] / 1000, (y1 - y0) / res[1] / 800, 1.0)
+            s.cross_section_scale = fit if fit <= OVERVIEW_MAX_ZOOM else 1.0
             for name, kind, url in self.layers():
                 if kind == "image":
                     s.layers[name] = ng.ImageLayer(source=url)
