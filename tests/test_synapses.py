@@ -263,3 +263,18 @@ def test_a_box_without_synapses_gives_an_empty_table_that_is_cached(tmp_path):
         assert cache_for(src.plan).is_complete("labels/saturated")
         assert Path(src.materialise()).is_file()
         pd.testing.assert_frame_equal(pd.read_parquet(src.materialise()), table)
+
+
+def test_describe_and_fetch_a_table_entry(tissue, tmp_path, capsys):
+    import json
+    from wildenberg_intake import cli
+    mirror, server = tissue
+    common = ["--base-url", server.base_url, "--cache-dir", str(tmp_path)]
+    assert cli.main(["describe", "p14_synapses", *common]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert described["resolved"]["columns"] == COLUMNS and described["label"] is None
+    assert cli.main(["fetch", "p14_synapses", *common, "--quiet"]) == 0
+    path = capsys.readouterr().out.split(": ", 1)[1].rsplit(" (", 1)[0]
+    assert path.endswith(".parquet") and "tables/synapses-v1-" in path
+    src = entry_source("p14_synapses", base_url=server.base_url, cache_dir=str(tmp_path))
+    pd.testing.assert_frame_equal(pd.read_parquet(path), src.read())
