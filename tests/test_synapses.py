@@ -205,6 +205,8 @@ def test_bad_block_shape_is_refused(tissue, tmp_path):
     src = entry_source("p14_synapses", base_url=server.base_url, cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"block_shape=\(0, 10, 10\) is not valid; allowed: three positive"):
         SynapseTable(src.plan, block_shape=(0, 10, 10))
+    with pytest.raises(ValueError, match=r"workers=0 is not valid; allowed: a positive integer"):
+        SynapseTable(src.plan, workers=0)
 
 
 def test_synapses_command_prints_the_comparison_and_writes_the_table_and_figure(tissue, tmp_path, capsys):

@@ -110,10 +110,10 @@ def slim(summary: dict) -> dict:
 
 
 class Components:
-    """The global components of a blockwise labelling: `merge(summaries)` with the blocks'
-    summaries in block order; then `node(b, label)` is the global component of a block label, and
-    the per-component arrays (count, sum, lo, hi, first, values) are indexed by component 0..N-1,
-    numbered in C order of their first voxel."""
+    """The global components of a blockwise labelling, made from the blocks' summaries in block
+    order: `node(b, label)` is the global component of a block's label, and the per-component
+    arrays (count, sum, lo, hi, first, values) are indexed by component 0..N-1, numbered in C order
+    of their first voxel. Node numbers are packed two to an int64 key: fewer than 2**31 labels in all."""
 
     def __init__(self, summaries: list[dict]):
         self.offsets = np.cumsum([0] + [s["n"] + 1 for s in summaries])  # label 0 kept per block

@@ -145,6 +145,8 @@ class SynapseTable:
         block_shape = tuple(SHARDS) if block_shape is None else tuple(int(v) for v in block_shape)
         if len(block_shape) != 3 or min(block_shape) < 1:
             raise ValueError(f"block_shape={block_shape!r} is not valid; allowed: three positive voxel counts (z, y, x)")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers={workers!r} is not valid; allowed: a positive integer")
         self.plan, self.block_shape, self.workers, self.client = plan, block_shape, workers, client
         self.progress = progress
         # Blocks are read once (their halo planes twice): a small chunk cache keeps memory flat.
