@@ -70,9 +70,13 @@ def downsample_mean(block: np.ndarray) -> np.ndarray:
     return out
 
 
-def downsample_mode(block: np.ndarray) -> np.ndarray:
-    """x and y halved by the most frequent value of each (edge-clipped) 2 x 2 block, ties to the lowest."""
+def _mode_clipped(block: np.ndarray) -> np.ndarray:
     values, valid = _blocks(block)
+    return _vote(values, valid)
+
+
+def _vote(values, valid) -> np.ndarray:
+    """The most frequent of the (valid) candidates at each position, ties to the lowest."""
     counts = []
     for v, m in zip(values, valid):
         c = sum((v == w) & n for w, n in zip(values, valid)).astype(np.int8)
@@ -83,6 +87,32 @@ def downsample_mode(block: np.ndarray) -> np.ndarray:
         best = np.where(better, v, best)
         best_count = np.where(better, c, best_count)
     return best
+
+
+def downsample_mode(block: np.ndarray) -> np.ndarray:
+    """x and y halved by the most frequent value of each (edge-clipped) 2 x 2 block, ties to the lowest.
+
+    Labels are mostly uniform over 2 x 2 voxels: those blocks take their value at once, and only the
+    others (segment faces, object edges) are voted on."""
+    z, y, x = block.shape
+    ey, ex = y - y % 2, x - x % 2
+    if not (ey and ex):
+        return _mode_clipped(block)
+    out = np.empty((z, -(-y // 2), -(-x // 2)), dtype=block.dtype)
+    a, b = block[:, 0:ey:2, 0:ex:2], block[:, 1:ey:2, 0:ex:2]
+    c, d = block[:, 0:ey:2, 1:ex:2], block[:, 1:ey:2, 1:ex:2]
+    whole = out[:, :ey // 2, :ex // 2]
+    whole[...] = a
+    mixed = (a != b) | (a != c) | (a != d)
+    if mixed.any():
+        where = np.nonzero(mixed)
+        ones = [np.ones(len(where[0]), bool)] * 4
+        whole[where] = _vote([a[where], b[where], c[where], d[where]], ones)
+    if y % 2:
+        out[:, -1:, :] = _mode_clipped(block[:, ey:, :])
+    if x % 2:
+        out[:, :, -1:] = _mode_clipped(block[:, :, ex:])
+    return out
 
 
 class LevelWriter:
