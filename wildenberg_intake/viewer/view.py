@@ -14,13 +14,11 @@ store as a segmentation layer, x/y across the screen, nm units, centred on the b
 from __future__ import annotations
 
 import re
-import threading
 from pathlib import Path
 
 from ..store.cache import SHARDS, array_path
 from ..store.engine import cache_for
 from ..store.lazy import ReadThroughArray
-from ..store.plan import pyramid_levels
 
 OVERVIEW_MAX_ZOOM = 2.0  # voxels per screen pixel of the first view (larger boxes open at full resolution)
 _SHARD = re.compile(r"^/wildenberg2023/(?P<store>[^/]+)/data\.zarr/(?P<array>.+)/c/(?P<z>\d+)/(?P<y>\d+)/(?P<x>\d+)$")
@@ -45,13 +43,9 @@ class LazyShards:
         self.arrays = {}  # (store folder name, array path) -> ReadThroughArray
         for src in sources:
             plan = src.plan
-            kwargs = {"connections": connections} if connections else {}
-            for base in plan.arrays:
-                for level in range(pyramid_levels(plan.arrays[base].shape) + 1):
-                    name = f"{base}@{level}" if level else base
-                    arr = ReadThroughArray(plan, name, cache_limit=src.cache_limit, **kwargs)
-                    self.arrays[(arr.cache.root.name, array_path(name))] = arr
-        self._lock = threading.Lock()
+            for name in plan.with_levels(plan.arrays):  # every array and its pyramid levels
+                arr = ReadThroughArray(plan, name, connections or src.connections, src.cache_limit)
+                self.arrays[(arr.cache.root.name, array_path(name))] = arr
 
     def __call__(self, path: str):
         match = _SHARD.match(path)
