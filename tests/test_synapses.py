@@ -280,3 +280,16 @@ def test_describe_and_fetch_a_table_entry(tissue, tmp_path, capsys):
     assert path.endswith(".parquet") and "tables/synapses-v1-" in path
     src = entry_source("p14_synapses", base_url=server.base_url, cache_dir=str(tmp_path))
     pd.testing.assert_frame_equal(pd.read_parquet(path), src.read())
+
+
+def test_a_server_that_fails_leaves_no_table_and_names_the_url(tissue, tmp_path):
+    from wildenberg_intake.mirror import Faults
+    from wildenberg_intake.source.transfer import TransferError
+    mirror, _ = tissue
+    with MirrorServer(mirror.root, faults=Faults(fail_paths=("vesicle_autoseg/12_12_40/",))) as failing:
+        src = entry_source("p14_synapses", base_url=failing.base_url, cache_dir=str(tmp_path),
+                           retry={"attempts": 2, "backoff": 0.01}, progress=False)
+        with pytest.raises(TransferError, match=r"GET http://127.0.0.1:\d+/.*/vesicle_autoseg/12_12_40/\S+ failed 2 times; "
+                                                r"last failure: HTTP 503"):
+            src.read()
+    assert not list(tmp_path.glob("wildenberg2023/*/tables/*"))
