@@ -264,20 +264,20 @@ class SynapseTableSource(_StoreSource):
         self.block_shape = block_shape
         self.client = client
 
-    def table(self):
-        """The `analysis.synapses.SynapseTable` of this entry's store."""
+    def table(self, client=None):
+        """The `analysis.synapses.SynapseTable` of this entry's store (on `client`, else the entry's)."""
         from .analysis.synapses import SynapseTable
-        return SynapseTable(self.plan, self.block_shape, self.workers, self.client, self.connections,
+        return SynapseTable(self.plan, self.block_shape, self.workers, client or self.client, self.connections,
                             self.cache_limit, self.progress)
 
     def _get_schema(self):
-        from .analysis.synapses import COLUMNS, DEFINITION_VERSION
+        from .analysis.synapses import COLUMNS, DEFINITION_VERSION, box_volume_um3
         plan = self.plan
         psd = plan.arrays["labels/psd"]
         return Schema(dtype=None, shape=(None, len(COLUMNS)), npartitions=1, extra_metadata={
             "experiment": self.request.experiment, "columns": COLUMNS, "definition_version": DEFINITION_VERSION,
             "bbox_nm": plan.bbox_nm, "shape_zyx": psd.shape, "voxel_size_nm_zyx": psd.layer.resolution_zyx,
-            "box_volume_um3": float(np.prod(psd.shape) * np.prod(psd.layer.resolution_zyx) / 1e9),
+            "box_volume_um3": box_volume_um3(psd.shape, psd.layer.resolution_zyx),
             "store": str(cache_for(plan).root)})
 
     def read(self):
@@ -286,9 +286,7 @@ class SynapseTableSource(_StoreSource):
 
     def materialise(self, client=None) -> str:
         """Compute and cache the table (fetching the label arrays it needs); return the parquet path."""
-        table = self.table()
-        if client is not None:
-            table.client = client
+        table = self.table(client)
         table.read()
         key = table.key()
         if key is None:

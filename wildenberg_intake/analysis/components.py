@@ -111,7 +111,7 @@ def slim(summary: dict) -> dict:
 
 class Components:
     """The global components of a blockwise labelling, made from the blocks' summaries in block
-    order: `node(b, label)` is the global component of a block's label, and the per-component
+    order: `of_block(b)` maps a block's labels to global components, and the per-component
     arrays (count, sum, lo, hi, first, values) are indexed by component 0..N-1, numbered in C order
     of their first voxel. Node numbers are packed two to an int64 key: fewer than 2**31 labels in all."""
 
@@ -177,22 +177,30 @@ class Components:
                      for b, s in enumerate(summaries) if s["values"][1].size]
             self.values = np.concatenate(pairs, axis=1) if pairs else np.zeros((3, 0), np.int64)
 
-    def node(self, block: int, labels):
-        """Global component (0..N-1, -1 for background) of block `block`'s labels (an array)."""
-        return self.component[np.asarray(labels, np.int64) + self.offsets[block]]
+    def of_block(self, block: int) -> np.ndarray:
+        """The global component (0..N-1; -1 for background) of each label 0..n of block `block`."""
+        return self.component[self.offsets[block]:self.offsets[block + 1]]
 
     def majority_value(self) -> np.ndarray:
         """Per component: the non-zero value covering most of its voxels, ties to the lower value, 0 if none."""
-        out = np.zeros(self.n, np.int64)
-        if self.values is None or self.values.shape[1] == 0:
-            return out
-        comp, value, count = self.values
-        # Sum a value's counts across blocks, then sort by component, count descending, value ascending.
-        keys, inverse = np.unique((comp << 32) | value, return_inverse=True)
-        totals = np.bincount(inverse.ravel(), weights=count, minlength=len(keys))
-        comps, values = keys >> 32, keys & 0xFFFFFFFF
-        order = np.lexsort((values, -totals, comps))
-        head = np.ones(len(order), bool)
-        head[1:] = comps[order][1:] != comps[order][:-1]
-        out[comps[order][head]] = values[order][head]
+        if self.values is None:
+            return np.zeros(self.n, np.int64)
+        return winners(*self.values, self.n, missing=0)
+
+
+def winners(groups, values, counts, n: int, missing: int) -> np.ndarray:
+    """Per group 0..n-1: the value with the largest count (the counts of a repeated (group, value)
+    summed), ties to the lower value; `missing` where a group has none. Groups below 2**31, values
+    below 2**32."""
+    out = np.full(n, missing, np.int64)
+    if len(groups) == 0:
         return out
+    keys, inverse = np.unique((np.asarray(groups, np.int64) << 32) | np.asarray(values, np.int64),
+                              return_inverse=True)
+    totals = np.bincount(inverse.ravel(), weights=counts, minlength=len(keys))
+    group, value = keys >> 32, keys & 0xFFFFFFFF
+    order = np.lexsort((value, -totals, group))
+    head = np.ones(len(order), bool)
+    head[1:] = group[order][1:] != group[order][:-1]
+    out[group[order][head]] = value[order][head]
+    return out

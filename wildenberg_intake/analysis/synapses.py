@@ -25,7 +25,6 @@ on local threads or on a dask.distributed cluster with identical output, reading
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import hashlib
 import io
 import json
@@ -35,10 +34,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..store.cache import SHARDS, durable_write, make_dirs
-from ..store.engine import DEFAULT_CONNECTIONS, DEFAULT_WORKERS, cache_for
+from ..store.engine import DEFAULT_CONNECTIONS, DEFAULT_WORKERS, cache_for, run_on_dask, run_threads
 from ..store.lazy import ReadThroughArray, shards_touching
 from ..store.plan import StorePlan
-from .components import Components, block_summary, blocks, label_block, slim, value_counts
+from .components import Components, block_summary, blocks, label_block, slim, value_counts, winners
 
 DEFINITION_VERSION = 1
 READER_CACHE_MB = 32
@@ -93,38 +92,23 @@ def count_clouds_in_boxes(arrays: dict, start, stop, nodes: np.ndarray, boxes: n
     return np.array(rows, np.int64).reshape(-1, 3)
 
 
+def _apply(fn, i, args):
+    return fn(*args)
+
+
 def _run(fn, calls: list, workers: int, client, progress: bool, desc: str) -> list:
-    """fn(*args) for each args of `calls`, on `workers` threads or a dask client; results in order."""
+    """fn(*args) for each args of `calls`, on `workers` threads or a dask client (the engine's
+    runners); results in the order of `calls`."""
     results = [None] * len(calls)
-    bar = tqdm(total=len(calls), desc=desc, unit="block", disable=not progress)
-    try:
+    jobs = [(fn, i, args) for i, args in enumerate(calls)]
+    with tqdm(total=len(calls), desc=desc, unit="block", disable=not progress) as bar:
+        def finished(job, result):
+            results[job[1]] = result
+            bar.update()
         if client is not None:
-            from dask.distributed import Client, as_completed
-            if isinstance(client, str):
-                client = Client(client)
-            futures = {client.submit(fn, *args, pure=False, priority=-i): i for i, args in enumerate(calls)}
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                bar.update()
+            run_on_dask(client, _apply, jobs, finished)
         else:
-            with cf.ThreadPoolExecutor(workers, thread_name_prefix="wildenberg-synapses") as pool:
-                futures = {}
-                pending = iter(enumerate(calls))
-                for i, args in pending:  # bounded submission: results stay small, blocks do not pile up
-                    futures[pool.submit(fn, *args)] = i
-                    if len(futures) >= 2 * workers:
-                        break
-                while futures:
-                    done, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
-                    for future in done:
-                        results[futures.pop(future)] = future.result()
-                        bar.update()
-                    for i, args in pending:
-                        futures[pool.submit(fn, *args)] = i
-                        if len(futures) >= 2 * workers:
-                            break
-    finally:
-        bar.close()
+            run_threads(_apply, jobs, workers, finished)
     return results
 
 
@@ -219,22 +203,13 @@ class SynapseTable:
                 continue
             meets = np.all(lo_g < stop, axis=1) & np.all(hi_g > start, axis=1)
             if meets.any():
-                nodes = clouds.component[clouds.offsets[b]:clouds.offsets[b + 1]]
-                calls.append((self.arrays, start, stop, nodes, boxes[meets]))
+                calls.append((self.arrays, start, stop, clouds.of_block(b), boxes[meets]))
         counted = _run(count_clouds_in_boxes, calls, self.workers, self.client, self.progress,
                        f"{exp} synapses: vesicle clouds")
         rows = np.concatenate(counted, axis=0) if counted else np.zeros((0, 3), np.int64)
-        cloud = np.full(n, -1, np.int64)
-        if len(rows):
-            keys, inverse = np.unique(rows[:, :2], axis=0, return_inverse=True)
-            totals = np.bincount(inverse.ravel(), weights=rows[:, 2], minlength=len(keys))
-            # Most voxels in the box, ties to the component whose first voxel comes first: components
-            # are numbered by first voxel, so the lower number.
-            order = np.lexsort((keys[:, 1], -totals, keys[:, 0]))
-            syn = keys[order, 0]
-            head = np.ones(len(order), bool)
-            head[1:] = syn[1:] != syn[:-1]
-            cloud[syn[head]] = keys[order, 1][head]
+        # Most voxels in the box, ties to the component whose first voxel comes first: components are
+        # numbered by first voxel, so the lower number.
+        cloud = winners(rows[:, 0], rows[:, 1], rows[:, 2], n, missing=-1)
         post = psd.majority_value()
         pre_of_cloud = clouds.majority_value()
         paired = cloud >= 0
@@ -256,11 +231,14 @@ class SynapseTable:
             "pre_segment": np.where(paired, pre_of_cloud[np.maximum(cloud, 0)] if clouds.n else 0, 0).astype(np.int64),
         }, columns=COLUMNS)
         table.attrs.update({"definition_version": DEFINITION_VERSION, "store": str(self.cache.root),
-                            "bbox_nm": list(self.plan.bbox_nm), "box_volume_um3": self.box_volume_um3()})
+                            "bbox_nm": list(self.plan.bbox_nm),
+                            "box_volume_um3": box_volume_um3(self.shape, self.resolution)})
         return table
 
-    def box_volume_um3(self) -> float:
-        return float(np.prod(self.shape) * np.prod(self.resolution) / 1e9)
+
+def box_volume_um3(shape_zyx, resolution_nm_zyx) -> float:
+    """The volume of a store of `shape_zyx` voxels of `resolution_nm_zyx` nm, in µm³."""
+    return float(np.prod(shape_zyx) * np.prod(resolution_nm_zyx) / 1e9)
 
 
 def grow_voxels(resolution_zyx) -> list[int]:

@@ -475,7 +475,7 @@ class ShardWriter:
             for future in futures:  # none may write into this thread's buffer after we leave
                 future.cancel()
             # Cut this slab's other requests rather than wait for their deadlines and retries (the
-            # run's other tasks are stopped by the run, see `_run_threads`).
+            # run's other tasks are stopped by the run, see `run_threads`).
             token.set()
             cf.wait(futures)
             raise
@@ -621,7 +621,7 @@ def _fill_arrays(cache: StoreCache, writers: list, workers: int, progress: bool,
             if left[writer.src.name] == 0:  # every shard was recorded by an earlier, interrupted run
                 complete(writer)
         if client is not None:
-            _run_on_dask(client, jobs, finished)
+            run_on_dask(client, _write_on_worker, jobs, lambda job, _: finished(*job))
         elif writers:
             # One pool of requests for the process, as `connections` promises, whichever array they serve.
             io = cf.ThreadPoolExecutor(writers[0].connections, thread_name_prefix="wildenberg-io")
@@ -629,7 +629,8 @@ def _fill_arrays(cache: StoreCache, writers: list, workers: int, progress: bool,
                 writer._io, writer._io_pid = io, os.getpid()
             fetchers = {id(w.layer.fetcher): w.layer.fetcher for w in writers}.values()
             try:
-                _run_threads(jobs, workers, finished, cancel=lambda: [f.cancel() for f in fetchers])
+                run_threads(_write_on_worker, jobs, workers, lambda job, _: finished(*job),
+                            cancel=lambda: [f.cancel() for f in fetchers])
             finally:
                 for f in fetchers:  # the plan (and its fetcher) may be used again: a rerun, repair()
                     f.cancelled.clear()
@@ -647,47 +648,47 @@ def _fill_arrays(cache: StoreCache, writers: list, workers: int, progress: bool,
             io.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_threads(jobs, workers: int, finished, cancel=lambda: None):
-    """Run the shard tasks on `workers` threads; on the first failure `cancel()` stops the requests
-    in flight and the waits for retries, so the run ends promptly with that failure."""
+def run_threads(task, jobs, workers: int, finished, cancel=lambda: None):
+    """`task(*job)` for each job on `workers` threads, `finished(job, result)` as each completes.
+    On the first failure `cancel()` stops the requests in flight and the waits for retries, so the
+    run ends promptly with that failure (not with a task cancelled because of it)."""
     pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wildenberg")
     pending = {}
     queue = iter(jobs)
     try:
         while True:
             # Bounded submission keeps memory proportional to the workers, not to the volume.
-            for writer, index in queue:
-                pending[pool.submit(writer.write, index)] = (writer, index)
+            for job in queue:
+                pending[pool.submit(task, *job)] = job
                 if len(pending) >= workers + 1:
                     break
             if not pending:
                 break
             done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
             for future in done:
-                future.result()  # re-raises a task's error
-                finished(*pending.pop(future))
+                result = future.result()  # re-raises a task's error
+                finished(pending.pop(future), result)
     except BaseException as first:
         for future in pending:
             future.cancel()
         cancel()
         pool.shutdown(wait=True, cancel_futures=True)
-        # The failure that stopped the run, not a task cancelled because of it.
         causes = [f.exception() for f in pending if not f.cancelled() and f.exception() is not None]
         root = next((e for e in [first, *causes] if not isinstance(e, Cancelled)), first)
         raise root
     pool.shutdown(wait=True)
 
 
-def _run_on_dask(client, jobs, finished):
+def run_on_dask(client, task, jobs, finished):
+    """`task(*job)` for each job on a dask.distributed cluster (a Client or a scheduler address),
+    `finished(job, result)` as each completes; the rest are cancelled on the first failure."""
     from dask.distributed import Client, as_completed
     if isinstance(client, str):
         client = Client(client)
-    futures = {client.submit(_write_on_worker, writer, index, pure=False, priority=-n): (writer, index)
-               for n, (writer, index) in enumerate(jobs)}
+    futures = {client.submit(task, *job, pure=False, priority=-n): job for n, job in enumerate(jobs)}
     try:
         for future in as_completed(futures):
-            future.result()
-            finished(*futures[future])
+            finished(futures[future], future.result())
     except BaseException:
         client.cancel(list(futures))
         raise
