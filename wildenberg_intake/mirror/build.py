@@ -1,4 +1,4 @@
-"""A BossDB-layout test mirror: synthetic Wildenberg-like precomputed volumes and a local HTTP server.
+"""A BossDB-layout test mirror: synthetic Wildenberg-like precomputed volumes (served by `server.py`).
 
 BossDB cannot be reached from every machine (CI, compute nodes, this project's sandbox), so the
 package writes volumes with the same layout, names, dtypes, resolutions and quirks as the real

@@ -13,6 +13,7 @@ import random
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 from collections import Counter
@@ -53,12 +54,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             try:
                 server.before(path)
             except Exception as e:  # noqa: BLE001  (the viewer sees a server error, the console why)
-                import sys
                 print(f"wildenberg-intake: {path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                self.send_response(503)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
+                return self._empty(503)
         target, gzipped = self._resolve()
         with server.lock:
             server.requests[path] += 1
@@ -71,15 +68,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fault == "slow":
             time.sleep(server.faults.slow_seconds)
         elif fault == "error":
-            self.send_response(503)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
+            return self._empty(503)
         if target is None:
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
+            return self._empty(404)
         body = target.read_bytes()
         status, headers = 200, {}
         # One range, as S3 answers it: "a-b", "a-" or a suffix "-n" (neuroglancer reads shard
@@ -92,11 +83,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             else:
                 start, end = max(0, len(body) - int(match.group(2))), len(body) - 1
             if start >= len(body) or end < start:
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(body)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
+                return self._empty(416, {"Content-Range": f"bytes */{len(body)}"})
             headers["Content-Range"] = f"bytes {start}-{end}/{len(body)}"
             body, status = body[start:end + 1], 206
         self.send_response(status)
@@ -119,6 +106,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
             with server.lock:
                 server.bytes_sent += len(body)
+
+    def _empty(self, status: int, headers=None):
+        """An answer without a body: an error, a missing file, a range outside the file."""
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def _hostile(self, kind, target, send_body):
         """Answers no honest server gives: a gzip bomb, an HTML page, silence, a trickle."""
