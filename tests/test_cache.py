@@ -63,7 +63,7 @@ def test_fast_reader_equals_zarr_on_random_windows(tmp_path):
 
 def test_shard_buffer_is_zeroed_unless_the_chunks_tile_the_shard():
     """The engine skips zeroing a reused shard buffer only when its chunks cover every voxel."""
-    from wildenberg_intake.store.engine import _shard_buffer, _voxels_covered
+    from wildenberg_intake.store.shards import shard_buffer as _shard_buffer, _voxels_covered
     from wildenberg_intake.source.layers import LayerInfo
     info = LayerInfo(url="http://x", mip=0, swap_xy=False, dtype="uint8", encoding="raw", resolution_zyx=(40, 12, 12),
                      offset_zyx=(3, 5, 7), size_zyx=(20, 30, 40), chunk_zyx=(8, 16, 16), n_mips=1, info_sha256="")
@@ -119,7 +119,7 @@ def test_an_array_of_another_shape_is_refused(tmp_path):
 
 
 def test_malloc_tuning_leaves_a_users_own_malloc_settings_alone(monkeypatch):
-    from wildenberg_intake.store import engine
+    from wildenberg_intake.store import shards as engine
 
     class Libc:  # records what would be set in glibc
         def __init__(self, refuse=()):

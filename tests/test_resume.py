@@ -92,7 +92,7 @@ def test_shards_assembled_in_z_slabs_have_the_bytes_of_whole_assembly(catalog, t
     """A shard above SLAB_BYTES (a uint32 one: 128 MB) is fetched, assembled and encoded 64 z-slices
     at a time: its file, its record and its voxels are those of a whole assembly, and each source
     chunk is still fetched once (one that spans two slabs goes through the stage)."""
-    from wildenberg_intake.store import engine
+    from wildenberg_intake.store import shards as engine
     from conftest import all_layers, expected_window
     mirror = build_mirror(tmp_path / "mirror", shape_xyz=(300, 260, 150), experiments=("p14",))
     with MirrorServer(mirror.root) as server:

@@ -34,7 +34,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..store.cache import SHARDS, durable_write, make_dirs
-from ..store.engine import DEFAULT_CONNECTIONS, DEFAULT_WORKERS, cache_for, run_on_dask, run_threads
+from ..store.engine import DEFAULT_CONNECTIONS, DEFAULT_WORKERS, cache_for
+from ..store.runners import run_on_dask, run_threads
 from ..store.lazy import ReadThroughArray, shards_touching
 from ..store.plan import StorePlan
 from .components import Components, block_summary, blocks, label_block, slim, value_counts, winners

@@ -15,6 +15,7 @@ and renamed into place, so a kill never leaves a half-written zarr.json either.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import itertools
@@ -31,7 +32,10 @@ import numpy as np
 _RECORD = re.compile(r"\d+\.\d+\.\d+")  # a shard record's file name: i.j.k
 # 3: a crc32c checksum after every inner chunk (zarr v3's crc32c codec), so that every reader
 # (zarr-python, tensorstore, the package's own) checks each chunk it decodes.
-LAYOUT_VERSION = 3
+# 4: the pyramid made on transfer (each level from the level below while it is in memory, staged
+# as encoded quarters), and each shard record holds its file's index crc32c, so that a reader
+# tells a missing, truncated or swapped shard file from an all-zero shard without hashing it.
+LAYOUT_VERSION = 4
 CHUNKS = (64, 128, 128)
 SHARDS = (128, 512, 512)
 # Blosc codecs a store may use, by name. Raw EM defaults to zstd 1, which measured ~13x faster to
@@ -43,7 +47,7 @@ CODECS = {"zstd1": ("zstd", 1), "zstd3": ("zstd", 3), "zstd6": ("zstd", 6), "lz4
 LABEL_CODEC = "zstd3"
 # Part of every store's key: a change here must give new stores.
 LAYOUT = {"chunks": list(CHUNKS), "shards": list(SHARDS), "shuffle": "byte shuffle for raw, none for labels",
-          "inner_checksum": "crc32c"}
+          "inner_checksum": "crc32c", "records": "sha256, bytes, index_crc32c, content_sha256, missing_chunks"}
 
 
 def shuffle_of(is_label: bool) -> str:
@@ -218,6 +222,31 @@ def array_path(name: str) -> str:
     return f"{base}_s{level}" if level else base
 
 
+def array_name(path: str) -> str:
+    """The array name of a path inside the zarr store: the inverse of `array_path`
+    ("raw_s2" -> "raw@2", "labels/psd/0" -> "labels/psd", "labels/psd/1" -> "labels/psd@1")."""
+    parts = str(path).strip("/").split("/")
+    if len(parts) == 3 and parts[0] == "labels" and parts[2].isdigit():
+        return f"labels/{parts[1]}" + (f"@{parts[2]}" if parts[2] != "0" else "")
+    if len(parts) == 1:
+        base, sep, level = parts[0].rpartition("_s")
+        return f"{base}@{level}" if sep and level.isdigit() and base else parts[0]
+    raise ValueError(f"path={path!r} is not an array of a wildenberg-intake store; allowed: raw, raw_s<k>, "
+                     "labels/<label>/<k>")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, shared: bool = False):
+    """An OS lock (flock) on `path` for the block: released by the OS if the holder dies."""
+    make_dirs(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def ome_multiscale(name: str, levels) -> dict:
     """An OME-Zarr 0.5 multiscales entry, axes z, y, x in nanometres; `levels`: (path, voxel size,
     lower corner of voxel 0) per level, finest first. OME-Zarr (and neuroglancer, napari) place
@@ -339,13 +368,15 @@ class StoreCache:
                                f"Delete {self.root} to rebuild it.")
 
     def _update_label_list(self):
-        """labels/zarr.json lists every label group present (OME-Zarr `labels`), rewritten atomically."""
+        """labels/zarr.json lists every label group present (OME-Zarr `labels`), rewritten atomically
+        under a lock: two processes adding different labels at once both end up listed."""
         folder = self.zarr_path / "labels"
-        present = sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file())
-        meta = json.loads((folder / "zarr.json").read_text())
-        if meta.get("attributes", {}).get("ome", {}).get("labels") != present:
-            meta.setdefault("attributes", {})["ome"] = {"version": "0.5", "labels": present}
-            durable_write(folder / "zarr.json", json.dumps(meta, indent=2).encode())
+        with file_lock(self.root / "locks" / "labels.lock"):
+            present = sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file())
+            meta = json.loads((folder / "zarr.json").read_text())
+            if meta.get("attributes", {}).get("ome", {}).get("labels") != present:
+                meta.setdefault("attributes", {})["ome"] = {"version": "0.5", "labels": present}
+                durable_write(folder / "zarr.json", json.dumps(meta, indent=2).encode())
 
     def label_view(self, label: str) -> Path:
         """A zarr group `views/<label>.zarr` whose `raw` and `labels` link to this store's arrays.
@@ -392,8 +423,14 @@ class StoreCache:
             digest.update(part)
         return digest.hexdigest()
 
-    def _record(self, name: str, index) -> Path:
+    def record_path(self, name: str, index) -> Path:
+        """The done record of shard `index` of array `name` (its mtime: when it was last used)."""
         return self.progress / name / ".".join(str(i) for i in index)
+
+    def array_lock(self, name: str):
+        """The lock that marking array `name` complete and evicting one of its shards both take, so
+        that COMPLETE is never written while a shard it counted is being evicted."""
+        return file_lock(self.root / "locks" / (name.replace("/", "~") + ".lock"))
 
     @classmethod
     def at(cls, path) -> "StoreCache":
@@ -427,9 +464,14 @@ class StoreCache:
         (None: no file), of its voxels (C order, uncompressed), and the source chunks the server
         answered 404 for (read as zeros)."""
         path = self.shard_file(name, index)
-        record = {"sha256": file_hash, "bytes": path.stat().st_size if file_hash is not None else 0,
+        record = {"sha256": file_hash, "bytes": 0, "index_crc32c": None,
                   "content_sha256": content_sha256, "missing_chunks": sorted(missing_chunks)}
-        target = self._record(name, index)
+        if file_hash is not None:
+            with open(path, "rb") as f:
+                record["bytes"] = os.fstat(f.fileno()).st_size
+                f.seek(-4, os.SEEK_END)
+                record["index_crc32c"] = f.read(4).hex()  # the last 4 bytes: the crc32c of the shard's index
+        target = self.record_path(name, index)
         make_dirs(target.parent)
         durable_write(target, json.dumps(record).encode())
         return record
@@ -459,7 +501,7 @@ class StoreCache:
         written, or evicted meanwhile). touch: mark it used now (its record's mtime), the order in
         which eviction picks shards; nothing is written otherwise, so a complete store may be read-only."""
         try:
-            fd = os.open(self._record(name, index), os.O_RDONLY)
+            fd = os.open(self.record_path(name, index), os.O_RDONLY)
         except FileNotFoundError:
             return None
         fcntl.flock(fd, fcntl.LOCK_SH)
@@ -478,7 +520,7 @@ class StoreCache:
         whether it did. The array's COMPLETE mark and the shard's record go before its file, so an
         evicted shard is never taken as done; a later read fetches it again."""
         try:
-            fd = os.open(self._record(name, index), os.O_RDONLY)
+            fd = os.open(self.record_path(name, index), os.O_RDONLY)
         except FileNotFoundError:
             return False
         try:
@@ -488,31 +530,30 @@ class StoreCache:
                 return False  # being read
             if os.fstat(fd).st_nlink == 0:
                 return False  # evicted by another process meanwhile
-            (self.progress / name / "COMPLETE").unlink(missing_ok=True)
-            self._record(name, index).unlink(missing_ok=True)
+            with self.array_lock(name):
+                (self.progress / name / "COMPLETE").unlink(missing_ok=True)
+                self.record_path(name, index).unlink(missing_ok=True)
             self.shard_file(name, index).unlink(missing_ok=True)
             return True
         finally:
             os.close(fd)
 
     def is_done(self, name: str, index) -> bool:
-        return self._record(name, index).is_file()
+        return self.record_path(name, index).is_file()
 
     def is_complete(self, name: str) -> bool:
         return (self.progress / name / "COMPLETE").is_file()
 
     def record(self, name: str, index) -> dict | None:
         try:
-            return json.loads(self._record(name, index).read_text())
+            return json.loads(self.record_path(name, index).read_text())
         except (FileNotFoundError, ValueError):
             return None
 
     def mark_complete(self, name: str, shape) -> list:
         """Mark array `name` complete once every shard is recorded; note the 404 chunks in its
         attributes and return them."""
-        missing = set(shard_grid(shape)) - self.done_shards(name)
-        if missing:
-            raise RuntimeError(f"{self.zarr_path / name}: {len(missing)} shards are not recorded as written")
+        self._require_every_shard(name, shape)
         empty = sorted({c for i in shard_grid(shape) for c in (self.record(name, i) or {}).get("missing_chunks", [])})
         meta_path = self.zarr_path / array_path(name) / "zarr.json"
         meta = json.loads(meta_path.read_text())
@@ -532,8 +573,16 @@ class StoreCache:
                     leftover.unlink(missing_ok=True)
             except FileNotFoundError:
                 pass
-        durable_write(self.progress / name / "COMPLETE", b"")
+        with self.array_lock(name):  # no shard is evicted between this last scan and COMPLETE
+            self._require_every_shard(name, shape)
+            durable_write(self.progress / name / "COMPLETE", b"")
         return empty
+
+    def _require_every_shard(self, name: str, shape):
+        missing = set(shard_grid(shape)) - self.done_shards(name)
+        if missing:
+            raise RuntimeError(f"{self.zarr_path / name}: {len(missing)} shards are not recorded as written "
+                               f"(first: {min(missing)}); run the materialisation again to write them")
 
     def content_checksum(self, name: str, shape) -> str:
         """Checksum of an array's voxels, independent of compression: sha256 over its shards'
@@ -615,5 +664,5 @@ class StoreCache:
         """Forget shards (their records, files and the array's COMPLETE mark) so the next run rewrites them."""
         (self.progress / name / "COMPLETE").unlink(missing_ok=True)
         for index in shards:
-            self._record(name, index).unlink(missing_ok=True)
+            self.record_path(name, index).unlink(missing_ok=True)
             self.shard_file(name, index).unlink(missing_ok=True)

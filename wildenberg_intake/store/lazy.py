@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from .cache import SHARDS, DamagedShard, StoreCache, array_path, shard_grid
-from .engine import DEFAULT_CONNECTIONS, cache_for, prepare, writer_for
+from .engine import DEFAULT_CONNECTIONS, prepare, writer_for
 from .plan import StorePlan
 from .reader import DEFAULT_CACHE_MB, ShardedArrayReader
 
@@ -69,7 +69,7 @@ def enforce_limit(cache: StoreCache, limit: int, keep=()) -> int:
     for name in cache.arrays():
         for index in cache.done_shards(name):
             try:
-                used = cache._record(name, index).stat().st_mtime
+                used = cache.record_path(name, index).stat().st_mtime
             except FileNotFoundError:
                 continue
             entries.append((used, name, index, cache.shard_bytes(name, index)))

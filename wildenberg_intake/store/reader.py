@@ -18,16 +18,29 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import DamagedShard, check_crc32c
+from .cache import DamagedShard, StoreCache, array_name, check_crc32c
 
 DEFAULT_CACHE_MB = 256
 
 
 class ShardedArrayReader:
-    """Read-only numpy-style access (`reader[z0:z1, y0:y1, x0:x1]`) to one array of a cached store."""
+    """Read-only numpy-style access (`reader[z0:z1, y0:y1, x0:x1]`) to one array of a cached store.
+
+    Absence is never data: a shard without a file reads as zeros only where its record says it
+    holds no voxels. A shard that is not recorded (never written, or evicted), or whose file is
+    missing, truncated or another shard's (its size or index crc32c differs from its record),
+    raises `DamagedShard` naming the store, array, shard and remedy."""
 
     def __init__(self, path, cache_mb: float = DEFAULT_CACHE_MB):
         self.path = Path(path)
+        real = self.path.resolve()  # a label view links to the store's arrays
+        parts = real.parts
+        if "data.zarr" not in parts:
+            raise ValueError(f"path={str(path)!r} is not an array of a wildenberg-intake store; allowed: "
+                             "<cache_dir>/wildenberg2023/<store>/data.zarr/<array> or a label view of one")
+        at = len(parts) - 1 - parts[::-1].index("data.zarr")
+        self.cache = StoreCache.at(Path(*parts[:at]))
+        self.name = array_name("/".join(parts[at + 1:]))
         meta = json.loads((self.path / "zarr.json").read_text())
         self.shape = tuple(meta["shape"])
         self.dtype = np.dtype(meta["data_type"])
@@ -59,25 +72,40 @@ class ShardedArrayReader:
     def __len__(self):
         return self.shape[0]
 
+    def _shard_path(self, shard) -> Path:
+        return self.path / "c" / Path(*map(str, shard))
+
     def _index(self, shard):
         if shard not in self._indices:
-            path = self.path / "c" / Path(*map(str, shard))
+            path = self._shard_path(shard)
             n = int(np.prod(self.per_shard))
+            record = self.cache.record(self.name, shard)
+            if record is None:
+                raise DamagedShard(path, "it is not recorded as written: never fetched, or evicted")
             try:
                 with open(path, "rb") as f:
                     size = os.fstat(f.fileno()).st_size
+                    if record["sha256"] is None:
+                        raise DamagedShard(path, "a file exists where an all-zero shard was recorded")
+                    if size != record["bytes"]:
+                        raise DamagedShard(path, f"{size} bytes on disk, {record['bytes']} recorded")
                     if size < 16 * n + 4:
                         raise DamagedShard(path, f"{size} bytes cannot hold its {16 * n + 4}-byte index")
                     f.seek(-(16 * n + 4), os.SEEK_END)
                     raw = f.read(16 * n + 4)
+            except FileNotFoundError:
+                if record["sha256"] is not None:
+                    raise DamagedShard(path, "its file is missing") from None
+                index = None  # recorded as all zeros: zarr writes no file
+            else:
                 if check_crc32c(raw) is None:
                     raise DamagedShard(path, "its index fails its crc32c")
+                if record.get("index_crc32c") not in (None, raw[-4:].hex()):
+                    raise DamagedShard(path, "its index differs from the one recorded (another shard's file?)")
                 index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.per_shard + (2,))
                 used = index[..., 0] != 2**64 - 1
                 if (index[used].sum(axis=1) > size - 16 * n - 4).any():
                     raise DamagedShard(path, "its index points past the file")
-            except FileNotFoundError:
-                index = None  # an all-zero shard has no file
             self._indices[shard] = index
         return self._indices[shard]
 
@@ -95,14 +123,18 @@ class ShardedArrayReader:
             offset, length = (int(v) for v in index[tuple(c % p for c, p in zip(coords, self.per_shard))])
             if offset != 2**64 - 1:
                 from numcodecs import blosc
-                fd = os.open(self.path / "c" / Path(*map(str, shard)), os.O_RDONLY)
+                try:
+                    fd = os.open(self._shard_path(shard), os.O_RDONLY)
+                except FileNotFoundError:  # removed after its index was read
+                    self._indices.pop(shard, None)
+                    raise DamagedShard(self._shard_path(shard), "its file is missing") from None
                 try:
                     blob = os.pread(fd, length, offset)
                 finally:
                     os.close(fd)
                 payload = check_crc32c(blob) if self.checksummed else blob
                 if payload is None:
-                    raise DamagedShard(self.path / "c" / Path(*map(str, shard)),
+                    raise DamagedShard(self._shard_path(shard),
                                        f"inner chunk {coords} fails its crc32c")
                 data = np.frombuffer(blosc.decompress(payload), dtype=self.dtype).reshape(self.chunk)
         with self._lock:

@@ -1,0 +1,146 @@
+"""Downsampling for the pyramid: x and y halved, z kept (it is already 40 nm).
+
+Documented exactly, so that an independent implementation gets the same bytes: each output voxel
+summarises the 2 x 2 block of the level below at (2y, 2x), clipped at the array's edge (edge
+blocks have 1 or 2 voxels);
+- EM (mean): the sum of the block's voxels divided by their count, rounded half up;
+- labels (mode): the value held by most of the block's voxels, ties to the lowest value.
+
+Shards nest (a level's shard starts at even y, x of the level below, and covers 2 x 2 of its
+shards), so downsampling shard by shard gives the same voxels as downsampling the whole array.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .cache import CHUNKS, check_crc32c, encode_chunks
+
+
+def _blocks(block: np.ndarray):
+    """The four voxels of each 2 x 2 (y, x) block as arrays of the output's shape, with masks of
+    which exist (edge blocks are clipped)."""
+    z, y, x = block.shape
+    oy, ox = -(-y // 2), -(-x // 2)
+    out, valid = [], []
+    for dy in (0, 1):
+        for dx in (0, 1):
+            v = np.zeros((z, oy, ox), dtype=block.dtype)
+            m = np.zeros((1, oy, ox), dtype=bool)
+            part = block[:, dy::2, dx::2]
+            v[:, :part.shape[1], :part.shape[2]] = part
+            m[:, :part.shape[1], :part.shape[2]] = True
+            out.append(v)
+            valid.append(m)
+    return out, valid
+
+
+def _mean_clipped(block: np.ndarray) -> np.ndarray:
+    values, valid = _blocks(block)
+    total = sum(v.astype(np.uint64) for v in values)
+    count = sum(m.astype(np.uint64) for m in valid)
+    return ((2 * total + count) // (2 * count)).astype(block.dtype)
+
+
+def downsample_mean(block: np.ndarray) -> np.ndarray:
+    """x and y halved by the rounded-half-up mean of each (edge-clipped) 2 x 2 block."""
+    z, y, x = block.shape
+    ey, ex = y - y % 2, x - x % 2
+    if block.dtype.itemsize > 2 or not (ey and ex):
+        return _mean_clipped(block)
+    out = np.empty((z, -(-y // 2), -(-x // 2)), dtype=block.dtype)
+    # Whole blocks (all but an odd last row or column): four strided adds into one quarter-size sum.
+    total = block[:, 0:ey:2, 0:ex:2].astype(np.uint32 if block.dtype.itemsize == 2 else np.uint16)
+    total += block[:, 1:ey:2, 0:ex:2]
+    total += block[:, 0:ey:2, 1:ex:2]
+    total += block[:, 1:ey:2, 1:ex:2]
+    total += 2
+    total >>= 2  # floor(sum / 4 + 1/2)
+    out[:, :ey // 2, :ex // 2] = total
+    if y % 2:
+        out[:, -1:, :] = _mean_clipped(block[:, ey:, :])
+    if x % 2:
+        out[:, :, -1:] = _mean_clipped(block[:, :, ex:])
+    return out
+
+
+def _mode_clipped(block: np.ndarray) -> np.ndarray:
+    values, valid = _blocks(block)
+    return _vote(values, valid)
+
+
+def _vote(values, valid) -> np.ndarray:
+    """The most frequent of the (valid) candidates at each position, ties to the lowest."""
+    counts = []
+    for v, m in zip(values, valid):
+        c = sum((v == w) & n for w, n in zip(values, valid)).astype(np.int8)
+        counts.append(np.where(m, c, -1))
+    best, best_count = values[0].copy(), counts[0].copy()
+    for v, c in zip(values[1:], counts[1:]):
+        better = (c > best_count) | ((c == best_count) & (v < best))
+        best = np.where(better, v, best)
+        best_count = np.where(better, c, best_count)
+    return best
+
+
+def downsample_mode(block: np.ndarray) -> np.ndarray:
+    """x and y halved by the most frequent value of each (edge-clipped) 2 x 2 block, ties to the lowest.
+
+    Labels are mostly uniform over 2 x 2 voxels: those blocks take their value at once, and only the
+    others (segment faces, object edges) are voted on."""
+    z, y, x = block.shape
+    ey, ex = y - y % 2, x - x % 2
+    if not (ey and ex):
+        return _mode_clipped(block)
+    out = np.empty((z, -(-y // 2), -(-x // 2)), dtype=block.dtype)
+    a, b = block[:, 0:ey:2, 0:ex:2], block[:, 1:ey:2, 0:ex:2]
+    c, d = block[:, 0:ey:2, 1:ex:2], block[:, 1:ey:2, 1:ex:2]
+    whole = out[:, :ey // 2, :ex // 2]
+    whole[...] = a
+    mixed = (a != b) | (a != c) | (a != d)
+    if mixed.any():
+        where = np.nonzero(mixed)
+        ones = [np.ones(len(where[0]), bool)] * 4
+        whole[where] = _vote([a[where], b[where], c[where], d[where]], ones)
+    if y % 2:
+        out[:, -1:, :] = _mode_clipped(block[:, ey:, :])
+    if x % 2:
+        out[:, :, -1:] = _mode_clipped(block[:, :, ex:])
+    return out
+
+
+def downsample(block: np.ndarray, is_label: bool) -> np.ndarray:
+    """`downsample_mode` for labels, `downsample_mean` for EM."""
+    return downsample_mode(block) if is_label else downsample_mean(block)
+
+
+def quarter_offset(parent) -> tuple:
+    """Inner-chunk coordinates, in the next level's shard, of the first chunk of the quarter that
+    shard `parent` contributes to it (shards are 2 x 4 x 4 inner chunks; a quarter 2 x 2 x 2)."""
+    return (0, 2 * (parent[1] % 2), 2 * (parent[2] % 2))
+
+
+def quarter_chunks(slab: np.ndarray, parent, z_row: int, is_label: bool, codec: str) -> dict:
+    """The next level's encoded inner chunks made from z-slab `slab` (one or two inner-chunk rows of
+    shard `parent`, starting at inner-chunk row `z_row`), by coordinates in the next level's shard."""
+    oz, oy, ox = quarter_offset(parent)
+    return encode_chunks(downsample(slab, is_label), codec, is_label, first=(z_row + oz, oy, ox))
+
+
+def decode_into(out: np.ndarray, encoded: dict, z_row: int, codec_blosc):
+    """Decode the inner chunks of inner-chunk row `z_row` in `encoded` ({coords in the shard: Blosc
+    bytes + crc32c}) into `out` (that row of the shard: CHUNKS[0] or fewer slices, the shard's y, x),
+    zeros where a chunk is absent. Returns `out`."""
+    out.fill(0)
+    dz, ny, nx = out.shape
+    for (cz, cy, cx), blob in encoded.items():
+        if cz != z_row:
+            continue
+        payload = check_crc32c(blob)
+        if payload is None:
+            raise ValueError(f"inner chunk {(cz, cy, cx)} fails its crc32c")
+        chunk = np.frombuffer(codec_blosc.decode(payload), dtype=out.dtype).reshape(CHUNKS)
+        y0, x0 = cy * CHUNKS[1], cx * CHUNKS[2]
+        part = out[:, y0:y0 + CHUNKS[1], x0:x0 + CHUNKS[2]]
+        part[...] = chunk[:dz, :part.shape[1], :part.shape[2]]
+    return out
