@@ -9,7 +9,9 @@ per-response bandwidth) and, for each case, runs the reference `get_wildenberg_d
 package's catalog entry side by side, each in its own process, on the same box. Prints MB/s of
 output (raw plus labels, uncompressed), requests and bytes fetched against the minimum (the source
 chunks the box touches), peak RSS, the ratios to the reference, and the CPU floor: the CPU seconds
-of decoding alone plus encoding alone, divided by the cores.
+of decoding, downsampling and encoding alone, divided by the cores. "package" is a full
+materialisation (level 0 and the pyramid, made on transfer), "level 0" the package without the
+pyramid (what the reference writes); each row's "% floor" is against the floor of what it writes.
 """
 
 import argparse
@@ -74,6 +76,10 @@ elif kind == "tensorstore":
                                                             {"name": "crc32c"}]}}]},
                           "create": True, "delete_existing": True}, context=context).result()
         target.write(view).result()
+elif kind == "level 0":  # the package without its pyramid: what the reference writes
+    from wildenberg_intake.store.engine import materialise
+    src = cat[f"{exp}_{label}"](bbox_nm=box, base_url=base, cache_dir=cache, progress=False, raw_codec=codec)
+    path = str(materialise(src.plan, pyramid=False, progress=False))
 else:
     src = cat[f"{exp}_{label}"](bbox_nm=box, base_url=base, cache_dir=cache, progress=False, raw_codec=codec)
     path = src.materialise()
@@ -132,15 +138,40 @@ def minimum_fetch(mirror_root, plan, label_name):
 def cpu_floor(mirror_root, plan, label_name, codec, cores, repeats=3):
     """The work no pipeline can skip, timed alone in one thread, best of `repeats`: decoding every
     source chunk once (gzip inflation and the precomputed decode into a C-order (z, y, x) array, from
-    bytes already in memory) plus Blosc-encoding every non-empty output chunk once (edge chunks
-    padded, as zarr stores them). No HTTP, no server, no copies into shards, no hashing, no file
-    writes: those are the pipeline's overhead, which the floor must not hide."""
+    bytes already in memory), downsampling each pyramid level once from the level below (the
+    package's documented mean / mode), and Blosc-encoding every non-empty output chunk of every
+    level once (edge chunks padded, as zarr stores them). No HTTP, no server, no copies into
+    shards, no hashing, no file writes: those are the pipeline's overhead, which the floor must not
+    hide. Returns CPU seconds (decode, downsample, encode level 0, encode levels >= 1)."""
     import numcodecs.blosc
     from wildenberg_intake.store.cache import CHUNKS, LABEL_CODEC, blosc_codec
+    from wildenberg_intake.store.downsample import downsample
+    from wildenberg_intake.store.plan import pyramid_levels
     from wildenberg_intake.source.layers import place
     from wildenberg_intake.source.transfer import inflate
     numcodecs.blosc.use_threads = False  # thread_time below sees this thread only
-    decode = encode = 0.0
+    decode = down = enc0 = enc_levels = 0.0
+
+    def chunks_of(out):
+        chunks = []
+        for z in range(0, out.shape[0], CHUNKS[0]):
+            for y in range(0, out.shape[1], CHUNKS[1]):
+                for x in range(0, out.shape[2], CHUNKS[2]):
+                    part = out[z:z + CHUNKS[0], y:y + CHUNKS[1], x:x + CHUNKS[2]]
+                    if part.any():  # zarr writes no empty chunk, nor does the package
+                        chunk = np.zeros(CHUNKS, dtype=out.dtype)  # edge chunks padded, as zarr stores them
+                        chunk[:part.shape[0], :part.shape[1], :part.shape[2]] = part
+                        chunks.append(chunk)
+        return chunks
+
+    def best_of(fn):
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.thread_time()
+            fn()
+            best = min(best, time.thread_time() - t)
+        return best
+
     for name in ("raw", label_name):
         src, layer = plan.arrays[name], plan.layers[name]
         files = [(grid, path.read_bytes() if path else None, path and path.suffix == ".gz")
@@ -156,25 +187,20 @@ def cpu_floor(mirror_root, plan, label_name, codec, cores, repeats=3):
                 place(out, src.start_zyx, layer.info.chunk_box(grid)[0], decoded)
             best = min(best, seconds)
         decode += best
+        levels = [out]
+        for _ in range(pyramid_levels(src.shape)):
+            levels.append(downsample(levels[-1], src.is_label))
+        down += best_of(lambda: [downsample(level, src.is_label) for level in levels[:-1]])
         blosc = blosc_codec(codec if name == "raw" else LABEL_CODEC, name != "raw")
-        chunks = []
-        for z in range(0, out.shape[0], CHUNKS[0]):
-            for y in range(0, out.shape[1], CHUNKS[1]):
-                for x in range(0, out.shape[2], CHUNKS[2]):
-                    part = out[z:z + CHUNKS[0], y:y + CHUNKS[1], x:x + CHUNKS[2]]
-                    if part.any():  # zarr writes no empty chunk, nor does the package
-                        chunk = np.zeros(CHUNKS, dtype=out.dtype)  # edge chunks padded, as zarr stores them
-                        chunk[:part.shape[0], :part.shape[1], :part.shape[2]] = part
-                        chunks.append(chunk)
-        del out
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.thread_time()
-            for chunk in chunks:
-                blosc.encode(chunk)
-            best = min(best, time.thread_time() - t)
-        encode += best
-    return decode, encode, (decode + encode) / cores
+        for k, level in enumerate(levels):
+            chunks = chunks_of(level)
+            seconds = best_of(lambda: [blosc.encode(c) for c in chunks])
+            if k == 0:
+                enc0 += seconds
+            else:
+                enc_levels += seconds
+        out = levels = None  # free before the next array
+    return decode, down, enc0, enc_levels
 
 
 def main():
@@ -223,29 +249,37 @@ def main():
                                     raw_codec=args.codec)
                     box = list(src.plan.bbox_nm)
                     n_min, bytes_min = minimum_fetch(mirror.root, src.plan, src.plan.label_name)
-                    dec, enc, floor = cpu_floor(mirror.root, src.plan, src.plan.label_name, args.codec, cores)
+                    dec, down, enc0, enc_levels = cpu_floor(mirror.root, src.plan, src.plan.label_name, args.codec,
+                                                            cores)
+                    floor0, floor_all = (dec + enc0) / cores, (dec + down + enc0 + enc_levels) / cores
                     results = {}
-                    kinds = ("reference", "package") + (("tensorstore",) if args.tensorstore else ())
+                    kinds = ("reference", "package", "level 0") + (("tensorstore",) if args.tensorstore else ())
                     for kind in kinds:
                         before, sent = server.requests, server.bytes_sent
                         r = run(kind, exp, label, server.base_url, tmp / f"{kind}-{case}-{latency}", box, args.codec)
                         fetched = server.requests - before
                         r["requests"] = sum(n for p, n in fetched.items() if not p.endswith(("/info", "/provenance")))
                         r["bytes"] = server.bytes_sent - sent
-                        view = r["path"] if kind != "package" else StoreCache.at(r["path"]).label_view(label)
+                        view = r["path"] if kind in ("reference", "tensorstore") else \
+                            StoreCache.at(r["path"]).label_view(label)
                         r["out"] = output_bytes(str(view))
                         results[kind] = r
                     ref = results["reference"]
                     for kind, r in results.items():
+                        floor = floor_all if kind == "package" else floor0  # the work each writes
                         mbps = r["out"] / r["seconds"] / 1e6
                         print(f"{case:16s} {latency * 1000:5.0f}ms {kind:9s} {r['out'] / 1e6:7.0f} {r['seconds']:6.1f} "
                               f"{mbps:7.1f} {ref['seconds'] / r['seconds']:6.2f} {r['requests']:9d} "
                               f"{r['requests'] / n_min:7.2f} {r['bytes'] / 1e6:10.1f} {r['bytes'] / bytes_min:9.2f} "
                               f"{r['maxrss_mb']:11.0f} {floor:7.1f} {100 * floor / r['seconds']:6.0f}%")
+                        if kind == "level 0":
+                            print(f"{'':16s} the pyramid adds {100 * (results['package']['seconds'] / r['seconds'] - 1):.0f}% "
+                                  "to level 0 alone")
                     if args.tensorstore:
                         print(f"{'':16s} tensorstore voxels equal the package's: "
                               f"{same_voxels(results['tensorstore']['path'], results['package']['path'], label)}")
-                    print(f"{'':16s} floor: decode {dec:.1f} CPU s + encode {enc:.1f} CPU s over {cores} cores; "
+                    print(f"{'':16s} floor: decode {dec:.1f} + downsample {down:.1f} + encode level 0 {enc0:.1f} "
+                          f"+ encode levels {enc_levels:.1f} CPU s over {cores} cores; "
                           f"minimum {n_min} requests, {bytes_min / 1e6:.1f} MB")
 
         if not args.scales:

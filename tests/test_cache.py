@@ -19,7 +19,6 @@ def test_encode_shard_equals_zarr_python(dtype, is_label, codec, tmp_path):
     arr = zarr.create_array(store=str(tmp_path / "z"), shape=shape, chunks=CHUNKS, shards=SHARDS, dtype=dtype,
                             fill_value=0, compressors=compressors(is_label, codec))
     arr[:] = data
-    cache = StoreCache(tmp_path, "x")
     for index in shard_grid(shape):
         start, stop = shard_box(index, shape)
         ours = encode_shard(data[tuple(slice(a, b) for a, b in zip(start, stop))], codec, is_label)
@@ -36,19 +35,28 @@ def test_encode_shard_equals_zarr_python(dtype, is_label, codec, tmp_path):
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(blob)
     np.testing.assert_array_equal(out[:], data)
-    assert cache  # noqa
 
 
 def test_fast_reader_equals_zarr_on_random_windows(tmp_path):
+    """The package's reader over a store written shard by shard with its records, against the
+    data and against zarr-python reading the same files."""
+    from wildenberg_intake.store.cache import StoreCache, array_path, encode_shard, shard_grid, shard_box
     from wildenberg_intake.store.reader import ShardedArrayReader
     rng = np.random.default_rng(1)
     shape = (150, 600, 530)
     data = np.zeros(shape, dtype="uint32")
     data[20:140, 50:580, :500] = rng.integers(0, 70000, size=(120, 530, 500))
-    folder = tmp_path / "arr"
-    arr = zarr.create_array(store=str(folder), shape=shape, chunks=CHUNKS, shards=SHARDS, dtype="uint32",
-                            fill_value=0, compressors=compressors(True, "zstd6"))
-    arr[:] = data
+    cache = StoreCache(tmp_path, "p14-test")
+    cache.initialise({"test": 1}, {})
+    cache.ensure_array("labels/seg", shape, "uint32", True, {}, codec="zstd6", ome={"name": "seg"})
+    for index in shard_grid(shape):
+        start, stop = shard_box(index, shape)
+        block = np.ascontiguousarray(data[tuple(slice(a, b) for a, b in zip(start, stop))])
+        blob = encode_shard(block, "zstd6", True)
+        written = cache.write_shard("labels/seg", index, None if blob is None else [blob])
+        cache.mark_done("labels/seg", index, written, "", ())
+    folder = cache.zarr_path / array_path("labels/seg")
+    np.testing.assert_array_equal(zarr.open_array(str(folder), mode="r")[:], data)
     reader = ShardedArrayReader(folder, cache_mb=8)  # small: the LRU evicts
     assert reader.shape == shape and reader.dtype == np.uint32 and reader.ndim == 3
     for _ in range(40):
@@ -142,4 +150,8 @@ def test_malloc_tuning_leaves_a_users_own_malloc_settings_alone(monkeypatch):
         libc = Libc()
         assert engine.tune_malloc(libc) is False and libc.calls == [], name
         monkeypatch.delenv(name)
-    assert engine._LIBC is None or engine.tune_malloc() is True  # glibc here: the real call works
+    import platform
+    if platform.libc_ver()[0] == "glibc":  # the real call works where glibc is (CI's Debian)
+        assert engine._LIBC is not None and engine.tune_malloc() is True
+    else:
+        assert engine._LIBC is None and engine.tune_malloc() is False

@@ -30,7 +30,7 @@ def test_local_cluster_with_two_worker_processes_matches_the_local_run(catalog, 
         assert len(workers) == 2
         # Each worker process kept one request pool of `connections` threads for all its tasks.
         pools = client.run(lambda: {n: pool._max_workers for n, pool in
-                                    __import__("wildenberg_intake.store.engine", fromlist=["_"])._PROCESS_POOLS.items()})
+                                    __import__("wildenberg_intake.store.shards", fromlist=["_"])._PROCESS_POOLS.items()})
     assert all(p == {16: 16} for p in pools.values()), pools
     assert _tree(dask_path) == _tree(local_path)
     chunks = [p for p in fetched if not p.endswith(("/info", "/provenance"))]

@@ -50,8 +50,13 @@ def test_patches_equal_the_cached_arrays(entry, split, server, tmp_path):
         assert 0 < raw_all.shape[0] < group["raw"].shape[0]
     inner = ds.datasets[0] if hasattr(ds, "datasets") else ds
     from wildenberg_intake.store.reader import ShardedArrayReader
-    reader = getattr(inner.raw, "_wrapped", inner.raw) if split else inner.raw
-    assert isinstance(reader, ShardedArrayReader) or "Roi" in type(inner.raw).__name__
+    from elf.wrapper import RoiWrapper
+    if split:  # a split reads its ROI of the store through elf's RoiWrapper, over the package's reader
+        assert isinstance(inner.raw, RoiWrapper)
+        reader = inner.raw.volume
+    else:
+        reader = inner.raw
+    assert isinstance(reader, ShardedArrayReader)
     np.random.seed(0)
     for i in range(4):
         raw, labels = ds[i]

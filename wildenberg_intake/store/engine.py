@@ -69,7 +69,8 @@ def array_attributes(src) -> dict:
 
 
 def materialise(plan: StorePlan, names=None, workers: int = DEFAULT_WORKERS, progress: bool = True,
-                connections: int = DEFAULT_CONNECTIONS, client=None, cache_limit: int | None = None) -> Path:
+                connections: int = DEFAULT_CONNECTIONS, client=None, cache_limit: int | None = None,
+                pyramid: bool = True) -> Path:
     """Make arrays `names` (default: raw and the request's label) complete in the store; return its path.
 
     Arrays already complete are not touched; shards already recorded are not fetched again.
@@ -77,6 +78,7 @@ def materialise(plan: StorePlan, names=None, workers: int = DEFAULT_WORKERS, pro
     client: a dask.distributed Client or scheduler address: run the shard tasks on its workers
         (the cache folder must be on a filesystem they share).
     cache_limit: bytes the store may use on disk; a materialisation that cannot fit is refused up front.
+    pyramid: also make each array's pyramid levels (False: level 0 alone, as benchmarks compare).
     """
     for pname, value in (("workers", workers), ("connections", connections)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -85,7 +87,8 @@ def materialise(plan: StorePlan, names=None, workers: int = DEFAULT_WORKERS, pro
     for name in names:
         if name not in plan.arrays:
             raise ValueError(f"array {name!r} is unknown; allowed: {sorted(plan.arrays)}")
-    names = plan.with_levels(names)  # and their pyramids, made from them
+    if pyramid:
+        names = plan.with_levels(names)  # and their pyramids, made on transfer
     cache = prepare(plan, names)
     if all(cache.is_complete(n) for n in names):
         return cache.zarr_path  # nothing to write: works on a read-only cache too
