@@ -116,8 +116,28 @@ def _source(base, cache_dir):
         base_url=base, cache_dir=str(cache_dir), progress=False, workers=1)
 
 
-def _never_taken_as_complete_with_damage(cache: StoreCache, shape):
-    for name in ("raw", "labels/psd"):
+def _inner_chunk(shard_file: Path, coords) -> bytes | None:
+    """The stored bytes of inner chunk `coords` of a shard file (None: not stored)."""
+    from wildenberg_intake.store.cache import CHUNKS, SHARDS
+    per = tuple(s // c for s, c in zip(SHARDS, CHUNKS))
+    data = shard_file.read_bytes() if shard_file.exists() else b""
+    if not data:
+        return None
+    index = np.frombuffer(data[-(16 * int(np.prod(per)) + 4):-4], dtype="<u8").reshape(per + (2,))
+    offset, length = (int(v) for v in index[coords])
+    return None if offset == 2**64 - 1 else data[offset:offset + length]
+
+
+def _never_taken_as_complete_with_damage(cache: StoreCache, clean: StoreCache):
+    import json
+    from wildenberg_intake.store.cache import array_path
+    from wildenberg_intake.store.staging import QuarterStage
+    for name in clean.arrays():
+        meta = cache.zarr_path / array_path(name) / "zarr.json"
+        if not meta.exists():
+            assert not cache.done_shards(name) and not cache.is_complete(name)
+            continue
+        shape = json.loads(meta.read_text())["shape"]
         records = cache.done_shards(name)
         if cache.is_complete(name):
             assert records == set(shard_grid(shape)), f"{name} marked COMPLETE with shards unrecorded"
@@ -125,6 +145,17 @@ def _never_taken_as_complete_with_damage(cache: StoreCache, shape):
             rec = cache.record(name, index)
             assert file_sha256(cache.shard_file(name, index)) == rec["sha256"], \
                 f"{name} shard {index} recorded done with other bytes on disk"
+        # A staged quarter that reads back whole holds exactly the chunks of the level shard it is for.
+        if "@" in name:
+            stage = QuarterStage(cache.root, name)
+            for path in sorted(stage.folder.glob("*")) if stage.folder.exists() else []:
+                parent = tuple(int(i) for i in path.name.split("."))
+                quarter = stage.get(parent)
+                if quarter is None:
+                    continue
+                target = clean.shard_file(name, (parent[0], parent[1] // 2, parent[2] // 2))
+                for coords, blob in quarter.items():
+                    assert blob == _inner_chunk(target, coords), f"quarter {path} differs from {name}"
 
 
 def test_every_power_loss_state_resumes_to_the_bytes_of_an_uninterrupted_run(wide, tmp_path):
@@ -137,9 +168,13 @@ def test_every_power_loss_state_resumes_to_the_bytes_of_an_uninterrupted_run(wid
             _source(server.base_url, recorded).materialise()
         renames = [op for op in rec.ops if op[0] == "rename"]
         assert len(renames) > 20 and all(op[3] for op in renames), "every file is fsynced before its rename"
+        quarters = [op for op in renames if "/staging/quarters/" in op[1]]
+        assert quarters, "the pyramid's staged quarters are among the recorded operations"
         assert any(op[0] == "dirsync" for op in rec.ops)
-        shape = clean.plan.arrays["raw"].shape
-        points = sorted(set(np.linspace(1, len(rec.ops), 14).astype(int)))
+        clean_cache = StoreCache(tmp_path / "clean", clean.plan.name)
+        # Every point, plus the operations right after each quarter is staged.
+        after_quarters = [rec.ops.index(op) + 1 for op in quarters[:4]]
+        points = sorted(set(np.linspace(1, len(rec.ops), 14).astype(int)) | set(after_quarters))
         checked = 0
         for k in points:
             for v, (variant, files) in enumerate(rec.states(k).items()):
@@ -154,7 +189,7 @@ def test_every_power_loss_state_resumes_to_the_bytes_of_an_uninterrupted_run(wid
                 src = _source(server.base_url, state)
                 cache = StoreCache(state, src.plan.name)
                 if cache.root.exists():
-                    _never_taken_as_complete_with_damage(cache, shape)
+                    _never_taken_as_complete_with_damage(cache, clean_cache)
                 src.materialise()
                 assert _store_bytes(cache.root) == _store_bytes(clean_root), (k, variant)
                 checked += 1
