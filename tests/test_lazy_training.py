@@ -13,6 +13,7 @@ from wildenberg_intake import training  # noqa: E402
 from wildenberg_intake.store.cache import StoreCache  # noqa: E402
 from wildenberg_intake.mirror import MirrorServer  # noqa: E402
 
+from tests_helpers import locate as _locate  # noqa: E402
 from conftest import all_layers, expected_window, record_windows  # noqa: E402
 
 PATCH = (8, 128, 128)
@@ -105,15 +106,6 @@ def test_a_partial_pool_only_yields_cached_windows(wide, tmp_path):
         shards = {(bb[0].start // 128, y, x) for y in range(bb[1].start // 512, (bb[1].stop - 1) // 512 + 1)
                   for x in range(bb[2].start // 512, (bb[2].stop - 1) // 512 + 1)}
         assert shards <= cached, bb
-
-
-def _locate(patch, volume):
-    """Every window start of `volume` whose voxels equal `patch`."""
-    from numpy.lib.stride_tricks import sliding_window_view
-    rows = sliding_window_view(volume[:, :, :], patch.shape[2], axis=2)  # (z, y, x, w)
-    first = np.argwhere((rows[: volume.shape[0] - patch.shape[0] + 1] == patch[0, 0]).all(-1))
-    return [tuple(p) for p in first if np.array_equal(
-        volume[p[0]:p[0] + patch.shape[0], p[1]:p[1] + patch.shape[1], p[2]:p[2] + patch.shape[2]], patch)]
 
 
 def test_split_and_loader_workers(wide, tmp_path):

@@ -33,3 +33,12 @@ def independent_pyramid(base, is_label, levels):
         level = mode_2x2(level) if is_label else mean_2x2(level)
         out.append(level)
     return out
+
+
+def locate(patch, volume):
+    """Every window start of `volume` whose voxels equal `patch`."""
+    from numpy.lib.stride_tricks import sliding_window_view
+    rows = sliding_window_view(volume[:, :, :], patch.shape[2], axis=2)  # (z, y, x, w)
+    first = np.argwhere((rows[: volume.shape[0] - patch.shape[0] + 1] == patch[0, 0]).all(-1))
+    return [tuple(p) for p in first if np.array_equal(
+        volume[p[0]:p[0] + patch.shape[0], p[1]:p[1] + patch.shape[1], p[2]:p[2] + patch.shape[2]], patch)]

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 from intake.source.base import DataSource, Schema
@@ -45,8 +44,10 @@ def cache_state(plan: StorePlan, names) -> dict:
 
 
 def _memory_bytes() -> int:
+    """Memory this process may use: physical memory or its cgroup's limit, whichever is less."""
+    from .store.resources import available_memory
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return available_memory()
     except (ValueError, OSError):
         return 8 * 2**30
 

@@ -69,23 +69,33 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             time.sleep(server.faults.slow_seconds)
         elif fault == "error":
             return self._empty(503)
+        elif fault == "outage":
+            after = server.faults.retry_after
+            return self._empty(server.faults.outage_status, {"Retry-After": f"{after:g}"} if after is not None else None)
         if target is None:
             return self._empty(404)
-        body = target.read_bytes()
         status, headers = 200, {}
         # One range, as S3 answers it: "a-b", "a-" or a suffix "-n" (neuroglancer reads shard
-        # indexes with suffix ranges such as bytes=-516).
+        # indexes with suffix ranges such as bytes=-516), read by seeking: only the range is read.
         match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "").strip())
         if match and not gzipped and (match.group(1) or match.group(2)):
+            size = target.stat().st_size
             if match.group(1):
                 start = int(match.group(1))
-                end = min(int(match.group(2)) if match.group(2) else len(body) - 1, len(body) - 1)
+                end = min(int(match.group(2)) if match.group(2) else size - 1, size - 1)
             else:
-                start, end = max(0, len(body) - int(match.group(2))), len(body) - 1
-            if start >= len(body) or end < start:
-                return self._empty(416, {"Content-Range": f"bytes */{len(body)}"})
-            headers["Content-Range"] = f"bytes {start}-{end}/{len(body)}"
-            body, status = body[start:end + 1], 206
+                start, end = max(0, size - int(match.group(2))), size - 1
+            if start >= size or end < start:
+                return self._empty(416, {"Content-Range": f"bytes */{size}"})
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+            with open(target, "rb") as f:
+                f.seek(start)
+                body = f.read(end + 1 - start)
+            status = 206
+        else:
+            body = target.read_bytes()
+        with server.lock:
+            server.bytes_read += len(body)
         self.send_response(status)
         if gzipped:
             headers["Content-Encoding"] = "gzip"
@@ -179,7 +189,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class Faults:
     """Faults the server injects, by rate and seed: 5xx answers, connections reset mid-body,
     bodies cut short of their Content-Length, slow answers. `fail_paths`: paths (substrings)
-    that always answer 503. Only chunk data is hit unless `include_info` is set."""
+    that always answer 503. `outage_after`: after this many chunk requests, every chunk request
+    answers `outage_status` (with `Retry-After: retry_after` if set) for `outage_seconds`, as S3
+    throttling or a network outage would. Only chunk data is hit unless `include_info` is set."""
 
     error_rate: float = 0.0
     reset_rate: float = 0.0
@@ -195,6 +207,10 @@ class Faults:
     hostile: dict = field(default_factory=dict)
     bomb_bytes: int = 2**30
     trickle_seconds: float = 0.5
+    outage_after: int | None = None
+    outage_seconds: float = 0.0
+    outage_status: int = 503
+    retry_after: float | None = None
 
     def hostile_for(self, path: str):
         for key, kind in self.hostile.items():
@@ -210,6 +226,7 @@ class Faults:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}={value!r} is not valid; allowed: a rate between 0 and 1")
         self._rng = random.Random(self.seed)
+        self._data_requests, self._outage_started = 0, None
 
     def draw(self, path: str):
         """The fault for this request, or None (called under the server's lock)."""
@@ -218,6 +235,14 @@ class Faults:
             return "error"
         if path.endswith(("/info", "/provenance")) and not self.include_info:
             return None
+        self._data_requests += 1
+        if self.outage_after is not None and self._data_requests > self.outage_after:
+            now = time.monotonic()
+            if self._outage_started is None:
+                self._outage_started = now
+            if now < self._outage_started + self.outage_seconds:
+                self.injected["outage"] += 1
+                return "outage"
         r = self._rng.random()
         for kind, rate in (("error", self.error_rate), ("reset", self.reset_rate),
                            ("truncate", self.truncate_rate), ("slow", self.slow_rate)):
@@ -288,6 +313,7 @@ class MirrorServer:
         self._server.lock = threading.Lock()
         self._server.requests = Counter()
         self._server.bytes_sent = 0
+        self._server.bytes_read = 0  # read from disk to answer (a byte range reads only its range)
         self._server.stopping = threading.Event()
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
@@ -325,6 +351,12 @@ class MirrorServer:
         """Requests so far by path."""
         with self._server.lock:
             return Counter(self._server.requests)
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from disk to answer requests so far."""
+        with self._server.lock:
+            return self._server.bytes_read
 
     @property
     def bytes_sent(self) -> int:

@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import re
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -205,7 +206,14 @@ class Layer:
         self._info_dict = info if info is not None else fetch_info(url, self.fetcher)
         self.info = parse_info(url, self._info_dict, mip, swap_xy, param)
         self._minishards = {}
-        self._lock = threading.Lock()
+        self._lock, self._lock_pid = threading.Lock(), os.getpid()
+
+    @property
+    def lock(self) -> threading.Lock:
+        """The lock of the minishard cache; made anew in a forked child (a parent's thread may hold it)."""
+        if self._lock_pid != os.getpid():
+            self._lock, self._lock_pid = threading.Lock(), os.getpid()
+        return self._lock
 
     def __getstate__(self):
         return {"url": self.url, "info": self._info_dict, "mip": self.info.mip, "swap_xy": self.info.swap_xy,
@@ -317,7 +325,7 @@ class Layer:
 
     def _minishard_index(self, url, spec, minishard):
         key = (url, minishard)
-        with self._lock:
+        with self.lock:
             if key in self._minishards:
                 return self._minishards[key]
         raw = self.fetcher.get(url, (minishard * 16, minishard * 16 + 16))
@@ -336,7 +344,7 @@ class Layer:
                 table[1:, 1] += np.cumsum(table[:-1, 2])
                 table[:, 1] += spec.index_length()
                 index = table
-        with self._lock:
+        with self.lock:
             self._minishards[key] = index
         return index
 

@@ -74,18 +74,57 @@ class Cancelled(TransferError):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How transient faults are retried: `attempts` tries in all, waits growing from `backoff` seconds."""
+    """How transient faults (5xx, 429, resets, truncated or broken bodies, timeouts) are retried.
 
-    attempts: int = 6
+    A request is retried until `patience` seconds have passed since its first failure, so an
+    outage or a throttle shorter than that is waited out by the whole run (an overnight fetch
+    survives a 30-second outage at 3 a.m.); `attempts`, if set, also ends it after that many tries.
+    Waits double from `backoff` up to `max_wait` seconds, with jitter (half to all of it), and are
+    at least what a 429 or 503 asks for in `Retry-After`. A server that stays down ends the run
+    within `patience` plus one wait and one request, naming the URL. 403, 404 and other 4xx are
+    never retried. `connect_timeout`, `read_timeout`: socket timeouts; `deadline`: the most one
+    request (headers and body) may take before it is cut and retried."""
+
+    attempts: int | None = None
+    patience: float = 300.0
     backoff: float = 0.25
-    max_wait: float = 8.0
+    max_wait: float = 60.0
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
     # Whole request (connect, headers and body): a body trickling in is cut here and retried.
     deadline: float = 30.0
 
-    def wait(self, attempt: int) -> float:
-        return min(self.max_wait, self.backoff * 2 ** attempt) * (0.5 + random.random() / 2)
+    def __post_init__(self):
+        if self.attempts is not None and (isinstance(self.attempts, bool) or not isinstance(self.attempts, int)
+                                          or self.attempts < 1):
+            raise ValueError(f"retry attempts={self.attempts!r} is not valid; allowed: a positive integer or None")
+        for name in ("patience", "backoff", "max_wait", "connect_timeout", "read_timeout", "deadline"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
+                    (value == 0 and name not in ("patience", "backoff")):
+                raise ValueError(f"retry {name}={value!r} is not valid; allowed: a number of seconds "
+                                 f"{'>= 0' if name in ('patience', 'backoff') else '> 0'}")
+
+    def wait(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before try `attempt + 2` (capped exponential with jitter), at least `retry_after`."""
+        wait = min(self.max_wait, self.backoff * 2 ** attempt) * (0.5 + random.random() / 2)
+        return max(wait, retry_after or 0.0)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header's seconds (a number or an HTTP date), None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        from email.utils import parsedate_to_datetime
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
 
 
 def to_fetchable(url: str) -> str:
@@ -109,6 +148,9 @@ class Fetcher:
         self._watched, self._watchdog = {}, None
         self._pid = os.getpid()
         self.stats = {"requests": 0, "retries": 0, "bytes": 0, "missing": 0}
+        # Called as on_wait(url, failure, seconds, patience left) before each wait for a retry (a
+        # run's progress display says what it waits for).
+        self.on_wait = None
         # urllib3 directly, its connection pools shared by every thread: requests (a Session per
         # thread) measured 450-540 us of client CPU per chunk request against urllib3's 200.
         self._http = urllib3.PoolManager(num_pools=4, maxsize=64)
@@ -173,15 +215,13 @@ class Fetcher:
         headers = {"Accept-Encoding": "gzip, deflate"}
         if byte_range:
             headers["Range"] = f"bytes={byte_range[0]}-{byte_range[1] - 1}"
-        last = None
-        for attempt in range(self.policy.attempts):
-            if attempt:
-                self._count(retries=1)
-                (token or self.cancelled).wait(self.policy.wait(attempt - 1))
+        policy, attempt, first_failure = self.policy, 0, None
+        while True:
             if self.cancelled.is_set() or (token is not None and token.is_set()):
                 raise Cancelled(f"GET {url} cancelled: the run is stopping after another failure")
             self._count(requests=1)
             outcome = self._attempt(url, headers, byte_range, gate, max_bytes, token)
+            attempt += 1
             if outcome[0] == "retry" and outcome[1] == "cancelled":
                 raise Cancelled(f"GET {url} cancelled: the run is stopping after another failure")
             if outcome[0] == "ok":
@@ -190,8 +230,20 @@ class Fetcher:
             if outcome[0] == "missing":
                 self._count(missing=1)
                 return None, None
-            last = outcome[1]
-        raise TransferError(f"GET {url} failed {self.policy.attempts} times; last failure: {last}")
+            last, retry_after = outcome[1], (outcome[2] if len(outcome) > 2 else None)
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            left = first_failure + policy.patience - now
+            if left <= 0 or (policy.attempts is not None and attempt >= policy.attempts):
+                tries = f"{attempt} times over {now - first_failure:.0f} s" if attempt > 1 else "once"
+                raise TransferError(f"GET {url} failed {tries} (retry patience {policy.patience:g} s"
+                                    f"{f', attempts {policy.attempts}' if policy.attempts else ''}); "
+                                    f"last failure: {last}")
+            wait = min(policy.wait(attempt - 1, retry_after), left)
+            self._count(retries=1)
+            if self.on_wait is not None:
+                self.on_wait(url, last, wait, left)
+            (token or self.cancelled).wait(wait)
 
     def _attempt(self, url, headers, byte_range, gate, max_bytes=None, token=None) -> tuple:
         """One GET: ("ok", bytes, wire) with `gate` held, ("missing",), or ("retry", why); raises for an
@@ -260,7 +312,8 @@ class Fetcher:
                 held = False  # the caller's now
                 return "ok", body, wire
             if resp.status == 429 or resp.status >= 500:
-                return "retry", f"HTTP {resp.status}"
+                after = retry_after_seconds(resp.headers.get("Retry-After")) if resp.status in (429, 503) else None
+                return "retry", f"HTTP {resp.status}" + (f" (Retry-After {after:g} s)" if after is not None else ""), after
             raise TransferError(f"GET {url} answered HTTP {resp.status}; only 404 means a missing object")
         finally:
             with self._lock:

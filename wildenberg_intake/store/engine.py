@@ -20,10 +20,11 @@ from tqdm.auto import tqdm
 from .cache import SHARDS, StoreCache, array_path, ome_multiscale, shard_box, shard_grid
 from .plan import ArraySource, StorePlan, pyramid_levels, split_level
 from .pyramid import LevelWriter
+from .resources import default_workers
 from .runners import run_on_dask, run_threads
 from .shards import DEFAULT_CONNECTIONS, ShardWriter, cache_for, finish_array  # noqa: F401  (re-exported)
 
-DEFAULT_WORKERS = max(2, os.cpu_count() or 2)
+DEFAULT_WORKERS = default_workers()  # the CPUs the scheduler grants (affinity, cgroup quota, SLURM), at least 2
 
 
 def ome_levels(plan: StorePlan, name: str) -> list:
@@ -226,12 +227,15 @@ def _fill_arrays(cache: StoreCache, writers: list, workers: int, progress: bool,
             for writer in writers:
                 writer._io, writer._io_pid = io, os.getpid()
             fetchers = {id(w.layer.fetcher): w.layer.fetcher for w in writers}.values()
+            for f in fetchers:  # an outage being waited out shows on the bars
+                f.on_wait = lambda url, failure, wait, left: _show_wait(bars, url, failure, wait, left)
             try:
                 run_threads(_write_on_worker, jobs, workers, lambda job, _: finished(*job),
                             cancel=lambda: [f.cancel() for f in fetchers])
             finally:
                 for f in fetchers:  # the plan (and its fetcher) may be used again: a rerun, repair()
                     f.cancelled.clear()
+                    f.on_wait = None
     except KeyboardInterrupt:
         for bar in bars.values():
             bar.close()
@@ -249,6 +253,14 @@ def _fill_arrays(cache: StoreCache, writers: list, workers: int, progress: bool,
 def _box_bytes(index, src: ArraySource) -> int:
     start, stop = shard_box(index, src.shape)
     return int(np.prod([b - a for a, b in zip(start, stop)])) * np.dtype(src.dtype).itemsize
+
+
+def _show_wait(bars: dict, url: str, failure: str, wait: float, left: float):
+    """Say on the progress bars what the run waits for (the next finished shard says the count again)."""
+    host = url.split("/")[2] if "://" in url else url
+    for bar in bars.values():
+        bar.set_postfix_str(f"waiting for {host}: {failure}; retry in {wait:.0f} s, "
+                            f"giving up in {left:.0f} s", refresh=True)
 
 
 def _write_on_worker(writer, index) -> int:

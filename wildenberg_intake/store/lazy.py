@@ -330,6 +330,11 @@ class Prefetcher:
 
     def __init__(self, arrays: list, shards: list, seed: int = 0, workers: int = 2, first=()):
         self.arrays, self.shards, self.seed, self.workers = arrays, list(shards), seed, max(1, int(workers))
+        self.owner_pid = os.getpid()  # its threads run in this process only (not in forked workers)
+        # Threads still fetching, in memory shared with forked loader workers (which have none of
+        # the threads, but wait for what they cache).
+        import multiprocessing
+        self._alive = multiprocessing.RawValue("i", 0)
         first = set(first)
         self.first = [s for s in self.shards if s in first]  # fetched before the others
         self.error = None
@@ -350,6 +355,7 @@ class Prefetcher:
     def start(self) -> "Prefetcher":
         if not self._threads:
             self._order = iter(self.order())
+            self._alive.value = self.workers
             for i in range(self.workers):
                 t = threading.Thread(target=self._run, name=f"wildenberg-prefetch-{i}", daemon=True)
                 t.start()
@@ -357,6 +363,13 @@ class Prefetcher:
         return self
 
     def _run(self):
+        try:
+            self._fetch()
+        finally:
+            with self._lock:
+                self._alive.value -= 1
+
+    def _fetch(self):
         while not self._stop.is_set() and self.error is None:
             with self._lock:
                 index = next(self._order, None)
@@ -380,4 +393,12 @@ class Prefetcher:
 
     @property
     def running(self) -> bool:
+        """Whether it is still fetching. In a forked loader worker, which has none of its threads,
+        True while the process that started it fetches: the worker waits for what it caches."""
+        if os.getpid() != self.owner_pid:
+            try:
+                os.kill(self.owner_pid, 0)
+            except ProcessLookupError:
+                return False
+            return self._alive.value > 0
         return any(t.is_alive() for t in self._threads)

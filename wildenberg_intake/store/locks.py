@@ -4,13 +4,14 @@ A lock is a file created exclusively, holding `host pid token`. It is taken over
 is gone: on this host, when its process no longer exists (checked first: a live local holder
 keeps its lock however long it takes); on another host (a cluster's shared filesystem), when the
 file has not been refreshed for `LOCK_STALE_SECONDS` (holders refresh it while they work, see
-`owning`). A takeover renames the stale file away first, so of two processes only one wins, and a
-holder removes the lock only while it still holds its own token.
+`owning`). A takeover is judged and made under an OS lock, so of two processes only one wins, and
+a holder removes the lock only while it still holds its own token.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
 import threading
@@ -30,20 +31,27 @@ def try_lock(path: Path) -> str | None:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            if not stale(path):
-                return None
-            # Only one of the processes that found it stale renames it away; the rest find it gone.
-            grave = path.with_name(f".{path.name}.{uuid.uuid4().hex}.stale")
-            try:
-                os.rename(path, grave)
-            except FileNotFoundError:
-                continue
-            grave.unlink(missing_ok=True)
+            # A takeover is judged and done under an OS lock, so of two processes finding one
+            # stale lock only the first removes it; the second then judges the winner's (alive).
+            with _takeover_lock(path):
+                if not stale(path):
+                    return None
+                path.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as f:
             f.write(me)
         return me
     return None
+
+
+@contextlib.contextmanager
+def _takeover_lock(path: Path):
+    fd = os.open(path.with_name(f".{path.name}.takeover.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def unlock(path: Path, token: str | None):

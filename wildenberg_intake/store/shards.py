@@ -154,7 +154,8 @@ class ShardWriter:
         self._io, self._io_pid = None, os.getpid()
         # Chunks of this array held inflated at once by the I/O threads (BODY_BYTES of them).
         chunk_bytes = int(np.prod(self.src.layer.chunk_zyx)) * np.dtype(self.src.dtype).itemsize
-        self._gate = threading.BoundedSemaphore(max(2, BODY_BYTES // chunk_bytes))
+        self._gate_size = max(2, BODY_BYTES // chunk_bytes)
+        self._gate, self._gate_pid = threading.BoundedSemaphore(self._gate_size), os.getpid()
         tune_malloc()  # here, so that a dask worker's process is tuned too
 
     def __getstate__(self):
@@ -175,6 +176,14 @@ class ShardWriter:
     @property
     def stage(self) -> ChunkStage:
         return ChunkStage(self.cache.root / "staging" / self.name, self.layer)
+
+    @property
+    def gate(self) -> threading.BoundedSemaphore:
+        """The semaphore bounding inflated chunks in memory; made anew in a forked child (a torch
+        loader worker), where permits held by the parent's I/O threads would never come back."""
+        if self._gate_pid != os.getpid():
+            self._gate, self._gate_pid = threading.BoundedSemaphore(self._gate_size), os.getpid()
+        return self._gate
 
     def io(self) -> cf.ThreadPoolExecutor:
         """The request pool: the run's (set by `materialise`), else this process's for `connections`
@@ -213,21 +222,21 @@ class ShardWriter:
         it and copy it into `out`. Returns whether the server lacks the chunk."""
         layer = self.layer
         if shared:
-            decoded = self.stage.get(grid, self._gate, token)  # decoded (validated) before it was staged
+            decoded = self.stage.get(grid, self.gate, token)  # decoded (validated) before it was staged
         else:
-            data = layer.fetch_chunk(grid, self._gate, token)
+            data = layer.fetch_chunk(grid, self.gate, token)
             try:
                 decoded = None if data is None else layer.decode_chunk(grid, data)
             except BaseException:
                 if data is not None:
-                    self._gate.release()
+                    self.gate.release()
                 raise
         try:
             place(out, out_start, layer.info.chunk_box(grid)[0],
                   decoded if decoded is not None else layer.decode_chunk(grid, None))
         finally:
             if decoded is not None:
-                self._gate.release()
+                self.gate.release()
         if decoded is None:
             return True
         if decoded.nbytes >= 8 * 2**20:
