@@ -75,8 +75,42 @@ def test_unreachable_base_url_names_the_layer(catalog, tmp_path):
     (dict(connections=-3), r"connections=-3 is not valid"),
 ])
 def test_bad_workers_and_connections(params, pattern, catalog, server, tmp_path):
-    src = catalog.p105_psd(bbox_nm=BOX, base_url=server.base_url, cache_dir=str(tmp_path), progress=False, **params)
-    with pytest.raises(ValueError, match=pattern):
-        src.materialise()
+    with pytest.raises(ValueError, match=pattern):  # refused when the source is made, whatever it is used for
+        catalog.p105_psd(bbox_nm=BOX, base_url=server.base_url, cache_dir=str(tmp_path), progress=False, **params)
+    src = catalog.p105_psd(bbox_nm=BOX, base_url=server.base_url, cache_dir=str(tmp_path), progress=False)
+    from wildenberg_intake.store.engine import materialise
+    with pytest.raises(ValueError, match=pattern):  # and by the engine, for code that calls it directly
+        materialise(src.plan, **params)
     assert not (tmp_path / "wildenberg2023").exists(), "a refused request writes nothing"
 
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(bbox=[576, 6000, 576, 6000, 160, 800]), r"parameter 'bbox' is unknown; allowed: \[.*'bbox_nm'.*\]; did you mean 'bbox_nm'\?$"),
+    (dict(emmip=0), r"parameter 'emmip' is unknown; .*did you mean 'em_mip'\?$"),
+    (dict(seg_mipp=0), r"parameter 'seg_mipp' is unknown; .*did you mean 'seg_mip'\?$"),
+    (dict(cachedir="/tmp"), r"parameter 'cachedir' is unknown; .*did you mean 'cache_dir'\?$"),
+    (dict(worker=2), r"parameter 'worker' is unknown; .*did you mean 'workers'\?$"),
+    (dict(cache_limt="1GB"), r"parameter 'cache_limt' is unknown; .*did you mean 'cache_limit'\?$"),
+    (dict(zzz=1), r"parameter 'zzz' is unknown; allowed: \[[^]]*\]$"),
+])
+def test_a_misspelled_parameter_is_refused_with_the_closest_name(kwargs, message, catalog, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        catalog.p105_psd(cache_dir=str(tmp_path), **kwargs)
+    import wildenberg_intake
+    with pytest.raises(ValueError, match=message):
+        wildenberg_intake.open_catalog(cache_dir=str(tmp_path)).p105_psd(**kwargs)
+    if "worker" not in kwargs:
+        with pytest.raises(ValueError, match=message):
+            catalog.p14_synapses(cache_dir=str(tmp_path), **kwargs)
+
+
+def test_an_unknown_entry_is_named_in_python_as_in_the_cli():
+    import wildenberg_intake
+    cat = wildenberg_intake.open_catalog()
+    with pytest.raises(AttributeError, match=r"entry 'p105_pds' is unknown; allowed: \[.*\]; did you mean 'p105_psd'\?"):
+        cat.p105_pds
+    with pytest.raises(KeyError, match=r"entry 'p14_vesicle' is unknown; .*did you mean 'p14_vesicle_cloud'\?"):
+        cat["p14_vesicle"]
+    assert "p105_psd" in cat and cat.p105_psd.describe()["name"] == "p105_psd"
+    assert sorted(cat) == sorted(wildenberg_intake.entry_names())

@@ -31,8 +31,9 @@ def verify(path) -> dict:
 def __getattr__(name):
     # Built on first use so that importing the package stays cheap and intake is not imported
     # while intake itself is loading this package's entry points.
-    if name == "cat":
-        return open_catalog()
+    if name == "cat":  # intake's own catalog object: what intake's entry point (intake.cat.wildenberg2023) expects
+        import intake
+        return intake.open_catalog(catalog_path())
     # The torch adapter loads torch and torch-em: only when asked for.
     if name in _TRAINING:
         from . import training
@@ -41,38 +42,66 @@ def __getattr__(name):
 
 
 def open_catalog(**parameters):
-    """The packaged catalog opened with intake; `parameters` (base_url=, cache_dir=, ...) apply to every entry."""
+    """The packaged catalog, opened with intake; `parameters` (base_url=, cache_dir=, ...) apply to every
+    entry. Unlike intake's own catalog object it names a misspelled entry and the closest one
+    (`cat.p105_pds` -> "entry 'p105_pds' is unknown; allowed: [...]; did you mean 'p105_psd'?")."""
     import intake
-    cat = intake.open_catalog(catalog_path())
-    if not parameters:
-        return cat
-    return _OverriddenCatalog(cat, parameters)
+    return PackageCatalog(intake.open_catalog(catalog_path()), parameters)
 
 
-class _OverriddenCatalog:
-    """A thin view of an intake catalog that passes fixed user parameters to every entry."""
+class PackageCatalog:
+    """A view of the intake catalog: entries by attribute or key (with `parameters` applied to each),
+    anything else of the intake catalog as it is, unknown entries named with the closest match."""
 
-    def __init__(self, cat, parameters):
-        self._cat, self._parameters = cat, dict(parameters)
+    def __init__(self, cat, parameters=None):
+        self._cat, self._parameters = cat, dict(parameters or {})
 
     def __iter__(self):
         return iter(self._cat)
 
+    def __len__(self):
+        return len(list(self._cat))
+
     def __contains__(self, name):
         return name in self._cat
 
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(self._cat))
+
+    def __repr__(self):
+        return f"<wildenberg-intake catalog {catalog_path()}: {list(self._cat)}>"
+
+    def _entry(self, name):
+        entry = self._cat[name]
+        return entry if not self._parameters else _ConfiguredEntry(entry, self._parameters)
+
     def __getitem__(self, name):
         if name not in self._cat:
-            raise KeyError(f"entry {name!r} is unknown; allowed: {list(self._cat)}")
-        return self._cat[name](**self._parameters)
+            from .catalog import unknown_name
+            raise KeyError(unknown_name("entry", name, list(self._cat)))
+        return self._entry(name)
 
     def __getattr__(self, name):
         if name.startswith("_"):
             raise AttributeError(name)
-        if name not in self._cat:
-            raise AttributeError(f"entry {name!r} is unknown; allowed: {list(self._cat)}")
-        entry = self._cat[name]
+        if name in self._cat:
+            return self._entry(name)
+        if hasattr(self._cat, name):
+            return getattr(self._cat, name)
+        from .catalog import unknown_name
+        raise AttributeError(unknown_name("entry", name, list(self._cat)))
 
-        def configure(**kwargs):
-            return entry(**{**self._parameters, **kwargs})
-        return configure
+
+class _ConfiguredEntry:
+    """A catalog entry with fixed user parameters: call it to override them, or use it as the source."""
+
+    def __init__(self, entry, parameters):
+        self._entry, self._parameters = entry, parameters
+
+    def __call__(self, **kwargs):
+        return self._entry(**{**self._parameters, **kwargs})
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self(), name)

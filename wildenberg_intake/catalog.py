@@ -23,6 +23,38 @@ CACHE_ENV = "WILDENBERG_INTAKE_CACHE"
 BASE_URL_ENV = "WILDENBERG_BOSSDB_URL"
 URL_SCHEMES = ("http", "https", "file", "s3", "gs")
 LABELS = ("psd", "vesicle_cloud", "saturated")
+# The user parameters of every voxel entry (the catalog's `parameters`), as Python and the CLI name them.
+USER_PARAMETERS = ("bbox_nm", "em_mip", "seg_mip", "cache_dir", "base_url", "raw_codec")
+
+
+def unknown_name(what: str, name, allowed) -> str:
+    """The message for an unknown `what` (parameter, entry, ...): the name, the allowed ones and the
+    closest match ("did you mean bbox_nm?")."""
+    import difflib
+    allowed = sorted(str(a) for a in allowed)
+    close = difflib.get_close_matches(str(name), allowed, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{what} {name!r} is unknown; allowed: {allowed}{hint}"
+
+
+def check_names(given, allowed, what: str = "parameter"):
+    """Refuse the first name of `given` not in `allowed`, with `unknown_name`'s message."""
+    for name in given:
+        if name not in allowed:
+            raise ValueError(unknown_name(what, name, allowed))
+
+
+def check_count(name: str, value) -> int:
+    """A positive integer (workers, connections, ...); the message names the parameter and the value."""
+    if isinstance(value, bool) or not isinstance(value, (int,)) or value < 1:
+        try:
+            import numpy as np
+            if isinstance(value, np.integer) and value >= 1:
+                return int(value)
+        except ImportError:
+            pass
+        raise ValueError(f"{name}={value!r} is not valid; allowed: a positive integer")
+    return int(value)
 
 
 def catalog_path() -> str:

@@ -9,12 +9,14 @@
 
 from __future__ import annotations
 
+import inspect
+
 
 import numpy as np
 from intake.source.base import DataSource, Schema
 
 from . import __version__
-from .catalog import make_request
+from .catalog import USER_PARAMETERS, check_count, check_names, make_request
 from .store.engine import DEFAULT_CONNECTIONS, DEFAULT_WORKERS, cache_for, materialise
 from .store.lazy import ReadThroughArray, parse_size
 from .store.plan import StorePlan, plan_store
@@ -63,10 +65,14 @@ class _StoreSource(DataSource):
                  workers: int = DEFAULT_WORKERS, progress: bool = True, connections: int = DEFAULT_CONNECTIONS,
                  retry: dict | None = None, cache_limit=None, metadata=None):
         # `dataset`: the experiment's declared fields; `parameters`: the user parameters as the
-        # catalog rendered them; `user`: the same given directly (they win).
+        # catalog rendered them; `user`: the same given directly (they win). A misspelled name is
+        # refused: silently ignored, it would describe the whole annotated box.
+        options = [n for n in inspect.signature(type(self).__init__).parameters
+                   if n not in ("self", "dataset", "label", "parameters", "user", "metadata")]
+        check_names(user, [*USER_PARAMETERS, *options])
         self.request = make_request(**dataset, label=label, **{**(parameters or {}), **user})
-        self.workers = workers
-        self.connections = connections
+        self.workers = check_count("workers", workers)
+        self.connections = check_count("connections", connections)
         self.retry = RetryPolicy(**(retry or {})) if not isinstance(retry, RetryPolicy) else retry
         self.progress = progress
         self.cache_limit = parse_size(cache_limit)

@@ -72,6 +72,9 @@ class Cancelled(TransferError):
     """A fetch stopped because its run (or its shard) is stopping after another failure."""
 
 
+FIRST_CONTACT_PATIENCE = 8.0  # seconds: how long a server that never answered is retried
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How transient faults (5xx, 429, resets, truncated or broken bodies, timeouts) are retried.
@@ -81,7 +84,8 @@ class RetryPolicy:
     survives a 30-second outage at 3 a.m.); `attempts`, if set, also ends it after that many tries.
     Waits double from `backoff` up to `max_wait` seconds, with jitter (half to all of it), and are
     at least what a 429 or 503 asks for in `Retry-After`. A server that stays down ends the run
-    within `patience` plus one wait and one request, naming the URL. 403, 404 and other 4xx are
+    within `patience` plus one wait and one request, naming the URL; one that never answered at
+    all (a wrong URL, nothing listening) within FIRST_CONTACT_PATIENCE. 403, 404 and other 4xx are
     never retried. `connect_timeout`, `read_timeout`: socket timeouts; `deadline`: the most one
     request (headers and body) may take before it is cut and retried."""
 
@@ -151,6 +155,7 @@ class Fetcher:
         # Called as on_wait(url, failure, seconds, patience left) before each wait for a retry (a
         # run's progress display says what it waits for).
         self.on_wait = None
+        self.answered = False  # whether any server answered this fetcher (an HTTP status, any)
         # urllib3 directly, its connection pools shared by every thread: requests (a Session per
         # thread) measured 450-540 us of client CPU per chunk request against urllib3's 200.
         self._http = urllib3.PoolManager(num_pools=4, maxsize=64)
@@ -233,10 +238,13 @@ class Fetcher:
             last, retry_after = outcome[1], (outcome[2] if len(outcome) > 2 else None)
             now = time.monotonic()
             first_failure = now if first_failure is None else first_failure
-            left = first_failure + policy.patience - now
+            # A server that has never answered this fetcher is a wrong URL or down, not an outage:
+            # the run ends within FIRST_CONTACT_PATIENCE instead of waiting the whole patience.
+            patience = policy.patience if self.answered else min(policy.patience, FIRST_CONTACT_PATIENCE)
+            left = first_failure + patience - now
             if left <= 0 or (policy.attempts is not None and attempt >= policy.attempts):
                 tries = f"{attempt} times over {now - first_failure:.0f} s" if attempt > 1 else "once"
-                raise TransferError(f"GET {url} failed {tries} (retry patience {policy.patience:g} s"
+                raise TransferError(f"GET {url} failed {tries} (retry patience {patience:g} s"
                                     f"{f', attempts {policy.attempts}' if policy.attempts else ''}); "
                                     f"last failure: {last}")
             wait = min(policy.wait(attempt - 1, retry_after), left)
@@ -260,6 +268,7 @@ class Fetcher:
                 resp = state["resp"] = self._http.request(
                     "GET", url, headers=headers, preload_content=False, retries=self._retries,
                     timeout=self._timeout)
+                self.answered = True
                 try:
                     body = b""
                     if resp.status in (200, 206):

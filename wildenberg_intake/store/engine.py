@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..catalog import check_count
 from .cache import SHARDS, StoreCache, array_path, ome_multiscale, shard_box, shard_grid
 from .plan import ArraySource, StorePlan, pyramid_levels, split_level
 from .pyramid import LevelWriter
@@ -81,9 +82,7 @@ def materialise(plan: StorePlan, names=None, workers: int = DEFAULT_WORKERS, pro
     cache_limit: bytes the store may use on disk; a materialisation that cannot fit is refused up front.
     pyramid: also make each array's pyramid levels (False: level 0 alone, as benchmarks compare).
     """
-    for pname, value in (("workers", workers), ("connections", connections)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{pname}={value!r} is not valid; allowed: a positive integer")
+    workers, connections = check_count("workers", workers), check_count("connections", connections)
     names = list(names) if names is not None else ["raw", plan.label_name]
     for name in names:
         if name not in plan.arrays:
