@@ -76,10 +76,11 @@ class PackageCatalog:
         return entry if not self._parameters else _ConfiguredEntry(entry, self._parameters)
 
     def __getitem__(self, name):
+        """The entry (`cat["p105_psd"](bbox_nm=...)`), or with the catalog's parameters its source."""
         if name not in self._cat:
             from .catalog import unknown_name
             raise KeyError(unknown_name("entry", name, list(self._cat)))
-        return self._entry(name)
+        return self._cat[name](**self._parameters) if self._parameters else self._cat[name]
 
     def __getattr__(self, name):
         if name.startswith("_"):

@@ -1,0 +1,131 @@
+"""Per-shard costs at p105's real geometry: a mirror whose info files declare p105's full extent but
+whose data fill one small region (every other chunk answers 404), so bookkeeping and requests are
+measured at the real shard count (~3,600 output shards per array) in minutes.
+
+    .venv/bin/python benchmarks/scale.py [--mirror DIR] [--shards 16 1000]
+
+Prints, for the default box (the whole annotated box): seconds and requests of describe / discover,
+to_dask, verify and a lazy first batch; and the materialisation of boxes of about 16 and 1,000+
+output shards: seconds per shard, requests per shard and peak RSS.
+"""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import intake
+import wildenberg_intake
+from wildenberg_intake.mirror import MirrorServer, build_mirror
+
+BOX = (576, 120576, 576, 136512, 160, 36320)  # p105's annotated box, nm (x0 x1 y0 y1 z0 z1)
+
+
+def declare_full_extent(root: Path):
+    """Rewrite p105's info files so that every scale covers the whole annotated box (EM's x and y
+    are swapped on the server, as on BossDB); the chunks written stay where they are."""
+    folder = root / "wildenberg2023" / "mouse_v1_l4_p105"
+    for info_path in folder.glob("*/info"):
+        info = json.loads(info_path.read_text())
+        swapped = info_path.parent.name == "em"
+        ends = (BOX[3], BOX[1], BOX[5]) if swapped else (BOX[1], BOX[3], BOX[5])
+        for scale in info["scales"]:
+            scale["size"] = [math.ceil(end / res) + 2 - off
+                             for end, res, off in zip(ends, scale["resolution"], scale["voxel_offset"])]
+        info_path.write_text(json.dumps(info))
+
+
+CHILD = r"""
+import json, sys, time, resource
+import intake, wildenberg_intake
+from wildenberg_intake.store.engine import materialise
+base, cache, box = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+cat = intake.open_catalog(wildenberg_intake.catalog_path())
+src = cat.p105_psd(base_url=base, cache_dir=cache, bbox_nm=box, progress=False)
+from wildenberg_intake.store.cache import shard_grid
+shards = len(shard_grid(src.plan.arrays["raw"].shape)) + len(shard_grid(src.plan.arrays["labels/psd"].shape))
+t = time.perf_counter()
+materialise(src.plan, pyramid=False, progress=False)
+seconds = time.perf_counter() - t
+print(json.dumps({"seconds": seconds, "shards": shards,
+                  "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def timed(server, fn):
+    before = sum(server.requests.values())
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, sum(server.requests.values()) - before, out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mirror", type=Path, help="reuse (or write once) the full-extent mirror in this folder")
+    parser.add_argument("--shards", type=int, nargs="+", default=(16, 1000),
+                        help="approximate output shards per array of the materialised boxes")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        root = args.mirror or tmp / "mirror"
+        if not (root / "wildenberg2023").exists():
+            build_mirror(root, shape_xyz=(600, 600, 40), experiments=("p105",))
+            declare_full_extent(root)
+        cat = intake.open_catalog(wildenberg_intake.catalog_path())
+        rows = []
+        with MirrorServer(root) as server:
+            src = cat.p105_psd(base_url=server.base_url, cache_dir=str(tmp / "cache"), progress=False)
+            s, n, _ = timed(server, src.discover)
+            rows.append(("discover (info files, shapes)", s, n))
+            from wildenberg_intake.store.cache import shard_grid
+            shape = src.plan.arrays["raw"].shape
+            print(f"default box: raw {shape}, {len(shard_grid(shape))} output shards per array\n")
+            s, n, ds = timed(server, src.to_dask)
+            rows.append(("to_dask()", s, n))
+            s, n, _ = timed(server, src.describe)
+            rows.append(("describe()", s, n))
+            s, n, _ = timed(server, src.verify)
+            rows.append(("verify() (nothing cached)", s, n))
+            s, n, _ = timed(server, lambda: ds["labels"][0:1, 0:512, 0:512].values)
+            rows.append(("to_dask() first window", s, n))
+            code = ("import time; t = time.perf_counter(); from wildenberg_intake import training; "
+                    "import sys; base, cache = sys.argv[1:3]; "
+                    "ds = training.get_dataset('p105_psd', (8, 256, 256), base_url=base, cache_dir=cache, "
+                    "progress=False, lazy=True, warmup=1); i = time.perf_counter(); ds[0]; "
+                    "print(time.perf_counter() - i, i - t)")
+            before = sum(server.requests.values())
+            out = subprocess.run([sys.executable, "-c", code, server.base_url, str(tmp / "lazy")],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                raise RuntimeError(out.stderr[-2000:])
+            first, setup = (float(v) for v in out.stdout.split()[-2:])
+            rows.append((f"lazy first batch (dataset made in {setup:.1f} s)", first,
+                         sum(server.requests.values()) - before))
+            print(f"{'step':52s} {'s':>7s} {'requests':>9s}")
+            for name, s, n in rows:
+                print(f"{name:52s} {s:7.2f} {n:9d}")
+
+            print(f"\nmaterialise (level 0, no pyramid), per-shard cost:\n{'shards (raw + labels)':>22s} "
+                  f"{'s':>7s} {'s/shard':>8s} {'requests/shard':>14s} {'peak RSS MB':>11s}")
+            for target in args.shards:
+                # A box of about `target` shards per array: 128 z-slices per shard row, 512 x 512 voxels each.
+                side = max(1, round(math.sqrt(target / 2)))
+                box = [BOX[0], BOX[0] + side * 512 * 12, BOX[2], BOX[2] + side * 512 * 12,
+                       BOX[4], BOX[4] + 2 * 128 * 40]
+                before = sum(server.requests.values())
+                out = subprocess.run([sys.executable, "-c", CHILD, server.base_url, str(tmp / f"m{target}"),
+                                      json.dumps(box)], capture_output=True, text=True)
+                if out.returncode:
+                    raise RuntimeError(out.stderr[-2000:])
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                requests = sum(server.requests.values()) - before
+                print(f"{r['shards']:22d} {r['seconds']:7.1f} {r['seconds'] / r['shards']:8.4f} "
+                      f"{requests / r['shards']:14.1f} {r['maxrss_mb']:11.0f}")
+
+
+if __name__ == "__main__":
+    main()
