@@ -60,7 +60,7 @@ elif kind == "tensorstore":
         src, layer = plan.arrays[name], plan.layers[name]
         source = ts.open({"driver": "neuroglancer_precomputed", "kvstore": http_url(layer.url) + "/",
                           "scale_index": layer.info.mip}, context=context, read=True).result()
-        lo, hi = layer._cv(src.start_zyx), layer._cv(np.add(src.start_zyx, src.shape))
+        lo, hi = layer.info_axes(src.start_zyx), layer.info_axes(np.add(src.start_zyx, src.shape))
         view = source[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2], 0]
         view = view.transpose([2, 0, 1] if layer.info.swap_xy else [2, 1, 0]).translate_to[0, 0, 0]
         cname, level = CODECS[src.codec]

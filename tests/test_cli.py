@@ -173,6 +173,46 @@ def test_mirror_commands_synthetic_and_a_copied_box(server, mirror, tmp_path, ca
                           bbox_nm=bbox, progress=False).read()
     np.testing.assert_array_equal(original["raw"].values, copied["raw"].values)
     np.testing.assert_array_equal(original["labels"].values, copied["labels"].values)
+    # The copy says what it holds: another mip, or a box beyond it, is an error naming the copy.
+    base = f"file://{copy}/wildenberg2023"
+    with pytest.raises(ValueError, match=r"em_mip=2: layer .*em_aligned is a box copy of .* that holds mip \[1\] only"):
+        entry_source("p14_psd", base_url=base, cache_dir=str(tmp_path / "c"), bbox_nm=bbox, em_mip=2).plan
+    wider = list(bbox)
+    wider[1] += 20000
+    with pytest.raises(ValueError, match=r"reaches beyond the box copy at precomputed://file://.*mouse_v1_l4_p14, which holds"):
+        entry_source("p14_psd", base_url=base, cache_dir=str(tmp_path / "c"), bbox_nm=wider).plan
+    # Without a box, the copy's own box is read (what it holds, no more).
+    whole = entry_source("p14_psd", base_url=base, cache_dir=str(tmp_path / "c"), progress=False)
+    assert whole.plan.arrays["raw"].shape[1:] >= copied["raw"].shape[1:]
+
+
+def test_a_killed_box_copy_resumes_to_the_files_of_an_uninterrupted_one(mirror, tmp_path):
+    import signal
+    import time
+    from wildenberg_intake.mirror import MirrorServer
+    from wildenberg_intake.store.cache import file_sha256
+
+    def tree(root):
+        return {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    code = ("import sys; from wildenberg_intake.mirror import copy_box; "
+            "copy_box(sys.argv[1], sys.argv[2], 'p14_psd', workers=2)")
+    with MirrorServer(mirror.root, latency=0.3) as server:
+        clean = subprocess.run([sys.executable, "-c", code, server.base_url, str(tmp_path / "clean")],
+                               capture_output=True, text=True)
+        assert clean.returncode == 0, clean.stderr
+        proc = subprocess.Popen([sys.executable, "-c", code, server.base_url, str(tmp_path / "killed")])
+        deadline = time.monotonic() + 60
+        while not any(p.is_file() for p in (tmp_path / "killed").rglob("*-*_*-*_*-*")) and time.monotonic() < deadline:
+            time.sleep(0.02)  # killed once the first chunk is written, mid-copy
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        partial = tree(tmp_path / "killed")
+        assert partial and not any(name.endswith("/info") for name in partial), "info files come last"
+        assert len(partial) < len(tree(tmp_path / "clean"))
+        rerun = subprocess.run([sys.executable, "-c", code, server.base_url, str(tmp_path / "killed")],
+                               capture_output=True, text=True)
+        assert rerun.returncode == 0, rerun.stderr
+    assert tree(tmp_path / "killed") == tree(tmp_path / "clean")
 
 
 def test_an_installed_wheel_carries_its_catalog_and_entry_points(tmp_path):

@@ -214,3 +214,58 @@ def test_a_shard_that_cannot_be_fetched_is_a_server_error_and_not_recorded(mirro
                 urllib.request.urlopen(url)
             assert info.value.code == 503
             assert cache_for(src.plan).done_shards("raw") == set()
+
+
+def test_only_the_viewers_own_requests_are_served(mirror, server, tmp_path):
+    """No other web page can drive the view server: a request without the token, with a foreign
+    Host (DNS rebinding) or from another origin (a simple GET or a CORS preflight) gets 403 before
+    any work: nothing is fetched from the source and nothing is recorded."""
+    import http.client
+    from urllib.parse import urlparse
+    src = entry_source("p14_psd", base_url=server.base_url, cache_dir=str(tmp_path))
+    with View([src]) as view:
+        shard = urlparse(view.layers()[0][2][len("zarr3://"):] + "raw/c/0/0/0")
+        token, rest = shard.path.split("/", 2)[1:]
+        assert len(token) >= 24
+        page = urlparse(view.url)
+        own_origin = f"{page.scheme}://{page.netloc}"
+        before = sum(server.requests.values())
+
+        def ask(method, path, **headers):
+            conn = http.client.HTTPConnection(shard.hostname, shard.port, timeout=30)
+            try:
+                conn.request(method, path, headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+                return resp.status, dict(resp.getheaders())
+            finally:
+                conn.close()
+        assert ask("GET", "/" + rest)[0] == 403  # no token
+        assert ask("GET", "/" + "x" * len(token) + "/" + rest)[0] == 403  # a wrong one
+        assert ask("GET", shard.path, Host="attacker.example")[0] == 403
+        assert ask("GET", shard.path, Origin="http://evil.example")[0] == 403
+        assert ask("OPTIONS", shard.path, Origin="http://evil.example", **{"Access-Control-Request-Method": "GET"})[0] == 403
+        assert view.server.refused == 5
+        assert sum(server.requests.values()) == before, "a refused request fetched from the source"
+        assert cache_for(src.plan).done_shards("raw") == set()
+        status, headers = ask("OPTIONS", shard.path, Origin=own_origin, **{"Access-Control-Request-Method": "GET"})
+        assert status == 204 and headers["Access-Control-Allow-Origin"] == own_origin
+        status, headers = ask("GET", shard.path, Origin=own_origin)
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == own_origin
+        assert cache_for(src.plan).done_shards("raw") == {(0, 0, 0)}
+
+
+def test_a_byte_range_reads_only_its_range(tmp_path):
+    import urllib.request
+    from wildenberg_intake.mirror import MirrorServer
+    data = np.random.default_rng(0).integers(0, 256, 2**20, dtype=np.uint8).tobytes()
+    (tmp_path / "wildenberg2023").mkdir()
+    (tmp_path / "wildenberg2023" / "blob").write_bytes(data)
+    with MirrorServer(tmp_path) as server:
+        for header, want in (("bytes=1000-1099", data[1000:1100]), ("bytes=-516", data[-516:]),
+                             ("bytes=1048000-", data[1048000:])):
+            before = server.bytes_read
+            req = urllib.request.Request(server.base_url + "/blob", headers={"Range": header})
+            with urllib.request.urlopen(req) as resp:
+                assert resp.status == 206 and resp.read() == want
+            assert server.bytes_read - before == len(want)

@@ -111,6 +111,7 @@ class Request:
     base_url: str
     citation: str = ""
     raw_codec: str = "zstd1"
+    bbox_given: bool = False  # bbox_nm was given (not the annotated box by default)
 
     def url(self, channel: str) -> str:
         """cloud-volume URL of a channel of this experiment under the base URL."""
@@ -239,4 +240,5 @@ def make_request(*, experiment, label, bossdb_experiment, em_channel, em_axes_sw
         em_mip=check_mip("em_mip", em_mip), seg_mip=check_mip("seg_mip", seg_mip),
         cache_dir=check_cache_dir(cache_dir), base_url=check_base_url(base_url, bossdb_url),
         citation=str(citation or "").strip(), raw_codec=check_codec(raw_codec),
+        bbox_given=check_bbox(bbox_nm, annotated_bbox_nm) != check_bbox(None, annotated_bbox_nm),
     )

@@ -166,9 +166,11 @@ def cmd_serve(args):
     if not Path(args.folder, "wildenberg2023").is_dir():
         raise ValueError(f"folder={args.folder!r} holds no wildenberg2023/ folder; allowed: a mirror written by "
                          "`wildenberg-intake mirror`, or a cache folder (cache_dir)")
-    with MirrorServer(args.folder, port=args.port) as server:
+    with MirrorServer(args.folder, port=args.port, token=True, origins=args.allow_origin or ()) as server:
         print(f"serving {args.folder} at {server.base_url} (Ctrl-C to stop); use base_url={server.base_url}",
               flush=True)
+        print("  the token in these URLs keeps other web pages from using the server; browser viewers of "
+              f"the origins {sorted(server.origins) or 'none (add --allow-origin URL)'} may read it", flush=True)
         for store in sorted(Path(args.folder, "wildenberg2023").glob("*/data.zarr")):  # a cache folder
             for name, kind, url in store_layers(f"{server.url}/wildenberg2023/{store.parent.name}/data.zarr", store):
                 print(f"  {store.parent.name}: {kind} layer {name}: {url}", flush=True)
@@ -281,6 +283,9 @@ def parser() -> argparse.ArgumentParser:
                                      "CORS: neuroglancer opens the cache's stores)")
     s.add_argument("folder")
     s.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    s.add_argument("--allow-origin", action="append", metavar="URL",
+                   help="a web page origin (scheme://host:port) whose viewer may read the served files "
+                        "(CORS); repeatable. Every URL also carries a token that other pages cannot guess")
     s.set_defaults(run=cmd_serve)
 
     vw = sub.add_parser("view", help="neuroglancer over the cache of entries (EM as an image layer, each label "

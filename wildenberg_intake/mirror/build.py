@@ -217,35 +217,74 @@ def build_mirror(root, shape_xyz=(300, 260, 20), experiments=("p105", "p14"),
     return mirror
 
 
-def copy_box(source_base_url: str, output, entry: str, bbox_nm=None) -> int:
+COPY_KEY = "wildenberg_intake_copy"  # in a box copy's info files: what the copy holds
+
+
+def copy_box(source_base_url: str, output, entry: str, bbox_nm=None, workers: int = 8, progress: bool = False) -> int:
     """Copy the chunks of a box of one entry's experiment (EM and every label layer, at the entry's
     default mips) from any precomputed source into a BossDB-layout folder that `MirrorServer` or a
     file:// base URL can serve: for clusters whose compute nodes cannot reach BossDB.
 
-    Chunks are written uncompressed, one file each (a sharded source is copied unsharded; its info
-    file says so, so stores made from the copy get their own cache keys). Returns the chunks copied.
+    The copy says what it holds: its info files declare only the copied box (clipped to the source,
+    aligned to its chunks) at the copied mip, and name the copy (`wildenberg_intake_copy`), so a
+    read at another mip, or of a box beyond the copy, fails naming the copy and what it lacks
+    instead of reading as empty. Chunks are fetched once each, `workers` at a time, written whole
+    (renamed into place), uncompressed, one file each (a sharded source is copied unsharded); a
+    killed copy resumes where it stopped (chunks on disk are kept), and the info files are written
+    last, so an unfinished copy cannot be read. Returns the chunks copied (present upstream).
     """
+    import concurrent.futures as cf
     import json
+    from tqdm.auto import tqdm
     from ..drivers import entry_source
+    from ..store.cache import durable_write, make_dirs
     params = {"base_url": source_base_url}
     if bbox_nm is not None:
         params["bbox_nm"] = list(bbox_nm)
     source = entry_source(entry, **params)
     plan = source.plan
     out_root = Path(output) / "wildenberg2023" / source.request.bossdb_experiment
-    copied = 0
+    infos, tasks = {}, []
     for name, layer in plan.layers.items():
         src = plan.arrays[name]
         channel = layer.url.rstrip("/").rsplit("/", 1)[1]
-        info = json.loads(json.dumps(layer._info_dict))
-        for scale in info["scales"]:
-            scale.pop("sharding", None)
         folder = out_root / channel / layer.info.scale_key
-        folder.mkdir(parents=True, exist_ok=True)
-        (out_root / channel / "info").write_text(json.dumps(info))
-        for grid in layer.info.chunks_in(src.start_zyx, np.add(src.start_zyx, src.shape)):
-            data = layer.fetch_chunk(grid)
-            if data is not None:  # a chunk missing upstream stays missing (empty)
-                (folder / layer.chunk_name(grid)).write_bytes(data)
-                copied += 1
+        make_dirs(folder)
+        grids = layer.info.chunks_in(src.start_zyx, np.add(src.start_zyx, src.shape))
+        tasks += [(layer, folder, grid) for grid in grids]
+        # The copied extent: the union of the copied chunks (chunk-aligned, clipped to the source).
+        boxes = [layer.info.chunk_box(g) for g in grids]
+        lo = np.min([b[0] for b in boxes], axis=0)
+        hi = np.max([b[1] for b in boxes], axis=0)
+        info = layer.info_dict
+        scale = info["scales"][layer.info.mip]
+        scale.pop("sharding", None)
+        scale["voxel_offset"] = [int(v) for v in layer.info_axes(lo)]
+        scale["size"] = [int(v) for v in layer.info_axes(hi - lo)]
+        x0, x1, y0, y1, z0, z1 = plan.bbox_nm
+        info[COPY_KEY] = {"source": layer.url, "entry": entry, "mips": [layer.info.mip],
+                          "bbox_nm": [x0, x1, y0, y1, z0, z1],
+                          "meaning": "a box copy made by `wildenberg-intake mirror --source`: only these mips, "
+                                     "only this extent"}
+        infos[out_root / channel / "info"] = info
+
+    def copy(task) -> int:
+        layer, folder, grid = task
+        target = folder / layer.chunk_name(grid)
+        if target.exists():  # written whole by an earlier run
+            return 1
+        data = layer.fetch_chunk(grid)
+        if data is None:  # missing upstream: stays missing (read as empty, as from the source)
+            return 0
+        durable_write(target, data)
+        return 1
+
+    copied = 0
+    with cf.ThreadPoolExecutor(max(1, int(workers))) as pool, \
+            tqdm(total=len(tasks), unit="chunk", disable=not progress, desc=f"copy {entry}") as bar:
+        for n in pool.map(copy, tasks):
+            copied += n
+            bar.update(1)
+    for path, info in infos.items():  # last: a copy without its info files is not a layer yet
+        durable_write(path, json.dumps(info, indent=1).encode())
     return copied

@@ -33,6 +33,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep test output clean
         pass
 
+    def _refused(self) -> bool:
+        """Answer 403, before any work (no file read, no fetch), to a request that is not the server's
+        own: without its token in the path, with a Host other than its own address (the door DNS
+        rebinding uses), or from a browser page of an origin it does not serve. Returns whether it did."""
+        server = self.server
+        if server.token is None:
+            return False
+        own = {f"127.0.0.1:{server.server_address[1]}", f"localhost:{server.server_address[1]}"}
+        origin = self.headers.get("Origin")
+        if self.headers.get("Host") not in own or not self.path.startswith(f"/{server.token}/") \
+                or (origin is not None and origin not in server.origins):
+            with server.lock:
+                server.refused += 1
+            self._empty(403)
+            return True
+        self.path = self.path[len(server.token) + 1:]
+        return False
+
     def _resolve(self):
         rel = self.path.split("?", 1)[0].lstrip("/")
         target = (self.server.root / rel).resolve()
@@ -158,13 +176,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
 
     def end_headers(self):
-        # CORS, so that a viewer served from another origin (neuroglancer) may read the files.
-        self.send_header("Access-Control-Allow-Origin", "*")
+        # CORS, so that a viewer served from another origin (neuroglancer) may read the files: any
+        # origin for an open server (the test mirror), only the origins it serves for one with a token.
+        origin = self.headers.get("Origin")
+        if self.server.token is None:
+            self.send_header("Access-Control-Allow-Origin", "*")
+        elif origin in self.server.origins:
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
         self.send_header("Access-Control-Expose-Headers", "Content-Range, Content-Length, Content-Encoding")
         self.send_header("Accept-Ranges", "bytes")
         super().end_headers()
 
     def do_OPTIONS(self):  # a CORS preflight (a Range header makes one)
+        if self._refused():
+            return
         self.send_response(204)
         self.send_header("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS")
         self.send_header("Access-Control-Allow-Headers", "Range, Content-Type")
@@ -180,7 +206,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _quietly(self, send_body):
         try:
-            self._answer(send_body)
+            if not self._refused():
+                self._answer(send_body)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client went away (killed, or gave up): nothing to answer
 
@@ -287,13 +314,22 @@ class MirrorServer:
     """
 
     def __init__(self, root, latency: float = 0.0, port: int = 0, faults: Faults | None = None,
-                 bandwidth: float = 0.0, before=None):
+                 bandwidth: float = 0.0, before=None, token: str | bool | None = None, origins=()):
         self.root = Path(root).resolve()
         self.latency = float(latency)
         self.bandwidth = float(bandwidth)  # bytes per second per response; 0 for unlimited
         self.faults = faults
         self.port = int(port)
         self.before = before  # called with each request's path before it is answered (in the request's thread)
+        # A server that other web pages in the user's browser must not drive (`serve`, `view`): every
+        # URL carries an unguessable token (True: made here), the Host must be the server's own
+        # address, and CORS answers only `origins` (e.g. the viewer's own page). None: an open
+        # server, as a public bucket is (the test mirror).
+        if token is True:
+            import secrets
+            token = secrets.token_urlsafe(24)
+        self.token = token
+        self.origins = set(origins)
         self._server = None
         self._thread = None
 
@@ -310,6 +346,9 @@ class MirrorServer:
         self._server.bandwidth = self.bandwidth
         self._server.faults = self.faults
         self._server.before = self.before
+        self._server.token = self.token
+        self._server.origins = self.origins  # the same set: `allow_origin` adds to it while serving
+        self._server.refused = 0
         self._server.lock = threading.Lock()
         self._server.requests = Counter()
         self._server.bytes_sent = 0
@@ -339,7 +378,19 @@ class MirrorServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        """The server's address, with its token when it has one (every served URL starts here)."""
+        token = f"/{self.token}" if self.token else ""
+        return f"http://127.0.0.1:{self._server.server_address[1]}{token}"
+
+    def allow_origin(self, origin: str):
+        """Answer CORS for pages of `origin` (scheme://host:port), e.g. a viewer's own page."""
+        self.origins.add(origin.rstrip("/"))
+
+    @property
+    def refused(self) -> int:
+        """Requests answered 403 (no token, a foreign Host or origin) so far."""
+        with self._server.lock:
+            return self._server.refused
 
     @property
     def base_url(self) -> str:

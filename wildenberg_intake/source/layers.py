@@ -128,6 +128,11 @@ def parse_info(url: str, info: dict, mip: int, swap_xy: bool, param: str = "mip"
         raise LayerError(f"layer {url}: num_channels={n_channels}; only single-channel layers are supported")
     if not 0 <= mip < len(scales):
         raise ValueError(f"{param}={mip} does not exist for layer {url}; allowed: {list(range(len(scales)))}")
+    copy = info.get("wildenberg_intake_copy")
+    if isinstance(copy, dict) and mip not in copy.get("mips", []):
+        raise ValueError(f"{param}={mip}: layer {url} is a box copy of {copy.get('source')} that holds mip "
+                         f"{copy.get('mips')} only (box {copy.get('bbox_nm')} nm); copy mip {mip} too "
+                         "(`wildenberg-intake mirror --source ...`), or read the source")
     scale = scales[mip]
     if not isinstance(scale, dict):
         raise LayerError(f"layer {url}: scale {mip} is not a JSON object")
@@ -209,6 +214,11 @@ class Layer:
         self._lock, self._lock_pid = threading.Lock(), os.getpid()
 
     @property
+    def info_dict(self) -> dict:
+        """A copy of the layer's info file as it was read."""
+        return json.loads(json.dumps(self._info_dict))
+
+    @property
     def lock(self) -> threading.Lock:
         """The lock of the minishard cache; made anew in a forked child (a parent's thread may hold it)."""
         if self._lock_pid != os.getpid():
@@ -224,14 +234,15 @@ class Layer:
                       fetcher=Fetcher(state["policy"]))
 
     # -- cloud-volume's axis order for one chunk ---------------------------------------------------
-    def _cv(self, zyx):
+    def info_axes(self, zyx):
+        """A (z, y, x) triple in the order of the layer's info file and chunk names (cloud-volume's x, y, z)."""
         z, y, x = zyx
         return (y, x, z) if self.info.swap_xy else (x, y, z)
 
     def chunk_name(self, grid) -> str:
         """The chunk's file name in the unsharded layout, e.g. '0-512_0-512_0-16' (cloud-volume axes)."""
         start, stop = self.info.chunk_box(grid)
-        a, b = self._cv(start), self._cv(stop)
+        a, b = self.info_axes(start), self.info_axes(stop)
         return "_".join(f"{lo}-{hi}" for lo, hi in zip(a, b))
 
     def fetch_chunk(self, grid, gate=NO_GATE, token=None) -> bytes | None:
@@ -257,7 +268,7 @@ class Layer:
         shape_zyx = tuple(b - a for a, b in zip(start, stop))
         if data is None:
             return np.zeros(shape_zyx, dtype=self.info.dtype)
-        cv_shape = (*self._cv(shape_zyx), 1)
+        cv_shape = (*self.info_axes(shape_zyx), 1)
         try:
             if self.info.encoding == "raw":  # the common case, without importing cloud-volume (~1 s)
                 arr = np.frombuffer(data, dtype=np.dtype(self.info.dtype).newbyteorder("<")).reshape(cv_shape, order="F")
@@ -295,8 +306,8 @@ class Layer:
         from cloudvolume.datasource.precomputed.common import compressed_morton_code
         from cloudvolume.datasource.precomputed.sharding import ShardingSpecification
         spec = ShardingSpecification.from_dict(self.info.sharding)
-        grid_size = self._cv(tuple(-(-n // c) for n, c in zip(self.info.size_zyx, self.info.chunk_zyx)))
-        code = int(compressed_morton_code(self._cv(grid), grid_size))
+        grid_size = self.info_axes(tuple(-(-n // c) for n, c in zip(self.info.size_zyx, self.info.chunk_zyx)))
+        code = int(compressed_morton_code(self.info_axes(grid), grid_size))
         loc = spec.compute_shard_location(code)
         url = f"{base}/{loc.shard_number}.shard"
         index = self._minishard_index(url, spec, int(loc.minishard_number))

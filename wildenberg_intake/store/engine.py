@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+from collections import deque
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from ..catalog import check_count
 from .cache import SHARDS, StoreCache, array_path, ome_multiscale, shard_box, shard_grid
 from .plan import ArraySource, StorePlan, pyramid_levels, split_level
-from .pyramid import LevelWriter
+from .pyramid import LevelWriter, parents_of
 from .resources import default_workers
 from .runners import run_on_dask, run_threads
 from .shards import DEFAULT_CONNECTIONS, ShardWriter, cache_for, finish_array  # noqa: F401  (re-exported)
@@ -195,18 +196,39 @@ def _fill_arrays(cache: StoreCache, writers: list, workers: int, progress: bool,
                               unit="B", unit_scale=True, disable=not progress, position=position,
                               desc=f"{writer.plan.request.experiment} {src.name}")
         bars[src.name].set_postfix_str(f"{len(shards) - len(todo)}/{len(shards)} shards")
+    # A level shard waits for the shards under it: it is queued (first) once they are all recorded,
+    # so that no task sits waiting for another's lock while a core idles.
+    under = {}  # (level name, index) -> shards under it not recorded yet
     for base in dict.fromkeys(split_level(w.src.name)[0] for w in writers):
         base_shape = writers[0].plan.arrays[base].shape
         for level, index in pyramid_order(base_shape, pyramid_levels(base_shape)):
             writer = by_name.get(base if level == 0 else f"{base}@{level}")
-            if writer is not None and not cache.is_done(writer.src.name, index):
-                jobs.append((writer, index))
+            if writer is None or cache.is_done(writer.src.name, index):
+                continue
+            if level and writer.parent_name in by_name:
+                below = {(writer.parent_name, p) for p in parents_of(index, writer.parent.src.shape)
+                         if not cache.is_done(writer.parent_name, p)}
+                if below and client is None:
+                    under[(writer.src.name, index)] = below
+                    continue
+            jobs.append((writer, index))
+    ready = _Ready(jobs)
+    above = {}  # shard -> the level shard it is under
+    for key, below in under.items():
+        for shard in below:
+            above[shard] = key
 
     def complete(writer: ShardWriter):
         writer.finish()
 
     def finished(writer: ShardWriter, index):
         src = writer.src
+        key = above.pop((src.name, tuple(index)), None)
+        if key is not None:
+            under[key].discard((src.name, tuple(index)))
+            if not under[key]:
+                del under[key]
+                ready.release((by_name[key[0]], key[1]))
         left[src.name] -= 1
         bars[src.name].update(_box_bytes(index, src))
         bars[src.name].set_postfix_str(f"{total[src.name] - left[src.name]}/{total[src.name]} shards")
@@ -229,7 +251,7 @@ def _fill_arrays(cache: StoreCache, writers: list, workers: int, progress: bool,
             for f in fetchers:  # an outage being waited out shows on the bars
                 f.on_wait = lambda url, failure, wait, left: _show_wait(bars, url, failure, wait, left)
             try:
-                run_threads(_write_on_worker, jobs, workers, lambda job, _: finished(*job),
+                run_threads(_write_on_worker, ready, workers, lambda job, _: finished(*job),
                             cancel=lambda: [f.cancel() for f in fetchers])
             finally:
                 for f in fetchers:  # the plan (and its fetcher) may be used again: a rerun, repair()
@@ -247,6 +269,26 @@ def _fill_arrays(cache: StoreCache, writers: list, workers: int, progress: bool,
             bar.close()
         if io is not None:
             io.shutdown(wait=True, cancel_futures=True)
+
+
+class _Ready:
+    """The queue of a threaded run: an iterator that `run_threads` asks for more after each task;
+    `release` puts a job that has become ready (a level shard whose shards below are recorded)
+    at its head."""
+
+    def __init__(self, jobs):
+        self.queue = deque(jobs)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.queue:
+            return self.queue.popleft()
+        raise StopIteration
+
+    def release(self, job):
+        self.queue.appendleft(job)
 
 
 def _box_bytes(index, src: ArraySource) -> int:

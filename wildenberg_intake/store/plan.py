@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .cache import LABEL_CODEC, LAYOUT, LAYOUT_VERSION
-from ..catalog import Request
+from typing import TYPE_CHECKING
 from ..source.layers import Layer, LayerInfo
 from ..source.transfer import Fetcher, RetryPolicy
+
+if TYPE_CHECKING:  # the store layer does not import the catalog layer above it
+    from ..catalog import Request
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,14 @@ def plan_store(request: Request, policy: RetryPolicy | None = None) -> StorePlan
         extents = {name: _fmt_extent(l.info) for name, l in layers.items()}
         raise ValueError(f"bbox_nm={list(request.bbox_nm)!r} lies outside the volume: it does not overlap the "
                          f"extent shared by all layers of {request.experiment} (nm, x0 x1 y0 y1 z0 z1): {extents}")
+    copies = [l for l in layers.values() if "wildenberg_intake_copy" in l.info_dict]
+    if copies and request.bbox_given:  # a box copy holds its box only: beyond it is missing, not empty
+        want_lo, want_hi = np.array([z0, y0, x0], dtype=float), np.array([z1, y1, x1], dtype=float)
+        if np.any(want_lo < lo) or np.any(want_hi > hi):
+            held = [float(lo[2]), float(hi[2]), float(lo[1]), float(hi[1]), float(lo[0]), float(hi[0])]
+            raise ValueError(f"bbox_nm={[float(v) for v in request.bbox_nm]} reaches beyond the box copy at "
+                             f"{copies[0].url.rsplit('/', 1)[0]}, which holds (nm, x0 x1 y0 y1 z0 z1) {held}; "
+                             "choose a box inside it, or copy a larger box")
     bbox = (lo[2], hi[2], lo[1], hi[1], lo[0], hi[0])
 
     arrays = {}

@@ -84,9 +84,15 @@ class View:
             raise ValueError(f"the sources' cache_dir differ ({sorted(map(str, roots))}); allowed: one cache_dir")
         self.sources = sources
         self.hook = LazyShards(sources, connections)  # creates every array's metadata, fetches no voxel
-        self.server = MirrorServer(roots.pop(), port=port, before=self.hook).start()
+        # A token in every URL, CORS for the viewer's page only, the Host checked: no other page in
+        # the user's browser can make this server fetch data.
+        self.server = MirrorServer(roots.pop(), port=port, before=self.hook, token=True).start()
         neuroglancer.set_server_bind_address("127.0.0.1", bind_port=viewer_port)
         self.viewer = neuroglancer.Viewer()
+        from urllib.parse import urlparse
+        page = urlparse(self.viewer.get_viewer_url())
+        self.server.allow_origin(f"{page.scheme}://{page.netloc}")
+        self.server.allow_origin(f"{page.scheme}://{page.netloc.replace('127.0.0.1', 'localhost')}")
         self._show(neuroglancer)
 
     @property
