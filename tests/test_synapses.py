@@ -293,3 +293,30 @@ def test_a_server_that_fails_leaves_no_table_and_names_the_url(tissue, tmp_path)
                                                 r"last failure: HTTP 503"):
             src.read()
     assert not list(tmp_path.glob("wildenberg2023/*/tables/*"))
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.6])
+@pytest.mark.parametrize("block_shape", [(1, 1, 1), (2, 3, 1), (3, 4, 5), (7, 7, 7)])
+def test_blockwise_components_equal_scipy_on_random_masks(density, block_shape):
+    """Random masks: the blockwise components (halos, faces, edges, corners, csgraph merge) equal
+    scipy.ndimage.label with 26-connectivity, voxel for voxel (both number components by their
+    first voxel in C order)."""
+    from scipy import ndimage
+    from wildenberg_intake.analysis.components import Components, block_summary, blocks, label_block
+    rng = np.random.default_rng(int(density * 100) + sum(block_shape))
+    mask = rng.random((9, 11, 10)) < density
+    want, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    parts = blocks(mask.shape, block_shape)
+    summaries, cores = [], []
+    for start, stop in parts:
+        labels, halo = label_block(lambda a, b: mask[tuple(slice(x, y) for x, y in zip(a, b))], mask.shape, start, stop)
+        summary = block_summary(labels, halo, start, stop, mask.shape)
+        cores.append(summary["core"])
+        summaries.append(summary)
+    comps = Components(summaries)
+    got = np.zeros(mask.shape, np.int64)
+    for b, ((start, stop), core) in enumerate(zip(parts, cores)):
+        got[tuple(slice(x, y) for x, y in zip(start, stop))] = comps.of_block(b)[core] + 1
+    assert comps.n == n
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(comps.count, np.bincount(want.ravel(), minlength=n + 1)[1:])

@@ -3,7 +3,7 @@
 Each block is labelled on its own (connected-components-3d) together with a one-voxel halo on its
 low sides. Voxels of the halo belong to the neighbouring blocks, which report the labels of their
 foreground voxels on their high faces: joining the two on the voxel's global index gives the pairs
-of block labels that touch across a face, edge or corner, and a union-find merges them. A block's
+of block labels that touch across a face, edge or corner, and scipy.sparse.csgraph merges them. A block's
 result is small (per label: voxel count, sums, bounding box, first voxel; face voxels), so the
 whole volume is never held; labelling a block again gives the same labels, which a second pass
 uses to map voxels to global components.
@@ -15,6 +15,8 @@ import itertools
 
 import cc3d
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 
 def blocks(shape, block_shape) -> list[tuple]:
@@ -118,45 +120,38 @@ class Components:
     def __init__(self, summaries: list[dict]):
         self.offsets = np.cumsum([0] + [s["n"] + 1 for s in summaries])  # label 0 kept per block
         total = int(self.offsets[-1])
-        parent = np.arange(total)
-
-        def find(a):
-            root = a
-            while parent[root] != root:
-                root = parent[root]
-            while parent[a] != root:
-                parent[a], a = root, parent[a]
-            return root
-        # Halo voxels named by their owners: join on the global voxel index.
+        # Halo voxels named by their owners: join on the global voxel index; every pair of block
+        # labels that touch is an edge of a graph whose connected components (scipy's csgraph, no
+        # Python loop per node or pair) are the global components.
         exports = np.concatenate([np.stack([s["exports"][0], s["exports"][1] + self.offsets[b]])
                                   for b, s in enumerate(summaries)], axis=1)
         order = np.argsort(exports[0], kind="stable")
         exp_idx, exp_node = exports[0][order], exports[1][order]
+        ends = [np.zeros((2, 0), np.int64)]
         for b, s in enumerate(summaries):
             idx, lab = s["imports"]
             if idx.size == 0:
                 continue
             pos = np.searchsorted(exp_idx, idx)
             ok = (pos < len(exp_idx)) & (exp_idx[np.minimum(pos, len(exp_idx) - 1)] == idx)
-            keys = np.unique(((lab[ok] + self.offsets[b]) << 32) | exp_node[pos[ok]])
-            for a, c in zip(keys >> 32, keys & 0xFFFFFFFF):
-                ra, rc = find(int(a)), find(int(c))
-                if ra != rc:
-                    parent[max(ra, rc)] = min(ra, rc)
-        roots = np.array([find(i) for i in range(total)], dtype=np.int64)
+            ends.append(np.stack([lab[ok] + self.offsets[b], exp_node[pos[ok]]]))
+        a, c = np.concatenate(ends, axis=1)
+        graph = coo_matrix((np.ones(len(a), np.int8), (a, c)), shape=(total, total))
+        n_roots, roots = connected_components(graph, directed=False)
+        roots = roots.astype(np.int64)
         count = np.concatenate([s["count"] for s in summaries])
         real = np.zeros(total, bool)
         for b, s in enumerate(summaries):
             real[self.offsets[b] + 1:self.offsets[b + 1]] = True
         # Per root: sums of counts and coordinates, bounding boxes, first voxels.
-        root_count = np.bincount(roots, weights=count * real, minlength=total)
+        root_count = np.bincount(roots, weights=count * real, minlength=n_roots)
         keep = np.nonzero(root_count > 0)[0]
         big = np.iinfo(np.int64).max
-        first = np.full(total, big, np.int64)
+        first = np.full(n_roots, big, np.int64)
         np.minimum.at(first, roots, np.concatenate([s["first"] for s in summaries]))
         order = keep[np.argsort(first[keep], kind="stable")]  # components numbered by first voxel
         self.n = len(order)
-        self.component_of_root = np.full(total, -1, np.int64)
+        self.component_of_root = np.full(n_roots, -1, np.int64)
         self.component_of_root[order] = np.arange(self.n)
         self.component = self.component_of_root[roots]  # per node; -1 for label 0 and halo-only nodes
         comp = self.component

@@ -104,10 +104,9 @@ class ReadThroughArray:
         self.cache = prepare(plan, [name])
         self._writer = None
         self._reader = None
-        self._checked = set()  # shards whose file this process has compared with its record
-        if self.cache.is_complete(name):  # opening a complete store: one stat per shard (or sha256)
-            self.cache.check_shards(name, check_hashes)
-            self._checked = set(self.cache.done_shards(name))
+        # Shards whose file this process has compared with its record: each on its first read, so
+        # that opening an array (a dask task unpickling it, say) costs the same for 16 shards or 3,600.
+        self._checked = set()
 
     def __getstate__(self):
         return {"plan": self.plan, "name": self.name, "connections": self.connections,
