@@ -31,6 +31,8 @@ from wildenberg_intake.mirror import MirrorServer, build_mirror
 RUN = r"""
 import json, os, sys, time
 kind, exp, label, base, cache, box, codec = sys.argv[1:8]
+# glibc malloc tuned as `wildenberg-intake fetch` does (a library user opts in with this variable).
+os.environ.setdefault("WILDENBERG_INTAKE_TUNE_MALLOC", "1")
 box = json.loads(box)
 if kind == "tensorstore":
     import intake, numpy as np, tensorstore as ts, wildenberg_intake, zarr

@@ -140,18 +140,23 @@ def test_malloc_tuning_leaves_a_users_own_malloc_settings_alone(monkeypatch):
     for name in engine._MALLOC_ENV + ("WILDENBERG_INTAKE_TUNE_MALLOC",):
         monkeypatch.delenv(name, raising=False)
     libc = Libc()
+    assert engine.tune_malloc(libc) is False and libc.calls == []  # a library leaves the user's process alone
+    monkeypatch.setenv("WILDENBERG_INTAKE_TUNE_MALLOC", "1")  # unless asked
     assert engine.tune_malloc(libc) is True
+    monkeypatch.delenv("WILDENBERG_INTAKE_TUNE_MALLOC")
+    libc = Libc()
+    assert engine.tune_malloc(libc, owned=True) is True  # the command line owns its process
     assert libc.calls == [(-3, 64 * 2**20), (-1, 64 * 2**20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
     libc = Libc(refuse=(-3,))  # a glibc that caps the mmap threshold lower: the trim one is left too
-    assert engine.tune_malloc(libc) is False and libc.calls == [(-3, 64 * 2**20)]
+    assert engine.tune_malloc(libc, owned=True) is False and libc.calls == [(-3, 64 * 2**20)]
     for name, value in (("MALLOC_MMAP_THRESHOLD_", "131072"), ("MALLOC_TRIM_THRESHOLD_", "131072"),
                         ("GLIBC_TUNABLES", "glibc.malloc.arena_max=2"), ("WILDENBERG_INTAKE_TUNE_MALLOC", "0")):
         monkeypatch.setenv(name, value)
         libc = Libc()
-        assert engine.tune_malloc(libc) is False and libc.calls == [], name
+        assert engine.tune_malloc(libc, owned=True) is False and libc.calls == [], name
         monkeypatch.delenv(name)
     import platform
     if platform.libc_ver()[0] == "glibc":  # the real call works where glibc is (CI's Debian)
-        assert engine._LIBC is not None and engine.tune_malloc() is True
+        assert engine._LIBC is not None and engine.tune_malloc(owned=True) is True
     else:
-        assert engine._LIBC is None and engine.tune_malloc() is False
+        assert engine._LIBC is None and engine.tune_malloc(owned=True) is False

@@ -316,6 +316,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    from ..store.shards import tune_malloc
+    tune_malloc(owned=True)  # the command's process is the package's own
     from ..source.layers import LayerError
     from ..source.transfer import TransferError
     try:

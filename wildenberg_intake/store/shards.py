@@ -74,20 +74,23 @@ _LIBC = _libc()
 # heap above its trim threshold is handed back at every free; both cost page faults on the next
 # allocation. A fetch allocates and frees inflated chunks (4-16 MB), Blosc/zstd workspaces and
 # encoded chunks all the time: with both thresholds at 64 MB it measured 8-15% faster at the same
-# peak memory for uint32 labels (README). Set by every shard writer, unless the user set them.
+# peak memory for uint32 labels (README). Set by the command line, which owns its process; opt-in
+# elsewhere (WILDENBERG_INTAKE_TUNE_MALLOC=1).
 MALLOC_THRESHOLD = 64 * 2**20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
 
-def tune_malloc(libc=None) -> bool:
+def tune_malloc(libc=None, owned: bool = False) -> bool:
     """Set glibc's mmap and trim thresholds to MALLOC_THRESHOLD for this process; returns whether it did.
 
-    Not done where the environment sets glibc's malloc itself (MALLOC_MMAP_THRESHOLD_,
-    MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES), nor with WILDENBERG_INTAKE_TUNE_MALLOC=0."""
+    The thresholds are the whole process's, not only the package's threads': set where the package
+    owns the process (`owned`: the command line, a dask worker's task), or where a user asks with
+    WILDENBERG_INTAKE_TUNE_MALLOC=1; never with WILDENBERG_INTAKE_TUNE_MALLOC=0, nor where the
+    environment sets glibc's malloc itself (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES)."""
     libc = libc or _LIBC
-    if libc is None or os.environ.get("WILDENBERG_INTAKE_TUNE_MALLOC", "1") == "0" \
-            or any(name in os.environ for name in _MALLOC_ENV):
+    wanted = os.environ.get("WILDENBERG_INTAKE_TUNE_MALLOC", "1" if owned else "0") == "1"
+    if libc is None or not wanted or any(name in os.environ for name in _MALLOC_ENV):
         return False
     # A few calls per run: cheaper than a flag. The trim threshold alone (which also stops glibc
     # from raising its mmap threshold itself) measured 2x slower: set only if glibc took the first.
@@ -156,7 +159,7 @@ class ShardWriter:
         chunk_bytes = int(np.prod(self.src.layer.chunk_zyx)) * np.dtype(self.src.dtype).itemsize
         self._gate_size = max(2, BODY_BYTES // chunk_bytes)
         self._gate, self._gate_pid = threading.BoundedSemaphore(self._gate_size), os.getpid()
-        tune_malloc()  # here, so that a dask worker's process is tuned too
+        tune_malloc()  # only if asked for (WILDENBERG_INTAKE_TUNE_MALLOC=1): the process is the user's
 
     def __getstate__(self):
         return {"plan": self.plan, "name": self.name, "connections": self.connections,

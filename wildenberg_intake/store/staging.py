@@ -24,7 +24,7 @@ from pathlib import Path
 from .cache import check_crc32c, durable_write, make_dirs
 from .locks import try_lock, unlock
 from ..source.layers import Layer, LayerError
-from ..source.transfer import NO_GATE, TooLarge, inflate
+from ..source.transfer import NO_GATE, Cancelled, TooLarge, inflate
 
 
 class ChunkStage:
@@ -104,6 +104,9 @@ class ChunkStage:
                     return decoded
                 finally:
                     unlock(lock, held)
+            if (token is not None and token.is_set()) or self.layer.fetcher.cancelled.is_set():
+                raise Cancelled(f"stopped waiting for chunk {self.layer.chunk_name(grid)} of {self.layer.url}: "
+                                "the run is stopping")
             time.sleep(0.01)  # another task is fetching it
 
     def release(self, grid):
