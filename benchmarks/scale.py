@@ -5,8 +5,9 @@ measured at the real shard count (~3,600 output shards per array) in minutes.
     .venv/bin/python benchmarks/scale.py [--mirror DIR] [--shards 16 1000]
 
 Prints, for the default box (the whole annotated box): seconds and requests of describe / discover,
-to_dask, verify and a lazy first batch; and the materialisation of boxes of about 16 and 1,000+
-output shards: seconds per shard, requests per shard and peak RSS.
+to_dask, verify and a lazy first batch; the materialisation of boxes of about 16 and 1,000+
+output shards (seconds per shard, requests per shard and peak RSS); and the synapse table of boxes
+of about 16 and 256 shards on threads and on a 2-process dask cluster.
 """
 
 import argparse
@@ -39,6 +40,29 @@ def declare_full_extent(root: Path):
         info_path.write_text(json.dumps(info))
 
 
+TABLE = r"""
+import json, sys, time, resource
+import intake, wildenberg_intake
+base, cache, box, mode = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+cat = intake.open_catalog(wildenberg_intake.catalog_path())
+client = None
+if mode == "dask":
+    from dask.distributed import Client, LocalCluster
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    client = Client(cluster)
+src = cat.p105_synapses(base_url=base, cache_dir=cache, bbox_nm=box, progress=False, client=client)
+from wildenberg_intake.store.cache import shard_grid
+shards = len(shard_grid(src.plan.arrays["raw"].shape))
+t = time.perf_counter()
+table = src.read()
+seconds = time.perf_counter() - t
+if client is not None:
+    client.close()
+    cluster.close()
+print(json.dumps({"seconds": seconds, "shards": shards, "rows": len(table),
+                  "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
 CHILD = r"""
 import json, sys, time, resource
 import intake, wildenberg_intake
@@ -66,8 +90,10 @@ def timed(server, fn):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mirror", type=Path, help="reuse (or write once) the full-extent mirror in this folder")
-    parser.add_argument("--shards", type=int, nargs="+", default=(16, 1000),
+    parser.add_argument("--shards", type=int, nargs="*", default=(16, 1000),
                         help="approximate output shards per array of the materialised boxes")
+    parser.add_argument("--table-shards", type=int, nargs="+", default=(16, 256),
+                        help="approximate output shards per array of the synapse tables' boxes")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -125,6 +151,22 @@ def main():
                 requests = sum(server.requests.values()) - before
                 print(f"{r['shards']:22d} {r['seconds']:7.1f} {r['seconds'] / r['shards']:8.4f} "
                       f"{requests / r['shards']:14.1f} {r['maxrss_mb']:11.0f}")
+
+            print(f"\nsynapse table (fetches its three label arrays), per-shard cost:\n{'mode':>8s} {'shards':>7s} "
+                  f"{'s':>7s} {'s/shard':>8s} {'peak RSS MB':>11s}")
+            for mode in ("threads", "dask"):
+                for target in args.table_shards:
+                    side = max(1, round(math.sqrt(target / 2)))
+                    box = [BOX[0], BOX[0] + side * 512 * 12, BOX[2], BOX[2] + side * 512 * 12,
+                           BOX[4], BOX[4] + 2 * 128 * 40]
+                    out = subprocess.run([sys.executable, "-c", TABLE, server.base_url,
+                                          str(tmp / f"t{mode}{target}"), json.dumps(box), mode],
+                                         capture_output=True, text=True)
+                    if out.returncode:
+                        raise RuntimeError(out.stderr[-2000:])
+                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                    print(f"{mode:>8s} {r['shards']:7d} {r['seconds']:7.1f} {r['seconds'] / r['shards']:8.4f} "
+                          f"{r['maxrss_mb']:11.0f}")
 
 
 if __name__ == "__main__":
