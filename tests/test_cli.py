@@ -320,3 +320,27 @@ def test_the_preview_font_draws_the_micro_sign():
         return np.asarray(image)
     # A glyph of its own: not blank, and not the box drawn for a character the font lacks.
     assert pixels("\u00b5").any() and not np.array_equal(pixels("\u00b5"), pixels("\uffff"))
+
+
+def test_verify_lock_names_damaged_shards_and_an_empty_cache_gets_the_fetch_command(server, tmp_path, capsys):
+    lock = tmp_path / "w.lock"
+    base = ["--base-url", server.base_url]
+    code, out, err = run(capsys, "lock", "p14_psd", "--bbox-nm", *BOX, "-o", str(lock), "--quiet",
+                         "--cache-dir", str(tmp_path / "a"), *base)
+    assert code == 0, err
+    code, out, err = run(capsys, "verify", "--lock", str(lock), "--cache-dir", str(tmp_path / "empty"), *base)
+    assert code == 2 and f"fetch it first with `wildenberg-intake fetch --lock {lock} --cache-dir " in err
+    # A flipped byte in a shard: exit 1, the array and shard named, the remedy given.
+    cache = next(StoreCache.at(p) for p in (tmp_path / "a" / "wildenberg2023").iterdir())
+    shard = cache.shard_file("labels/psd", (0, 0, 0))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    code, out, err = run(capsys, "verify", "--lock", str(lock), "--cache-dir", str(tmp_path / "a"), *base)
+    assert code == 1, err
+    assert "p14_psd: labels/psd: shards [(0, 0, 0)] damaged" in out and "--repair`" in out
+    code, out, err = run(capsys, "fetch", "--lock", str(lock), "--repair", "--quiet", "--cache-dir",
+                         str(tmp_path / "a"), *base)
+    assert code == 0 and "fetched again 1 damaged shards (labels/psd)" in out, err
+    code, out, err = run(capsys, "verify", "--lock", str(lock), "--cache-dir", str(tmp_path / "a"), *base)
+    assert code == 0 and "p14_psd: matches the lock" in out, err

@@ -93,6 +93,10 @@ def cmd_fetch(args):
         raise ValueError("fetch needs ENTRY names or --lock FILE")
     for name, src in sources.items():
         t = time.perf_counter()
+        if args.repair:
+            repaired = src.repair()
+            print(f"{name}: fetched again {sum(map(len, repaired.values()))} damaged shards "
+                  f"({', '.join(repaired) or 'none'})")
         path = src.materialise(client=args.scheduler)
         print(f"{name}: {path} ({time.perf_counter() - t:.1f} s)")
 
@@ -101,12 +105,7 @@ def cmd_verify(args):
     from ..store.cache import StoreCache
     bad = 0
     if args.lock:
-        from ..lock import check_content, open_locked
-        for name, src in open_locked(args.lock, **_params(args, progress=False)).items():
-            src.plan  # checks parameters and info files
-            found = check_content(name, src.lock, src, recompute=True)
-            print(f"{name}: matches the lock (raw {found['raw'][:12]}..., labels {found['labels'][:12]}...)")
-        return 0
+        return _verify_lock(args)
     if args.target is None:
         raise ValueError("verify needs PATH or ENTRY, or --lock FILE")
     from ..catalog import entry_names
@@ -130,6 +129,34 @@ def cmd_verify(args):
                    [f"corrupt {entry['corrupt']}"] * bool(entry["corrupt"])
         bad += bool(problems)
         print(f"{name}: {state}; " + ("; ".join(problems) if problems else "every recorded shard is intact"))
+    return EXIT_MISMATCH if bad else 0
+
+
+def _verify_lock(args) -> int:
+    """Every entry of a lock: nothing cached is a usage error naming the fetch command; damaged
+    shards are listed as `verify ENTRY` lists them (exit 1); else the voxels are recomputed and
+    compared with the pinned checksums (exit 1 on a difference)."""
+    from ..lock import check_content, open_locked
+    from ..store.engine import cache_for
+    bad = 0
+    for name, src in open_locked(args.lock, **_params(args, progress=False)).items():
+        cache = cache_for(src.plan)  # checks parameters and info files against the lock
+        arrays = ["raw", src.plan.label_name]
+        if not all(cache.is_complete(a) for a in arrays):
+            where = f" --cache-dir {args.cache_dir}" if args.cache_dir else ""
+            raise ValueError(f"{name}: not fetched completely in {cache.root}; fetch it first with "
+                             f"`wildenberg-intake fetch --lock {args.lock}{where}`")
+        report = cache.verify()
+        damaged = {a: report[a]["missing"] + report[a]["corrupt"] for a in arrays if a in report}
+        if any(damaged.values()):
+            bad += 1
+            listed = "; ".join(f"{a}: shards {sorted(s)} damaged" for a, s in damaged.items() if s)
+            where = f" --cache-dir {args.cache_dir}" if args.cache_dir else ""
+            print(f"{name}: {listed} in {cache.root}; fetch them again with "
+                  f"`wildenberg-intake fetch --lock {args.lock}{where} --repair`")
+            continue
+        found = check_content(name, src.lock, src, recompute=True)
+        print(f"{name}: matches the lock (raw {found['raw'][:12]}..., labels {found['labels'][:12]}...)")
     return EXIT_MISMATCH if bad else 0
 
 
@@ -239,6 +266,8 @@ def parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch", help="materialise entries (or a lock file's entries) into the cache")
     _entry_args(f, many="*")
     f.add_argument("--lock", help="fetch every entry of this lock file with its pinned parameters")
+    f.add_argument("--repair", action="store_true",
+                   help="first fetch again the shards `verify` finds missing or damaged")
     f.add_argument("--workers", type=int, default=None, help="shard tasks at once (default: the cores)")
     f.add_argument("--scheduler", help="dask.distributed scheduler address to run the shard tasks on")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
