@@ -54,7 +54,12 @@ def test_list_and_help(capsys):
 
 @pytest.mark.parametrize("argv,pattern", [
     (["fetch", "p99_psd"], r"entry 'p99_psd' is unknown; allowed: \['p105_psd'"),
-    (["fetch", "p14_psd", "--bbox-nm", "5", "1", "0", "1", "0", "1"], r"bbox_nm=.*inverted along x"),
+    (["preview", "p14_psd", "--z", "0", "-o", "/missing/dir/x.png"],
+     r"-o /missing/dir/x.png: the folder /missing/dir does not exist"),
+    (["fetch", "p14_psd", "--bbox-nm", "5", "1", "0", "1", "0", "1"],
+     r"bbox_nm=\[5, 1, 0, 1, 0, 1\] is empty or inverted along x"),  # numbers as numbers
+    (["fetch", "p14_psd", "--bbox-nm", "a", "b", "c", "d", "e", "f"],
+     r"bbox_nm=\['a', 'b', 'c', 'd', 'e', 'f'\] is not valid: 'a', 'b', 'c', 'd', 'e', 'f' are not finite numbers"),
     (["fetch", "p14_psd", "--em-mip", "x"], r"em_mip='x' is not valid"),
     (["fetch", "p14_psd", "--base-url", "ftp://x"], r"unsupported scheme 'ftp'"),
     (["verify", "/nonexistent/store"], r"'/nonexistent/store' is neither a store folder \(no such path\) nor a "

@@ -174,7 +174,7 @@ def test_a_hostile_info_file_is_a_layer_error(wide, tmp_path, kind):
         info = json.loads(info_path.read_text())
         info["padding"] = "x" * (20 * 2**20)
         info_path.write_text(json.dumps(info))
-        pattern = r"could not read its info file \(at most 16777216 bytes\)"
+        pattern = r"could not read its info file: GET .*/info answered a \d+-byte body; at most 16777216 bytes fit"
     with MirrorServer(root) as server:
         with pytest.raises(LayerError, match=pattern):
             _source(server.base_url, tmp_path / "c").discover()

@@ -178,10 +178,16 @@ def check_bbox(value, default) -> tuple:
     if not isinstance(value, (list, tuple)) or len(value) != 6:
         raise ValueError(f"bbox_nm={value!r} is not valid; allowed: six numbers "
                          "(x0, x1, y0, y1, z0, z1) in nm")
-    box = tuple(_number("bbox_nm", v, "six finite numbers (x0, x1, y0, y1, z0, z1) in nm") for v in value)
+    parsed = [_parse(v) for v in value]  # numbers as numbers in messages, even from the command line
+    bad = [v for v in parsed if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"bbox_nm={parsed!r} is not valid: {', '.join(map(repr, bad))} "
+                         f"{'is not a finite number' if len(bad) == 1 else 'are not finite numbers'}; "
+                         "allowed: six finite numbers (x0, x1, y0, y1, z0, z1) in nm")
+    box = tuple(float(v) for v in parsed)
     for axis, (lo, hi) in zip("xyz", (box[0:2], box[2:4], box[4:6])):
         if not lo < hi:
-            raise ValueError(f"bbox_nm={list(value)!r} is empty or inverted along {axis} "
+            raise ValueError(f"bbox_nm={parsed!r} is empty or inverted along {axis} "
                              f"({axis}0={lo:g} must be below {axis}1={hi:g})")
     return box
 

@@ -169,6 +169,9 @@ def cmd_lock(args):
 
 def cmd_preview(args):
     from ..viewer.preview import render
+    folder = Path(args.output).resolve().parent
+    if not folder.is_dir():  # said before any fetch, not as a bare [Errno 2] after it
+        raise ValueError(f"-o {args.output}: the folder {folder} does not exist; allowed: a file in an existing folder")
     src = _source(args.entry, args, voxels=True, progress=False)
     level = render(src, args.z, args.output, args.max_size)
     print(f"wrote {args.output}" + (f" (pyramid level {level})" if level else ""))

@@ -187,7 +187,7 @@ def fetch_info(url: str, fetcher: Fetcher) -> dict:
     try:
         body = fetcher.get(f"{http_url(url)}/info", max_bytes=MAX_INFO_BYTES)
     except TransferError as e:
-        raise LayerError(f"layer {url}: could not read its info file (at most {MAX_INFO_BYTES} bytes): {e}") from e
+        raise LayerError(f"layer {url}: could not read its info file: {e}") from e
     if body is None:
         raise LayerError(f"layer {url}: no info file (404); is the base URL right?")
     try:
