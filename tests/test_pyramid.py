@@ -147,23 +147,60 @@ def test_napari_reader_gives_an_image_and_a_labels_layer_per_label_with_their_le
     np.testing.assert_array_equal(np.asarray(saturated[0][:2]), labels[:2])
 
 
-def test_a_wide_preview_is_drawn_from_the_level_that_fits(wide, wide_server, tmp_path, capsys):
-    """1100 x 520 voxels with --max-size 300: level 2 (275 wide), made lazily from level 0's shards
-    of that slice, its pixels the independent downsampling of the mirror's."""
+def test_a_wide_preview_is_an_overview_from_the_sources_mip_and_the_slices_chunks(wide, wide_server, tmp_path,
+                                                                                   capsys):
+    """1100 x 520 label voxels with --max-size 300: an overview at level 2 (48 nm pixels, 275 wide).
+    Each pixel shows the EM voxel under its centre at the source's coarsest mip not coarser than a
+    pixel (24 nm), the labels the 2 x 2 mode applied twice to the slice (rendered independently
+    here from the mirror); nothing of level 0 is fetched, only the EM mip's shards of that slice
+    (a store of its own) and the label chunks of the slice's chunk row."""
     from PIL import Image
     from wildenberg_intake import cli
     png = tmp_path / "overview.png"
+    z = 2
+    before = dict(wide_server.requests)
     code = cli.main(["preview", "p14_psd", "--base-url", wide_server.base_url, "--cache-dir", str(tmp_path),
-                     "--z", "2", "-o", str(png), "--max-size", "300"])
-    assert code == 0 and "(pyramid level 2)" in capsys.readouterr().out
-    raw = expected_window(wide, "p14", "em_aligned", 1, ALL, all_layers("p14"))[0][2:3]
-    psd = expected_window(wide, "p14", "psd_autoseg", 0, ALL, all_layers("p14"))[0][2:3]
-    want_raw, want_psd = _mean(_mean(raw))[0], _mode(_mode(psd))[0]
+                     "--z", str(z), "-o", str(png), "--max-size", "300"])
+    assert code == 0 and "(overview at level 2" in capsys.readouterr().out
+    psd, box = expected_window(wide, "p14", "psd_autoseg", 0, ALL, all_layers("p14"))
+    want_psd = _mode(_mode(psd[z:z + 1]))[0]
+    # The EM voxel (24 nm, mip 2) under each 48 nm pixel's centre, placed in nm from the labels' origin.
+    x0, _, y0, _, z0, _ = box
+    origin = np.floor(np.array([z0, y0, x0]) / [40, 12, 12]) * [40, 12, 12]
+    em = wide.layer("p14", "em_aligned")
+    assert em.resolution_xyz[2][:2] == (24, 24)
+    rows = np.floor((origin[1] + (np.arange(want_psd.shape[0]) + 0.5) * 48) / 24).astype(int)
+    cols = np.floor((origin[2] + (np.arange(want_psd.shape[1]) + 0.5) * 48) / 24).astype(int)
+    zi = int(np.floor((origin[0] + (z + 0.5) * 40) / 40))
+    plane = em.expected(2, (zi, rows.min(), cols.min()), (zi + 1, rows.max() + 1, cols.max() + 1))[0]
+    want_raw = plane[np.ix_(rows - rows.min(), cols - cols.min())]
     image = np.asarray(Image.open(png))
-    assert image.shape[:2] == want_raw.shape and want_raw.shape[1] <= 300 < 2 * want_raw.shape[1]
+    assert image.shape[:2] == want_psd.shape and want_psd.shape[1] <= 300 < 2 * want_psd.shape[1]
+    assert (want_psd > 0).any()
     plain = want_psd == 0
     plain[-30:, :] = plain[:20, :] = False  # the scale bar and the title
     np.testing.assert_array_equal(image[plain][:, 0], want_raw[plain])
-    (root,) = (tmp_path / "wildenberg2023").iterdir()
-    cache = StoreCache(tmp_path, root.name)
-    assert cache.done_shards("raw@2") == {(0, 0, 0)} and not cache.is_complete("raw")
+    labelled = want_psd > 0
+    labelled[-30:, :] = labelled[:20, :] = False
+    over = 0.45 * want_raw[labelled].astype(np.float32) + 0.55 * np.float32(255)  # the overlay, in float32
+    np.testing.assert_array_equal(image[labelled][:, 0], over.clip(0, 255).astype(np.uint8))
+    # Nothing of level 0 fetched or made; the EM's own mip cached as a store of its own, that slice's shards only.
+    import json
+    (store,) = [StoreCache(tmp_path, p.name) for p in (tmp_path / "wildenberg2023").iterdir()]
+    assert json.loads((store.zarr_path / "zarr.json").read_text())["attributes"]["em_mip"] == 2
+    assert store.done_shards("raw") and all(i[0] == 0 for i in store.done_shards("raw"))
+    assert not store.done_shards("labels/psd") and not store.done_shards("raw@1")
+    fetched = {p: n - before.get(p, 0) for p, n in wide_server.requests.items() if n != before.get(p, 0)}
+    label_requests = [p for p in fetched if "/psd_autoseg/" in p and not p.endswith("/info")]
+    assert 0 < len(label_requests) <= 6  # the chunks of one chunk row in z: a single z range
+    assert len({p.rsplit("_", 1)[1] for p in label_requests}) == 1, label_requests
+    assert not [p for p in fetched if "/em_aligned/12_12_40/" in p], "level 0's EM was fetched"
+
+
+def test_an_overview_that_would_cost_too_much_is_refused_with_the_estimate(wide_server, tmp_path, capsys):
+    from wildenberg_intake import cli
+    code = cli.main(["preview", "p14_saturated", "--base-url", wide_server.base_url, "--cache-dir", str(tmp_path),
+                     "--z", "0", "-o", str(tmp_path / "x.png"), "--max-size", "300", "--max-fetch", "1000"])
+    err = capsys.readouterr().err
+    assert code == 2 and "would fetch about" in err and "more than max_fetch=1000 bytes" in err
+    assert not (tmp_path / "x.png").exists()

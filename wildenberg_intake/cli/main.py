@@ -173,8 +173,9 @@ def cmd_preview(args):
     if not folder.is_dir():  # said before any fetch, not as a bare [Errno 2] after it
         raise ValueError(f"-o {args.output}: the folder {folder} does not exist; allowed: a file in an existing folder")
     src = _source(args.entry, args, voxels=True, progress=False)
-    level = render(src, args.z, args.output, args.max_size)
-    print(f"wrote {args.output}" + (f" (pyramid level {level})" if level else ""))
+    level = render(src, args.z, args.output, args.max_size, int(args.max_fetch))
+    print(f"wrote {args.output}" + (f" (overview at level {level}: EM from the source's mip, labels from "
+                                    "the slice's source chunks)" if level else ""))
 
 
 def cmd_mirror(args):
@@ -290,12 +291,15 @@ def parser() -> argparse.ArgumentParser:
     lk.set_defaults(run=cmd_lock)
 
     pv = sub.add_parser("preview", help="PNG of an EM slice with its labels overlaid and a scale bar "
-                                        "(fetches only the shards of that slice)")
+                                        "(fetches only what that slice needs)")
     _entry_args(pv, many=False)
     pv.add_argument("--z", type=int, required=True, help="slice index in the store (0 = first)")
     pv.add_argument("-o", "--output", required=True, help="PNG file to write")
     pv.add_argument("--max-size", type=int, default=2048, help="widest slice drawn at full resolution; a wider "
-                    "one is drawn from the pyramid level that fits (default 2048 pixels)")
+                    "one is an overview at the level that fits: EM from the source's own coarser mip, labels "
+                    "from the source chunks of the slice's chunk row (default 2048 pixels)")
+    pv.add_argument("--max-fetch", type=float, default=8e9, help="bytes an overview may fetch (uncompressed "
+                    "estimate); a costlier one is refused with the estimate (default 8e9)")
     pv.set_defaults(run=cmd_preview)
 
     m = sub.add_parser("mirror", help="write a BossDB-layout mirror: synthetic, or a copy of a box of a "
