@@ -131,6 +131,15 @@ def main():
             first, setup = (float(v) for v in out.stdout.split()[-2:])
             rows.append((f"lazy first batch (dataset made in {setup:.1f} s)", first,
                          sum(server.requests.values()) - before))
+            before, sent = sum(server.requests.values()), server.bytes_sent
+            t = time.perf_counter()
+            out = subprocess.run([sys.executable, "-m", "wildenberg_intake.cli.main", "preview", "p105_psd", "--z", "64",
+                                  "-o", str(tmp / "overview.png"), "--base-url", server.base_url,
+                                  "--cache-dir", str(tmp / "preview")], capture_output=True, text=True)
+            if out.returncode:
+                raise RuntimeError(out.stderr[-2000:])
+            rows.append((f"preview of a whole slice (MB sent {(server.bytes_sent - sent) / 1e6:.0f})",
+                         time.perf_counter() - t, sum(server.requests.values()) - before))
             print(f"{'step':52s} {'s':>7s} {'requests':>9s}")
             for name, s, n in rows:
                 print(f"{name:52s} {s:7.2f} {n:9d}")

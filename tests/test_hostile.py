@@ -235,22 +235,22 @@ def test_a_flipped_byte_is_found_by_the_inner_chunk_checksum(complete):
     with pytest.raises(DamagedShard, match=r"array raw, shard \(0, 0, 1\) is damaged \(inner chunk .* fails its "
                                            r"crc32c\)\. Run `wildenberg-intake verify .*` .* repair\(\)"):
         _fresh(server, src).read()
-    with pytest.raises(DamagedShard, match=r"its sha256 differs from its record"):
-        _source(server.base_url, src.request.cache_dir, check_hashes=True).to_dask()
+    with pytest.raises(DamagedShard, match=r"its sha256 differs from its record"):  # checked on its first read
+        _source(server.base_url, src.request.cache_dir, check_hashes=True).to_dask()["raw"].values
     repaired = _fresh(server, src).repair()
     assert repaired == {"raw": [(0, 0, 1)]}
     _equal_to_mirror(mirror, server.base_url, src.request.cache_dir)
 
 
 @pytest.mark.parametrize("damage", ["swapped", "emptied", "random"])
-def test_damaged_shards_are_refused_on_open_naming_the_remedy(complete, damage):
+def test_damaged_shards_are_refused_when_read_naming_the_remedy(complete, damage):
     server, src, cache, mirror = complete
     a, b = cache.shard_file("raw", (0, 0, 0)), cache.shard_file("raw", (0, 0, 2))
     if damage == "swapped":
         da, db = a.read_bytes(), b.read_bytes()
         assert len(da) != len(db)
         a.write_bytes(db), b.write_bytes(da)
-        pattern = r"shard \(0, 0, 0\) is damaged \(\d+ bytes on disk, \d+ recorded; 1 more shards of raw"
+        pattern = r"shard \(0, 0, [02]\) is damaged \(\d+ bytes on disk, \d+ recorded\)"
     elif damage == "emptied":
         a.write_bytes(b"")
         pattern = r"shard \(0, 0, 0\) is damaged \(0 bytes on disk"
