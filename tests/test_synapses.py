@@ -235,6 +235,48 @@ def test_synapses_command_prints_the_comparison_and_writes_the_table_and_figure(
         assert f"{experiment} {table['touches_box_edge'].sum()} of {len(table)}" in printed
     image = Image.open(png)
     assert image.size[0] > 800 and np.asarray(image.convert("L")).std() > 10
+    # The comparison: the U statistics and the bootstrap intervals, recomputed here independently.
+    tables = {e: entry_source(f"{e}_synapses", base_url=server.base_url, cache_dir=str(tmp_path)) for e in ("p105", "p14")}
+    sizes = {}
+    for column, words in (("psd_volume_um3", "PSD volumes"), ("vesicle_cloud_volume_um3", "vesicle-cloud volumes")):
+        values = []
+        for e, src in tables.items():
+            t = src.read()
+            t = t[~t["touches_box_edge"]]
+            if column != "psd_volume_um3":
+                t = t[t["vesicle_cloud_voxels"] > 0]
+            values.append(t[column].to_numpy())
+        a, b = values
+        u = sum(float(x > y) + 0.5 * float(x == y) for x in a for y in b)
+        line = next(line for line in printed.splitlines() if line.startswith(words + " of p105"))
+        assert f"(n = {len(a)})" in line and f"(n = {len(b)})" in line and f"Mann-Whitney U = {u:.0f}," in line
+        sizes[column] = (a, b)
+    for e, src in tables.items():
+        t = src.read()
+        x0, x1, y0, y1, z0, z1 = src.plan.bbox_nm
+        size = (5120.0, 6144.0, 6144.0)
+        grid = [int(np.ceil((hi - lo) / b)) for lo, hi, b in ((z0, z1, size[0]), (y0, y1, size[1]), (x0, x1, size[2]))]
+        vols, members = [], []
+        for i in range(grid[0]):
+            for j in range(grid[1]):
+                for k in range(grid[2]):
+                    lo = (z0 + i * size[0], y0 + j * size[1], x0 + k * size[2])
+                    hi = (min(lo[0] + size[0], z1), min(lo[1] + size[1], y1), min(lo[2] + size[2], x1))
+                    vols.append(np.prod(np.subtract(hi, lo)) / 1e9)
+                    inside = np.ones(len(t), bool)
+                    for axis, c in enumerate(("centroid_z_nm", "centroid_y_nm", "centroid_x_nm")):
+                        idx = np.clip(np.floor((t[c].to_numpy() - (z0, y0, x0)[axis]) / size[axis]).astype(int), 0,
+                                      grid[axis] - 1)
+                        inside &= idx == (i, j, k)[axis]
+                    members.append(np.nonzero(inside)[0])
+        rng = np.random.default_rng(0)
+        dens = []
+        for _ in range(1000):
+            drawn = rng.integers(0, len(vols), len(vols))
+            dens.append(1000 * sum(len(members[d]) for d in drawn) / sum(vols[d] for d in drawn))
+        lo, hi = np.percentile(dens, [2.5, 97.5])
+        line = next(line for line in printed.splitlines() if line.startswith(f"  {e}: density"))
+        assert f"[{lo:.1f}, {hi:.1f}] per 1000 µm³" in line, (line, lo, hi)
 
 
 @pytest.mark.parametrize("argv,pattern", [

@@ -230,10 +230,10 @@ def cmd_view(args):
 
 def cmd_synapses(args):
     import pandas as pd
-    from ..analysis.report import format_summary, plot, summarise
+    from ..analysis.report import bootstrap, format_comparison, format_summary, plot, size_tests, summarise
     from ..catalog import entry_names
     allowed = [name[:-len("_synapses")] for name in entry_names() if name.endswith("_synapses")]
-    tables = {}
+    tables, boxes = {}, {}
     for experiment in args.experiments:
         if experiment not in allowed:
             raise ValueError(f"experiment={experiment!r} is unknown; allowed: {allowed}")
@@ -242,12 +242,17 @@ def cmd_synapses(args):
                       **({"block_shape": args.block_shape} if args.block_shape else {}))
         table = src.read()
         tables[experiment] = (table, src.discover()["metadata"]["box_volume_um3"])
-    print(format_summary(summarise(tables)), flush=True)
+        boxes[experiment] = src.plan.bbox_nm
+    summary = summarise(tables)
+    print(format_summary(summary), flush=True)
+    intervals = {e: bootstrap(t, boxes[e], seed=0) for e, (t, _) in tables.items()}
+    tests = size_tests(tables) if len(tables) >= 2 else None
+    print(format_comparison(summary, intervals, tests), flush=True)
     if args.output:
         pd.concat([t for t, _ in tables.values()], ignore_index=True).to_parquet(args.output, index=False)
         print(f"wrote {args.output}")
     if args.plot:
-        plot(tables, args.plot)
+        plot(tables, args.plot, tests)
         print(f"wrote {args.plot}")
 
 
