@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import zarr
 
-from wildenberg_intake.store.cache import StoreCache, array_path, file_sha256
+from wildenberg_intake.store.cache import StoreCache, file_sha256
 from wildenberg_intake.mirror import MirrorServer
 
 from conftest import all_layers, expected_window
@@ -13,27 +13,7 @@ from conftest import all_layers, expected_window
 ALL = [-1e9, 1e9] * 3
 
 
-def _mean(a):
-    """x and y halved: each output voxel the rounded-half-up mean of its 2 x 2 block, clipped at the edge."""
-    z, y, x = a.shape
-    out = np.zeros((z, -(-y // 2), -(-x // 2)), dtype=a.dtype)
-    for j in range(out.shape[1]):
-        for i in range(out.shape[2]):
-            block = a[:, 2 * j:2 * j + 2, 2 * i:2 * i + 2].reshape(z, -1).astype(np.float64)
-            out[:, j, i] = np.floor(block.mean(axis=1) + 0.5)
-    return out
-
-
-def _mode(a):
-    """x and y halved: each output voxel the most frequent value of its 2 x 2 block, ties to the lowest."""
-    z, y, x = a.shape
-    out = np.zeros((z, -(-y // 2), -(-x // 2)), dtype=a.dtype)
-    for k in range(z):
-        for j in range(out.shape[1]):
-            for i in range(out.shape[2]):
-                values, counts = np.unique(a[k, 2 * j:2 * j + 2, 2 * i:2 * i + 2], return_counts=True)
-                out[k, j, i] = values[np.argmax(counts)]  # unique sorts: the first maximum is the lowest
-    return out
+from tests_helpers import mean_2x2 as _mean, mode_2x2 as _mode  # noqa: E402  (independent of the package)
 
 
 @pytest.fixture(scope="module")

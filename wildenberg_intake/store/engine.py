@@ -24,7 +24,7 @@ from .plan import ArraySource, StorePlan, pyramid_levels, split_level
 from .pyramid import LevelWriter, parents_of
 from .resources import default_workers
 from .runners import run_on_dask, run_threads
-from .shards import DEFAULT_CONNECTIONS, ShardWriter, cache_for, finish_array  # noqa: F401  (re-exported)
+from .shards import DEFAULT_CONNECTIONS, ShardWriter, cache_for  # noqa: F401  (re-exported)
 
 DEFAULT_WORKERS = default_workers()  # the CPUs the scheduler grants (affinity, cgroup quota, SLURM), at least 2
 

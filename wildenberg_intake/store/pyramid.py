@@ -26,7 +26,7 @@ from .downsample import decode_into, quarter_chunks
 from .locks import owning
 from .plan import LevelSource, StorePlan, pyramid_levels, split_level
 from .reader import ShardedArrayReader
-from .shards import DEFAULT_CONNECTIONS, ShardWriter, cache_for, finish_array, shard_buffer
+from .shards import DEFAULT_CONNECTIONS, ShardTask, ShardWriter, cache_for, finish_array, shard_buffer
 from .staging import QuarterStage
 
 READ_BACK_TRIES = 20  # a parent evicted this often between its write and its read back: the budget is too small
@@ -39,7 +39,7 @@ def parents_of(index, parent_shape) -> list[tuple]:
             for k in range(2 * index[2], min(2 * index[2] + 2, nx))]
 
 
-class LevelWriter:
+class LevelWriter(ShardTask):
     """Writes the shards of one pyramid level (`<array>@<level>`); picklable like `ShardWriter`.
 
     stage_quarters: also stage each shard's quarter of the level above (a materialisation, or a
@@ -59,13 +59,6 @@ class LevelWriter:
         self.cache = cache_for(plan)
         self.quarters = QuarterStage(self.cache.root, name)  # staged for this level by the level below
         self.next_name = f"{base}@{level + 1}"
-
-    def __getstate__(self):
-        return {"plan": self.plan, "name": self.name, "connections": self.connections,
-                "stage_quarters": self.stage_quarters}
-
-    def __setstate__(self, state):
-        self.__init__(**state)
 
     @property
     def layer(self):  # the fetched array's layer (its fetcher is the run's)

@@ -145,7 +145,24 @@ def _voxels_covered(info, grids, start, stop) -> int:
     return total
 
 
-class ShardWriter:
+class ShardTask:
+    """What the writers of a store's shards share: picklable by their constructor's arguments
+    (dask workers and loader workers rebuild them, with connections and locks of their own)."""
+
+    plan: StorePlan
+    name: str
+    connections: int
+    stage_quarters: bool
+
+    def __getstate__(self):
+        return {"plan": self.plan, "name": self.name, "connections": self.connections,
+                "stage_quarters": self.stage_quarters}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+
+class ShardWriter(ShardTask):
     """Everything one array's shard tasks need; picklable, so dask workers can run `write`."""
 
     def __init__(self, plan: StorePlan, name: str, connections: int = DEFAULT_CONNECTIONS,
@@ -160,13 +177,6 @@ class ShardWriter:
         self._gate_size = max(2, BODY_BYTES // chunk_bytes)
         self._gate, self._gate_pid = threading.BoundedSemaphore(self._gate_size), os.getpid()
         tune_malloc()  # only if asked for (WILDENBERG_INTAKE_TUNE_MALLOC=1): the process is the user's
-
-    def __getstate__(self):
-        return {"plan": self.plan, "name": self.name, "connections": self.connections,
-                "stage_quarters": self.stage_quarters}
-
-    def __setstate__(self, state):
-        self.__init__(**state)
 
     @property
     def cache(self) -> StoreCache:
