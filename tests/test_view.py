@@ -269,3 +269,53 @@ def test_a_byte_range_reads_only_its_range(tmp_path):
             with urllib.request.urlopen(req) as resp:
                 assert resp.status == 206 and resp.read() == want
             assert server.bytes_read - before == len(want)
+
+
+def test_the_first_view_of_a_small_box_fills_the_canvas_with_the_em_visible_under_the_labels(mirror, server,
+                                                                                             tmp_path, browser):
+    """As a newcomer sees it: `view` of a small box opens zoomed to fill a 1000 x 800 canvas, the
+    synapse labels drawn in one clear colour each with the EM showing through them, and the dense
+    segmentation hidden until asked for."""
+    from wildenberg_intake.viewer.view import LABEL_ALPHA, LABEL_COLOURS, SCREEN_PIXELS
+    src = entry_source("p14_psd", base_url=server.base_url, cache_dir=str(tmp_path))
+    with View([src]) as view:
+        browser.get(view.url)
+        with view.viewer.config_state.txn() as s:
+            s.show_ui_controls, s.show_panel_borders, s.viewer_size = False, False, list(SCREEN_PIXELS)
+        with view.viewer.txn() as s:
+            s.show_axis_lines = s.show_default_annotations = s.show_scale_bar = False
+            shown = {layer.name: layer.visible is not False for layer in s.layers}
+            assert shown == {"raw": True, "psd": True, "vesicle_cloud": True, "saturated": False}
+            position = [p * sc * 1e9 for p, sc in zip(s.position, s.dimensions.scales)]
+            nm = s.cross_section_scale * s.dimensions.scales[0] * 1e9
+        done, out = threading.Event(), []
+        view.viewer.async_screenshot(lambda reply: (out.append(reply), done.set()))
+        assert done.wait(120)
+        rgb = np.asarray(Image.open(io.BytesIO(out[0].screenshot.image)).convert("RGB")).astype(int)
+    assert rgb.shape[:2] == SCREEN_PIXELS[::-1]
+    x0, x1, y0, y1, z0, z1 = src.plan.bbox_nm
+    assert (x1 - x0) / nm > 0.8 * SCREEN_PIXELS[0] or (y1 - y0) / nm > 0.8 * SCREEN_PIXELS[1]  # zoomed to fill
+    drawn = rgb.sum(axis=2) > 0  # outside the box the canvas is black
+    assert drawn.mean() > 0.8
+    # Under the PSD colour the EM is visible: the green channel is the EM voxel under the pixel, blended.
+    w, h = SCREEN_PIXELS
+    xs = position[0] + (np.arange(w) + 0.5 - w / 2) * nm
+    ys = position[1] + (np.arange(h) + 0.5 - h / 2) * nm
+    em, em_edge = sample(mirror.layer("p14", EM), 1, position[2], ys, xs)
+    psd, psd_edge = sample(mirror.layer("p14", CHANNEL["psd"]), 0, position[2], ys, xs)
+    cloud, cloud_edge = sample(mirror.layer("p14", CHANNEL["vesicle_cloud"]), 0, position[2], ys, xs)
+    inside = drawn & ~(em_edge | psd_edge | cloud_edge)
+    on_psd = inside & (psd != 0) & (cloud == 0)
+    assert on_psd.sum() > 200
+    g = int(LABEL_COLOURS["psd"][3:5], 16)
+    want_green = (1 - LABEL_ALPHA) * em[on_psd] + LABEL_ALPHA * g
+    assert np.mean(np.abs(rgb[..., 1][on_psd] - want_green) <= 3) > 0.95
+    # Under the vesicle-cloud colour likewise, in the red channel.
+    on_cloud = inside & (cloud != 0) & (psd == 0)
+    r = int(LABEL_COLOURS["vesicle_cloud"][1:3], 16)
+    want_red = (1 - LABEL_ALPHA) * em[on_cloud] + LABEL_ALPHA * r
+    assert on_cloud.sum() > 200 and np.mean(np.abs(rgb[..., 0][on_cloud] - want_red) <= 3) > 0.95
+    assert np.ptp(em[on_psd | on_cloud]) > 20  # EM with contrast under the labels, shown value for value
+    # Nowhere else coloured: no segmentation drawn where the mirror has no synapse label.
+    plain = inside & (psd == 0) & (cloud == 0)
+    assert np.mean(coloured(rgb)[plain]) < 0.005

@@ -21,6 +21,11 @@ from ..store.engine import cache_for
 from ..store.lazy import ReadThroughArray
 
 OVERVIEW_MAX_ZOOM = 2.0  # voxels per screen pixel of the first view (larger boxes open at full resolution)
+SCREEN_PIXELS = (1000, 800)  # the canvas a first view is fitted to (x, y)
+# Synapse labels in clear colours over the EM; the dense segmentation is hidden at first (its layer
+# checkbox, or `layer.visible = True` in a script, shows it).
+LABEL_COLOURS = {"psd": "#ff3030", "vesicle_cloud": "#30c0ff"}
+LABEL_ALPHA = 0.45
 _SHARD = re.compile(r"^/wildenberg2023/(?P<store>[^/]+)/data\.zarr/(?P<array>.+)/c/(?P<z>\d+)/(?P<y>\d+)/(?P<x>\d+)$")
 
 
@@ -122,16 +127,22 @@ class View:
             s.dimensions = ng.CoordinateSpace(names=["x", "y", "z"], units="nm", scales=[res[2], res[1], res[0]])
             s.position = [(x0 + x1) / 2 / res[2], (y0 + y1) / 2 / res[1], (z0 + z1) / 2 / res[0]]
             s.layout = "xy"
-            # The whole box when it nearly fits the screen; else full resolution at its centre: an
-            # overview of a large box draws from coarse levels, each made from every level-0 shard
-            # below it, and would fetch the whole slice's layer before the first picture.
-            fit = max((x1 - x0) / res[2] / 1000, (y1 - y0) / res[1] / 800, 1.0)
+            # The whole box zoomed to fill the screen when it nearly fits it (a small box is zoomed
+            # in); else full resolution at its centre: an overview of a large box draws from coarse
+            # levels, each made from every level-0 shard below it, and would fetch the whole slice's
+            # layer before the first picture.
+            fit = max((x1 - x0) / res[2] / SCREEN_PIXELS[0], (y1 - y0) / res[1] / SCREEN_PIXELS[1])
             s.cross_section_scale = fit if fit <= OVERVIEW_MAX_ZOOM else 1.0
             for name, kind, url in self.layers():
+                label = name.rsplit(" ", 1)[-1]
                 if kind == "image":
                     s.layers[name] = ng.ImageLayer(source=url)
-                else:
-                    s.layers[name] = ng.SegmentationLayer(source=url)
+                elif label in LABEL_COLOURS:  # synapse labels: one clear colour, the EM showing through
+                    s.layers[name] = ng.SegmentationLayer(source=url, segment_default_color=LABEL_COLOURS[label],
+                                                          selected_alpha=LABEL_ALPHA)
+                else:  # the dense segmentation: there to select segments from, hidden until asked for
+                    s.layers[name] = ng.SegmentationLayer(source=url, selected_alpha=LABEL_ALPHA)
+                    s.layers[name].visible = False
 
     def close(self):
         """Stop the data server and neuroglancer's server."""
