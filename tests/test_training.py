@@ -241,3 +241,15 @@ def test_several_label_channels_as_one_target(server, tmp_path):
     with pytest.raises(ValueError, match=r"labels=\['psd', 'synapse'\] is not valid"):
         training.get_dataset("p105_psd", PATCH, labels=["psd", "synapse"], base_url=server.base_url,
                              cache_dir=str(tmp_path))
+
+
+def test_a_patch_larger_than_the_data_warns_naming_the_shapes(server, tmp_path):
+    with pytest.warns(UserWarning, match=r"patch_shape=\(64, 64, 64\) is larger than the data of p14_psd, "
+                                         r"\(\d+, \d+, \d+\) \(z, y, x\): patches will be padded"):
+        training.get_dataset("p14_psd", (64, 64, 64), bbox_nm=BOX["p14"], base_url=server.base_url,
+                             cache_dir=str(tmp_path), progress=False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="patch_shape")  # a patch that fits says nothing of it
+        training.get_dataset("p14_psd", PATCH, bbox_nm=BOX["p14"], base_url=server.base_url,
+                             cache_dir=str(tmp_path), progress=False)

@@ -12,6 +12,7 @@ to the shared store's arrays (raw is never copied per label).
 """
 
 import os
+import warnings
 from pathlib import Path
 from typing import List, Literal, Optional, Sequence, Tuple, Union
 
@@ -274,6 +275,16 @@ def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] =
             raise ValueError(f"lazy=True needs raw and labels on one grid; em_mip={s.request.em_mip} and "
                              f"seg_mip={s.request.seg_mip} give {s.plan.arrays['raw'].shape} and "
                              f"{s.plan.arrays[s.plan.label_name].shape}")
+    for s in srcs:  # a patch deeper or wider than the data is padded by torch-em: say so, with the shapes
+        shape = s.plan.arrays[s.plan.label_name].shape
+        if split is not None:
+            roi = split_roi(s, split)
+            shape = (len(range(*roi[0].indices(shape[0]))),) + tuple(shape[1:])
+        if any(p > n for p, n in zip(patch_shape, shape)):
+            warnings.warn(f"patch_shape={tuple(patch_shape)} is larger than the data of "
+                          f"{s.request.experiment}_{s.request.label}"
+                          f"{f' ({split} split)' if split else ''}, {tuple(shape)} (z, y, x): patches "
+                          "will be padded; choose a smaller patch_shape or a larger bbox_nm", UserWarning, stacklevel=2)
     if split is not None:
         kwargs = util.update_kwargs(kwargs, "rois", [split_roi(s, split) for s in srcs])
     if kinds == {"instance"}:
