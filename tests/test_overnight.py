@@ -155,7 +155,7 @@ def test_two_processes_taking_over_one_stale_lock_one_wins(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     ctx = multiprocessing.get_context("fork")
-    for attempt in range(8):
+    for attempt in range(30):
         path = tmp_path / f"{attempt}.lock"
         path.write_text(f"{socket.gethostname()} {dead.pid} stale")
         barrier, results = ctx.Barrier(2), ctx.Queue()

@@ -27,21 +27,35 @@ def try_lock(path: Path) -> str | None:
     """Create lock file `path` exclusively, taking it over if its holder is gone; returns this
     holder's token (pass it to `unlock`), or None if another holds it."""
     me = f"{socket.gethostname()} {os.getpid()} {uuid.uuid4().hex}"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            # A takeover is judged and done under an OS lock, so of two processes finding one
-            # stale lock only the first removes it; the second then judges the winner's (alive).
-            with _takeover_lock(path):
-                if not stale(path):
-                    return None
-                path.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
+    if _create(path, me):
         return me
-    return None
+    # A takeover is judged, the stale file removed and the new one created under one OS lock, so
+    # of two processes finding one stale lock only the first replaces it: the second then judges
+    # the winner's lock (alive). A file that vanished meanwhile is not removed, only created.
+    with _takeover_lock(path):
+        try:
+            inode = path.stat().st_ino
+        except FileNotFoundError:
+            inode = None  # released meanwhile: nothing to remove
+        if inode is not None:
+            if not stale(path):
+                return None
+            try:  # the file judged stale, not one created since (its holder released it meanwhile)
+                if path.stat().st_ino == inode:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+        return me if _create(path, me) else None
+
+
+def _create(path: Path, token: str) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    return True
 
 
 @contextlib.contextmanager
