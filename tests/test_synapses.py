@@ -254,18 +254,17 @@ def test_synapses_command_prints_the_comparison_and_writes_the_table_and_figure(
     for e, src in tables.items():
         t = src.read()
         x0, x1, y0, y1, z0, z1 = src.plan.bbox_nm
-        size = (5120.0, 6144.0, 6144.0)
-        grid = [int(np.ceil((hi - lo) / b)) for lo, hi, b in ((z0, z1, size[0]), (y0, y1, size[1]), (x0, x1, size[2]))]
+        spans = [(z0, z1, 5120.0), (y0, y1, 6144.0), (x0, x1, 6144.0)]
+        grid = [max(1, int(round((hi - lo) / b))) for lo, hi, b in spans]  # equal blocks nearest 5 x 6 x 6 µm
+        size = [(hi - lo) / n for (lo, hi, _), n in zip(spans, grid)]
         vols, members = [], []
         for i in range(grid[0]):
             for j in range(grid[1]):
                 for k in range(grid[2]):
-                    lo = (z0 + i * size[0], y0 + j * size[1], x0 + k * size[2])
-                    hi = (min(lo[0] + size[0], z1), min(lo[1] + size[1], y1), min(lo[2] + size[2], x1))
-                    vols.append(np.prod(np.subtract(hi, lo)) / 1e9)
+                    vols.append(size[0] * size[1] * size[2] / 1e9)
                     inside = np.ones(len(t), bool)
                     for axis, c in enumerate(("centroid_z_nm", "centroid_y_nm", "centroid_x_nm")):
-                        idx = np.clip(np.floor((t[c].to_numpy() - (z0, y0, x0)[axis]) / size[axis]).astype(int), 0,
+                        idx = np.clip(np.floor((t[c].to_numpy() - spans[axis][0]) / size[axis]).astype(int), 0,
                                       grid[axis] - 1)
                         inside &= idx == (i, j, k)[axis]
                     members.append(np.nonzero(inside)[0])

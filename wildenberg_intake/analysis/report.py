@@ -2,8 +2,8 @@
 uncertainty (a seeded bootstrap over blocks of the box), a test of the P14 vs P105 difference in
 sizes (Mann-Whitney U), and a figure.
 
-What the intervals mean, and what they do not: a bootstrap over blocks of the box (shard-sized,
-5.12 x 6.14 x 6.14 µm) resamples the tissue the box holds, so an interval says how much a density
+What the intervals mean, and what they do not: a bootstrap over blocks of the box (equal blocks of
+about a shard, 5.12 x 6.14 x 6.14 µm) resamples the tissue the box holds, so an interval says how much a density
 or a median would move with another sample of *this* tissue of the same size; it says nothing of
 other animals, other cortical regions or other boxes, and nothing of the automatic annotations'
 own errors (a missed or merged PSD counts as the annotation has it). Synapses cut by the box's
@@ -84,21 +84,22 @@ def plot(tables: dict, path, tests: dict | None = None) -> None:
 
 BLOCK_NM = (5120.0, 6144.0, 6144.0)  # (z, y, x) nm: one output shard at 40 x 12 x 12 nm
 CONFIDENCE = 0.95
+MIN_BLOCKS = 20  # below this many blocks the bootstrap's intervals are said to be coarse
 
 
 def blocks_of(table: pd.DataFrame, bbox_nm) -> tuple[np.ndarray, np.ndarray]:
     """(block of each synapse by its centroid, volume of each block in µm³): the box (x0, x1, y0, y1,
-    z0, z1 nm) cut into BLOCK_NM blocks from its lower corner (edge blocks clipped), in C order."""
+    z0, z1 nm) cut along each axis into the whole number of equal blocks nearest to BLOCK_NM (at
+    least one), in C order. Equal blocks, not BLOCK_NM blocks with a sliver at the far edge: a
+    sliver drawn alone would give a density of 0 or of thousands."""
     x0, x1, y0, y1, z0, z1 = (float(v) for v in bbox_nm)
     lo, hi = np.array([z0, y0, x0]), np.array([z1, y1, x1])
-    size = np.array(BLOCK_NM)
-    counts = np.maximum(1, np.ceil((hi - lo) / size).astype(int))
+    counts = np.maximum(1, np.round((hi - lo) / np.array(BLOCK_NM)).astype(int))
+    size = (hi - lo) / counts
     where = table[["centroid_z_nm", "centroid_y_nm", "centroid_x_nm"]].to_numpy(dtype=float)
     index = np.clip(np.floor((where - lo) / size).astype(int), 0, counts - 1)
     block = np.ravel_multi_index(tuple(index.T), counts) if len(table) else np.zeros(0, int)
-    edges = [np.minimum(lo[a] + np.arange(1, counts[a] + 1) * size[a], hi[a]) - (lo[a] + np.arange(counts[a]) * size[a])
-             for a in range(3)]
-    volume = np.multiply.outer(np.multiply.outer(edges[0], edges[1]), edges[2]).ravel() / 1e9
+    volume = np.full(int(np.prod(counts)), float(np.prod(size)) / 1e9)
     return block, volume
 
 
@@ -107,7 +108,8 @@ def bootstrap(table: pd.DataFrame, bbox_nm, n: int = 1000, seed: int = 0) -> dic
     replacement; the density is the synapses of the drawn blocks per 1000 µm³ of them, the medians
     those of the drawn blocks' synapses (counted as often as their block is drawn; cut synapses and
     PSDs without a cloud left out of sizes as in `summarise`). Returns, per statistic, the
-    (low, high) percentiles of the rounds for CONFIDENCE."""
+    (low, high) percentiles of the rounds for CONFIDENCE, and "blocks": how many blocks the box has
+    (with few, the intervals are coarse)."""
     block, volume = blocks_of(table, bbox_nm)
     nb = len(volume)
     per_block = np.bincount(block, minlength=nb)
@@ -126,8 +128,9 @@ def bootstrap(table: pd.DataFrame, bbox_nm, n: int = 1000, seed: int = 0) -> dic
             sample = np.repeat(values[keep], times[keep])
             rounds[name].append(np.median(sample) if len(sample) else np.nan)
     tail = 100 * (1 - CONFIDENCE) / 2
-    return {name: tuple(np.nanpercentile(v, [tail, 100 - tail])) if np.isfinite(v).any() else (np.nan, np.nan)
-            for name, v in ((k, np.asarray(v, float)) for k, v in rounds.items())}
+    out = {name: tuple(np.nanpercentile(v, [tail, 100 - tail])) if np.isfinite(v).any() else (np.nan, np.nan)
+           for name, v in ((k, np.asarray(v, float)) for k, v in rounds.items())}
+    return {**out, "blocks": nb}
 
 
 def size_tests(tables: dict) -> dict:
@@ -154,14 +157,16 @@ def size_tests(tables: dict) -> dict:
 def format_comparison(summary: pd.DataFrame, intervals: dict, tests: dict | None) -> str:
     """Intervals and the size tests in plain words, as `wildenberg-intake synapses` prints them."""
     pct = int(round(100 * CONFIDENCE))
-    lines = [f"{pct}% intervals (seeded bootstrap over 5 x 6 x 6 µm blocks of each box: this tissue, not other animals):"]
+    lines = [f"{pct}% intervals (seeded bootstrap over ~5 x 6 x 6 µm blocks of each box: this tissue, not other animals):"]
     for r in summary.itertuples():
         iv = intervals[r.experiment]
         lines.append(f"  {r.experiment}: density {r.density_per_1000_um3:.1f} [{iv['density_per_1000_um3'][0]:.1f}, "
                      f"{iv['density_per_1000_um3'][1]:.1f}] per 1000 µm³; median PSD {r.psd_volume_um3_median:.5f} "
                      f"[{iv['psd_volume_um3_median'][0]:.5f}, {iv['psd_volume_um3_median'][1]:.5f}] µm³; median "
                      f"vesicle cloud {r.vesicle_cloud_volume_um3_median:.5f} [{iv['vesicle_cloud_volume_um3_median'][0]:.5f}, "
-                     f"{iv['vesicle_cloud_volume_um3_median'][1]:.5f}] µm³")
+                     f"{iv['vesicle_cloud_volume_um3_median'][1]:.5f}] µm³ ({iv['blocks']} block{'s' if iv['blocks'] != 1 else ''}"
+                     + ("; too few for a reliable interval: a larger box gives more)" if iv["blocks"] < MIN_BLOCKS
+                        else ")"))
     if tests:
         a, b = list(summary["experiment"])[:2]
         for column, words in (("psd_volume_um3", "PSD volumes"), ("vesicle_cloud_volume_um3", "vesicle-cloud volumes")):
