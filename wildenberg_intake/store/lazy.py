@@ -104,8 +104,8 @@ class ReadThroughArray:
         self.cache = prepare(plan, [name])
         self._writer = None
         self._reader = None
-        # Shards whose file this process has compared with its record: each on its first read, so
-        # that opening an array (a dask task unpickling it, say) costs the same for 16 shards or 3,600.
+        # Shards whose file's sha256 this process has compared with its record (check_hashes): each on
+        # its first read, so that opening an array costs the same for 16 shards or 3,600.
         self._checked = set()
 
     def __getstate__(self):
@@ -169,8 +169,10 @@ class ReadThroughArray:
             self.ensure(index)
             fd = self.cache.hold(self.name, index, touch=self.cache_limit is not None)
             if fd is not None:
-                if index not in self._checked:
-                    problem = self.cache.check_shard(self.name, index, self.check_hashes)
+                # Size and index crc32c against the record: the reader, on its first read of the
+                # shard. The sha256 (check_hashes) only here, once per shard and process.
+                if self.check_hashes and index not in self._checked:
+                    problem = self.cache.check_shard(self.name, index, hashes=True)
                     if problem:
                         os.close(fd)
                         raise DamagedShard(self.cache.shard_file(self.name, index), problem)

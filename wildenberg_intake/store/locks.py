@@ -11,13 +11,14 @@ a holder removes the lock only while it still holds its own token.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import socket
 import threading
 import time
 import uuid
 from pathlib import Path
+
+from .cache import file_lock
 
 LOCK_STALE_SECONDS = 600  # a lock of another host not refreshed for this long is taken over
 HEARTBEAT_SECONDS = 60  # how often a holder refreshes its lock
@@ -32,7 +33,7 @@ def try_lock(path: Path) -> str | None:
     # A takeover is judged, the stale file removed and the new one created under one OS lock, so
     # of two processes finding one stale lock only the first replaces it: the second then judges
     # the winner's lock (alive). A file that vanished meanwhile is not removed, only created.
-    with _takeover_lock(path):
+    with file_lock(path.with_name(f".{path.name}.takeover.lock")):
         try:
             inode = path.stat().st_ino
         except FileNotFoundError:
@@ -56,16 +57,6 @@ def _create(path: Path, token: str) -> bool:
     with os.fdopen(fd, "w") as f:
         f.write(token)
     return True
-
-
-@contextlib.contextmanager
-def _takeover_lock(path: Path):
-    fd = os.open(path.with_name(f".{path.name}.takeover.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def unlock(path: Path, token: str | None):
