@@ -145,6 +145,16 @@ def test_read_through_array_indexes_like_numpy(wide, catalog, tmp_path):
         np.testing.assert_array_equal(arr[1:4, -20:, 5], want[1:4, -20:, 5])
         with pytest.raises(IndexError, match="only contiguous slices"):
             arr[::2]
+        # A window beyond the data is refused naming the shape (numpy would cut it silently), and nothing is fetched.
+        before = _chunk_requests(server)
+        n, ny, nx = want.shape
+        with pytest.raises(IndexError, match=rf"window 0:{n + 40} on axis 0 reaches outside the array of shape "
+                                             rf"\({n}, {ny}, {nx}\) \(allowed: -{n} to {n}\)"):
+            arr[0:n + 40, 0:10, 0:10]
+        with pytest.raises(IndexError, match=rf"index {n} on axis 0 is outside the array of shape"):
+            arr[n]
+        assert _chunk_requests(server) == before
+        np.testing.assert_array_equal(arr[-n:n, 0:ny, nx - 10:nx], want[:, :, nx - 10:])
 
 
 @pytest.mark.parametrize("value, expected", [(1000, 1000), ("50GB", 50 * 10**9), ("512 MiB", 512 * 2**20),

@@ -26,7 +26,7 @@ import numpy as np
 from .cache import SHARDS, DamagedShard, StoreCache, array_path, shard_grid
 from .engine import DEFAULT_CONNECTIONS, prepare, writer_for
 from .plan import StorePlan
-from .reader import DEFAULT_CACHE_MB, ShardedArrayReader
+from .reader import DEFAULT_CACHE_MB, ShardedArrayReader, window
 
 _FINISHING = threading.Lock()
 
@@ -183,7 +183,7 @@ class ReadThroughArray:
                            "could be read: cache_limit is smaller than one read needs")
 
     def __getitem__(self, key) -> np.ndarray:
-        starts, stops = _box(key, self.shape)
+        starts, stops = window(key, self.shape)
         fds = []
         try:
             for index in shards_touching(starts, stops):
@@ -201,24 +201,6 @@ class ReadThroughArray:
         import dask.array as da
         return da.from_array(self, chunks=SHARDS, name=f"wildenberg-{self.cache.root.name}-{self.name}",
                              asarray=True, fancy=False, lock=False, meta=np.empty((0, 0, 0), dtype=self.dtype))
-
-
-def _box(key, shape):
-    """(starts, stops) of a tuple of contiguous slices (or integers) over `shape`."""
-    key = key if isinstance(key, tuple) else (key,)
-    if len(key) > len(shape):
-        raise IndexError(f"too many indices for an array of shape {shape}: {key!r}")
-    key = key + (slice(None),) * (len(shape) - len(key))
-    starts, stops = [], []
-    for k, n in zip(key, shape):
-        if isinstance(k, (int, np.integer)):
-            k = slice(int(k), int(k) + 1) if k >= 0 else slice(n + int(k), n + int(k) + 1)
-        if not isinstance(k, slice) or k.step not in (None, 1):
-            raise IndexError(f"only contiguous slices are supported, got {key!r}")
-        a, b, _ = k.indices(n)
-        starts.append(a)
-        stops.append(max(a, b))
-    return starts, stops
 
 
 # -- a pool of cached windows, grown by a background prefetcher -------------------------------------

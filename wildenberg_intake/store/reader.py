@@ -147,15 +147,7 @@ class ShardedArrayReader:
         return data
 
     def __getitem__(self, key) -> np.ndarray:
-        key = key if isinstance(key, tuple) else (key,)
-        key = key + (slice(None),) * (self.ndim - len(key))
-        starts, stops = [], []
-        for k, n in zip(key, self.shape):
-            if not isinstance(k, slice) or k.step not in (None, 1):
-                raise IndexError(f"only contiguous slices are supported, got {key!r}")
-            a, b, _ = k.indices(n)
-            starts.append(a)
-            stops.append(max(a, b))
+        starts, stops = window(key, self.shape)
         out = np.full(tuple(b - a for a, b in zip(starts, stops)), self.fill, dtype=self.dtype)
         ranges = [range(a // c, -(-b // c)) for a, b, c in zip(starts, stops, self.chunk)]
         for cz in ranges[0]:
@@ -169,3 +161,32 @@ class ShardedArrayReader:
                     out[tuple(slice(l - a, h - a) for l, h, a in zip(lo, hi, starts))] = \
                         data[tuple(slice(l - i * c, h - i * c) for l, h, i, c in zip(lo, hi, (cz, cy, cx), self.chunk))]
         return out
+
+
+def window(key, shape) -> tuple[list, list]:
+    """(starts, stops) of a window given as contiguous slices or integers over `shape`.
+
+    A window reaching outside the array is refused (IndexError naming the axis, the window and the
+    shape) rather than cut to it as numpy would: a window beyond the data is a mistake worth knowing.
+    """
+    key = key if isinstance(key, tuple) else (key,)
+    if len(key) > len(shape):
+        raise IndexError(f"too many indices for an array of shape {tuple(shape)}: {key!r}")
+    key = key + (slice(None),) * (len(shape) - len(key))
+    starts, stops = [], []
+    for axis, (k, n) in enumerate(zip(key, shape)):
+        if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+            k = int(k)
+            if not -n <= k < n:
+                raise IndexError(f"index {k} on axis {axis} is outside the array of shape {tuple(shape)}")
+            k = slice(k % n, k % n + 1)
+        if not isinstance(k, slice) or k.step not in (None, 1):
+            raise IndexError(f"only contiguous slices and integers are supported, got {key!r}")
+        for end in (k.start, k.stop):
+            if end is not None and not -n <= end <= n:
+                raise IndexError(f"window {k.start}:{k.stop} on axis {axis} reaches outside the array of shape "
+                                 f"{tuple(shape)} (allowed: -{n} to {n})")
+        a, b, _ = k.indices(n)
+        starts.append(a)
+        stops.append(max(a, b))
+    return starts, stops
