@@ -114,3 +114,22 @@ def test_an_unknown_entry_is_named_in_python_as_in_the_cli():
         cat["p14_vesicle"]
     assert "p105_psd" in cat and cat.p105_psd.describe()["name"] == "p105_psd"
     assert sorted(cat) == sorted(wildenberg_intake.entry_names())
+
+
+@pytest.mark.parametrize("argv,python,message", [
+    (["fetch", "p14_psd", "--workers", "0"], ("p14_psd", dict(workers=0)), "workers=0 is not valid; allowed: a positive integer"),
+    (["synapses", "p14", "--workers", "0"], ("p14_synapses", dict(workers=0)), "workers=0 is not valid; allowed: a positive integer"),
+    (["synapses", "p14", "--block-shape", "0", "5", "5"], ("p14_synapses", dict(block_shape=[0, 5, 5])),
+     "block_shape=[0, 5, 5] is not valid; allowed: three positive voxel counts (z, y, x)"),
+])
+def test_the_cli_and_python_refuse_a_bad_value_with_one_message(argv, python, message, catalog, capsys, tmp_path):
+    """One validation serves both: the same line, before any request (the base URL answers nothing)."""
+    from wildenberg_intake import cli
+    base = ["--base-url", "http://127.0.0.1:9/nothing", "--cache-dir", str(tmp_path)]
+    assert cli.main(argv + base) == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: {message}")
+    entry, kwargs = python
+    with pytest.raises(ValueError) as info:
+        getattr(catalog, entry)(base_url="http://127.0.0.1:9/nothing", cache_dir=str(tmp_path), **kwargs)
+    assert str(info.value) == message
+    assert not (tmp_path / "wildenberg2023").exists()

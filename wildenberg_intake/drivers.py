@@ -268,7 +268,8 @@ class SynapseTableSource(_StoreSource):
         super().__init__(dataset, "psd", parameters, user, workers, progress, connections, retry, cache_limit,
                          metadata)
         self.entry_name = f"{self.request.experiment}_synapses"
-        self.block_shape = block_shape
+        from .analysis.synapses import check_block_shape
+        self.block_shape = check_block_shape(block_shape)
         self.client = client
 
     def table(self, client=None):

@@ -33,6 +33,7 @@ import math
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..catalog import check_count
 from ..store.cache import SHARDS, durable_write, make_dirs
 from ..store.engine import DEFAULT_CONNECTIONS, DEFAULT_WORKERS, cache_for
 from ..store.runners import run_on_dask, run_threads
@@ -97,6 +98,20 @@ def _apply(fn, i, args):
     return fn(*args)
 
 
+def check_block_shape(value) -> tuple:
+    """Voxels (z, y, x) per task: three positive integers; None is the store's shard shape."""
+    if value is None:
+        return tuple(SHARDS)
+    try:
+        shape = tuple(value)
+    except TypeError:
+        shape = ()
+    if len(shape) != 3 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+                                  for v in shape):
+        raise ValueError(f"block_shape={value!r} is not valid; allowed: three positive voxel counts (z, y, x)")
+    return tuple(int(v) for v in shape)
+
+
 def _run(fn, calls: list, workers: int, client, progress: bool, desc: str) -> list:
     """fn(*args) for each args of `calls`, on `workers` threads or a dask client (the engine's
     runners); results in the order of `calls`."""
@@ -127,11 +142,7 @@ class SynapseTable:
         if missing:
             raise ValueError(f"the store of {plan.request.experiment} lacks {missing}; a synapse table needs "
                              f"{sorted(ARRAYS.values())}")
-        block_shape = tuple(SHARDS) if block_shape is None else tuple(int(v) for v in block_shape)
-        if len(block_shape) != 3 or min(block_shape) < 1:
-            raise ValueError(f"block_shape={block_shape!r} is not valid; allowed: three positive voxel counts (z, y, x)")
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers={workers!r} is not valid; allowed: a positive integer")
+        block_shape, workers = check_block_shape(block_shape), check_count("workers", workers)
         self.plan, self.block_shape, self.workers, self.client = plan, block_shape, workers, client
         self.progress = progress
         # Blocks are read once (their halo planes twice): a small chunk cache keeps memory flat.

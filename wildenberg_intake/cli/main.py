@@ -83,7 +83,7 @@ def cmd_describe(args):
 
 
 def cmd_fetch(args):
-    extra = {"workers": args.workers} if args.workers else {}
+    extra = {"workers": args.workers} if args.workers is not None else {}
     if args.lock:
         from ..lock import open_locked
         sources = open_locked(args.lock, **_params(args, progress=not args.quiet, **extra))
@@ -238,8 +238,8 @@ def cmd_synapses(args):
         if experiment not in allowed:
             raise ValueError(f"experiment={experiment!r} is unknown; allowed: {allowed}")
         src = _source(f"{experiment}_synapses", args, progress=not args.quiet, client=args.scheduler,
-                      **({"workers": args.workers} if args.workers else {}),
-                      **({"block_shape": args.block_shape} if args.block_shape else {}))
+                      **({"workers": args.workers} if args.workers is not None else {}),
+                      **({"block_shape": args.block_shape} if args.block_shape is not None else {}))
         table = src.read()
         tables[experiment] = (table, src.discover()["metadata"]["box_volume_um3"])
         boxes[experiment] = src.plan.bbox_nm
