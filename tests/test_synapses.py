@@ -282,7 +282,7 @@ def test_synapses_command_prints_the_comparison_and_writes_the_table_and_figure(
     (["synapses", "p99"], r"experiment='p99' is unknown; allowed: \['p105', 'p14'\]"),
     (["preview", "p14_synapses", "--z", "0", "-o", "x.png"], r"entry 'p14_synapses' is a synapse table; allowed "
                                                               r"here: a voxel entry such as p14_psd"),
-    (["synapses", "p14", "--block-shape", "0", "5", "5"], r"block_shape=\(0, 5, 5\) is not valid"),
+    (["synapses", "p14", "--block-shape", "0", "5", "5"], r"block_shape=\[0, 5, 5\] is not valid"),
 ])
 def test_synapse_command_mistakes(tissue, tmp_path, capsys, argv, pattern):
     import re
