@@ -29,6 +29,9 @@ import hashlib
 import io
 import json
 import math
+import os
+import shutil
+import uuid
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -56,12 +59,18 @@ def _window(arr):
     return read
 
 
-def summarise_block(arrays: dict, start, stop) -> tuple[dict, dict]:
+def summarise_block(arrays: dict, start, stop, spill=None) -> tuple[dict, dict]:
     """Pass 1 of one block: the PSD and vesicle-cloud summaries, with saturated ids per label
-    (saturated is read only where the block has a PSD or vesicle-cloud voxel)."""
+    (saturated is read only where the block has a PSD or vesicle-cloud voxel). Where the block has
+    vesicle clouds, their labels are also written to the file `spill`, for pass 2 (one labelling
+    per block)."""
     shape = arrays["psd"].shape
     summaries = [block_summary(*label_block(_window(arrays[name]), shape, start, stop), start, stop, shape)
                  for name in ("psd", "vesicle_cloud")]
+    if spill is not None and summaries[1]["n"]:
+        clouds = summaries[1]
+        with open(spill, "wb") as f:  # scratch of this run: pass 2 reads it, the run removes it
+            np.savez(f, where=np.stack(clouds["where"]).astype(np.int32), lab=clouds["lab"].astype(np.uint32))
     if any(len(s["lab"]) for s in summaries):
         segments = _window(arrays["saturated"])(start, stop)
     else:  # not needed here, but recorded, so that the table's key (every array's checksum) exists
@@ -73,12 +82,13 @@ def summarise_block(arrays: dict, start, stop) -> tuple[dict, dict]:
     return slim(summaries[0]), slim(summaries[1])
 
 
-def count_clouds_in_boxes(arrays: dict, start, stop, nodes: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+def count_clouds_in_boxes(spill, start, stop, nodes: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """Pass 2 of one block: for each (synapse, lo z y x, hi z y x) row of `boxes`, how many voxels of
-    each vesicle-cloud component lie in the box's part of this block. `nodes` maps this block's
-    vesicle labels (as pass 1 numbered them) to global components. Rows (synapse, component, count)."""
-    labels, halo = label_block(_window(arrays["vesicle_cloud"]), arrays["psd"].shape, start, stop)
-    core = labels[tuple(slice(h, None) for h in halo)]
+    each vesicle-cloud component lie in the box's part of this block. The block's vesicle labels are
+    pass 1's (its file `spill`), `nodes` maps them to global components. Rows (synapse, component, count)."""
+    with np.load(spill) as saved:
+        core = np.zeros(np.subtract(stop, start), np.uint32)
+        core[tuple(saved["where"])] = saved["lab"]
     rows = []
     for syn, *box in boxes:
         lo = np.maximum(box[:3], start) - start
@@ -195,11 +205,23 @@ class SynapseTable:
 
     # -- the computation -------------------------------------------------------------------------
     def compute(self):
+        """The table, computed (not cached): pass 1 labels every block once, pass 2 pairs PSDs with
+        vesicle clouds from pass 1's labels, kept in a scratch folder of this run under the store's
+        staging/tables/ (removed at the end)."""
+        scratch = self.cache.root / "staging" / "tables" / f"{os.getpid()}-{uuid.uuid4().hex}"
+        make_dirs(scratch)
+        try:
+            return self._compute(scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _compute(self, scratch):
         import pandas as pd
         tiles = blocks(self.shape, self.block_shape)
         exp = self.plan.request.experiment
-        first = _run(summarise_block, [(self.arrays, a, b) for a, b in tiles], self.workers, self.client,
-                     self.progress, f"{exp} synapses: components")
+        spills = [str(scratch / f"{b}.npz") for b in range(len(tiles))]
+        first = _run(summarise_block, [(self.arrays, a, b, f) for (a, b), f in zip(tiles, spills)], self.workers,
+                     self.client, self.progress, f"{exp} synapses: components")
         psd = Components([s[0] for s in first])
         clouds = Components([s[1] for s in first])
         n = psd.n
@@ -215,7 +237,7 @@ class SynapseTable:
                 continue
             meets = np.all(lo_g < stop, axis=1) & np.all(hi_g > start, axis=1)
             if meets.any():
-                calls.append((self.arrays, start, stop, clouds.of_block(b), boxes[meets]))
+                calls.append((spills[b], start, stop, clouds.of_block(b), boxes[meets]))
         counted = _run(count_clouds_in_boxes, calls, self.workers, self.client, self.progress,
                        f"{exp} synapses: vesicle clouds")
         rows = np.concatenate(counted, axis=0) if counted else np.zeros((0, 3), np.int64)
