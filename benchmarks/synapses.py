@@ -4,7 +4,8 @@
 
 For three boxes (a quarter, half and all of a p14 mirror's label volume, cached first), each in a
 fresh process so that its peak memory is its own:
-- table: `SynapseTable.compute()` (two blockwise passes, shard-sized blocks, `--workers` threads);
+- table: `SynapseTable.compute()` (one labelling per block, shard-sized blocks) with its default
+  (`--workers` worker processes), and the same on 1 process and on `--workers` threads;
 - floor: reading the same three label arrays (psd, vesicle_cloud, saturated) block by block through
   the same reader and threads, doing nothing with them: what any blockwise computation pays;
 - scipy: what a user would write with the box in memory: read the arrays whole, scipy.ndimage.label
@@ -29,11 +30,38 @@ import numpy as np
 ARRAYS = ("labels/psd", "labels/vesicle_cloud", "labels/saturated")
 
 
-def _peak_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+class TreePeak:
+    """Peak resident memory of this process and all its descendants (worker processes included),
+    sampled every 20 ms, in MB; this process's own VmHWM is a floor under it."""
+
+    def __init__(self):
+        import psutil
+        import threading
+        self.me, self.peak, self.stop = psutil.Process(), 0.0, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self):
+        import psutil
+        while not self.stop.wait(0.02):
+            total = 0
+            for proc in [self.me, *self.me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total / 2**20)
+
+    def done(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        own = next(int(line.split()[1]) / 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                   if line.startswith("VmHWM:"))
+        return max(self.peak, own)
+
+
+MODES = {"floor": {}, "table": {}, "table 1 proc": {"workers": 1, "processes": False},
+         "table threads": {"processes": False}, "scipy": {}}
 
 
 def child(mode: str, base_url: str, cache_dir: str, bbox: list, workers: int) -> dict:
@@ -43,10 +71,12 @@ def child(mode: str, base_url: str, cache_dir: str, bbox: list, workers: int) ->
     from wildenberg_intake.drivers import entry_source
     from wildenberg_intake.store.cache import SHARDS
     src = entry_source("p14_synapses", base_url=base_url, cache_dir=cache_dir, bbox_nm=bbox, progress=False)
-    table = SynapseTable(src.plan, workers=workers, progress=False)
+    options = {"workers": workers, **MODES[mode]}
+    table = SynapseTable(src.plan, progress=False, **options)
     shape = table.shape
+    peak = TreePeak()
     t = time.perf_counter()
-    if mode == "table":
+    if mode.startswith("table"):
         rows = len(table.compute())
     elif mode == "floor":
         def read_all(start, stop):
@@ -55,7 +85,8 @@ def child(mode: str, base_url: str, cache_dir: str, bbox: list, workers: int) ->
         rows = 0
     else:
         rows = _scipy_table(table)
-    return {"seconds": time.perf_counter() - t, "voxels": int(np.prod(shape)), "rows": rows, "peak_mb": _peak_mb()}
+    seconds = time.perf_counter() - t
+    return {"seconds": seconds, "voxels": int(np.prod(shape)), "rows": rows, "peak_mb": peak.done()}
 
 
 def _scipy_table(table) -> int:
@@ -112,7 +143,7 @@ def main():
                                progress=False)
             materialise(src.plan, list(ARRAYS), progress=False)  # cached first: the table's cost alone
             row = {"fraction": fraction}
-            runs = {mode: [] for mode in ("floor", "table", "scipy")}
+            runs = {mode: [] for mode in MODES}
             for _ in range(args.repeat):  # modes alternate; the median of each is reported
                 for mode in runs:
                     spec = json.dumps({"mode": mode, "base_url": server.base_url, "cache_dir": str(cache),
@@ -137,17 +168,18 @@ def main():
                 raise RuntimeError(out.stderr)
             fetched[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         print(json.dumps({"fetched": fetched}), flush=True)
-    print(f"\np14 mirror {tuple(args.size)}, {args.workers} workers, cached store, each run in a fresh process, "
-          f"median of {args.repeat} (peak: the largest)")
-    print(f"{'box':>5s} {'Mvoxels':>8s} | {'floor s':>8s} {'table s':>8s} {'scipy s':>8s} | "
-          f"{'table Mvox/s':>12s} {'table/floor':>11s} {'scipy/table':>11s} | "
-          f"{'floor MB':>8s} {'table MB':>8s} {'scipy MB':>8s} | synapses")
+    print(f"\np14 mirror of {full.arrays['labels/psd'].shape} label voxels (z, y, x), {args.workers} workers, cached store, each run in a fresh process, "
+          f"median of {args.repeat} s (peak MB: the largest, the process and its workers)")
+    names = list(MODES)
+    print(f"{'box':>5s} {'Mvoxels':>8s} | " + " ".join(f"{m:>13s}" for m in names) + " | table/floor  "
+          "1proc/table  threads/table  scipy/table | " + " ".join(f"{m[:9] + ' MB':>12s}" for m in names)
+          + " | synapses")
     for r in results:
-        f, tb, sc = r["floor"], r["table"], r["scipy"]
-        print(f"{r['fraction']:5.2f} {tb['voxels'] / 1e6:8.1f} | {f['seconds']:8.2f} {tb['seconds']:8.2f} "
-              f"{sc['seconds']:8.2f} | {tb['voxels'] / tb['seconds'] / 1e6:12.1f} {tb['seconds'] / f['seconds']:11.2f} "
-              f"{sc['seconds'] / tb['seconds']:11.2f} | {f['peak_mb']:8.0f} {tb['peak_mb']:8.0f} {sc['peak_mb']:8.0f} | "
-              f"{tb['rows']}")
+        tb = r["table"]
+        print(f"{r['fraction']:5.2f} {tb['voxels'] / 1e6:8.1f} | " + " ".join(f"{r[m]['seconds']:13.2f}" for m in names)
+              + f" | {tb['seconds'] / r['floor']['seconds']:11.2f} {r['table 1 proc']['seconds'] / tb['seconds']:12.2f} "
+              f"{r['table threads']['seconds'] / tb['seconds']:14.2f} {r['scipy']['seconds'] / tb['seconds']:12.2f} | "
+              + " ".join(f"{r[m]['peak_mb']:12.0f}" for m in names) + f" | {tb['rows']}")
     f, tb = fetched["floor"], fetched["table"]
     print(f"\nfull box, nothing cached (fetched from the local mirror server as it is read): floor "
           f"{f['seconds']:.2f} s, table {tb['seconds']:.2f} s, table/floor {tb['seconds'] / f['seconds']:.2f}; "

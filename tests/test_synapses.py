@@ -99,21 +99,26 @@ def tissue(tmp_path_factory):
         yield m, server
 
 
-@pytest.mark.parametrize("experiment", ["p14", "p105"])
-def test_the_table_equals_an_independent_in_memory_computation(tissue, tmp_path, experiment, monkeypatch):
+@pytest.mark.parametrize("experiment, workers, processes", [("p14", 2, True), ("p105", 2, True), ("p14", 2, False),
+                                                          ("p105", 1, False)])
+def test_the_table_equals_an_independent_in_memory_computation(tissue, tmp_path, experiment, workers, processes,
+                                                               monkeypatch):
     mirror, server = tissue
     src = entry_source(f"{experiment}_synapses", base_url=server.base_url, cache_dir=str(tmp_path))
-    src.block_shape = BLOCK
     import hashlib
     from wildenberg_intake.analysis import components
-    labelled, label = [], components.cc3d.connected_components
+    log, label = tmp_path / "labelled.txt", components.cc3d.connected_components
 
-    def counting(mask, **kwargs):
-        labelled.append(hashlib.sha256(repr(mask.shape).encode() + mask.tobytes()).hexdigest())
+    def counting(mask, **kwargs):  # each labelling noted in a file: worker processes share it
+        with open(log, "a") as f:
+            f.write(hashlib.sha256(repr(mask.shape).encode() + mask.tobytes()).hexdigest() + "\n")
         return label(mask, **kwargs)
     monkeypatch.setattr(components.cc3d, "connected_components", counting)
-    got = src.read()
+    table = SynapseTable(src.plan, block_shape=BLOCK, workers=workers, processes=processes)
+    assert table.processes is (workers > 1 and processes)
+    got = table.compute()
     # One labelling per block and mask: pass 2 pairs vesicle clouds from pass 1's labels.
+    labelled = log.read_text().split()
     assert labelled and len(labelled) == len(set(labelled))
     assert list((tmp_path / "wildenberg2023").glob("*/staging/tables/*")) == []  # the scratch is removed
     plan = src.plan
@@ -361,9 +366,10 @@ def test_blockwise_components_equal_scipy_on_random_masks(density, block_shape):
     parts = blocks(mask.shape, block_shape)
     summaries, cores = [], []
     for start, stop in parts:
-        labels, halo = label_block(lambda a, b: mask[tuple(slice(x, y) for x, y in zip(a, b))], mask.shape, start, stop)
-        summary = block_summary(labels, halo, start, stop, mask.shape)
-        cores.append(summary["core"])
+        labels, halo, fg = label_block(lambda a, b: mask[tuple(slice(x, y) for x, y in zip(a, b))], mask.shape,
+                                       start, stop)
+        summary = block_summary(labels, halo, start, stop, mask.shape, fg)
+        cores.append(labels[tuple(slice(h, None) for h in halo)])
         summaries.append(summary)
     comps = Components(summaries)
     got = np.zeros(mask.shape, np.int64)
@@ -372,3 +378,15 @@ def test_blockwise_components_equal_scipy_on_random_masks(density, block_shape):
     assert comps.n == n
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(comps.count, np.bincount(want.ravel(), minlength=n + 1)[1:])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, bool, np.uint32])
+@pytest.mark.parametrize("size", [0, 7, 63, 64, 1001, 4099])
+def test_foreground_equals_flatnonzero(dtype, size):
+    from wildenberg_intake.analysis.components import foreground
+    rng = np.random.default_rng(size)
+    for density in (0.0, 0.003, 0.2, 1.0):
+        mask = (rng.random(size) < density).astype(dtype) * (3 if dtype is not bool else 1)
+        np.testing.assert_array_equal(foreground(mask.astype(dtype)), np.flatnonzero(mask))
+    cube = (rng.random((5, 13, 17)) < 0.05).astype(dtype)
+    np.testing.assert_array_equal(foreground(cube), np.flatnonzero(cube))

@@ -29,32 +29,52 @@ def blocks(shape, block_shape) -> list[tuple]:
     return out
 
 
+def foreground(mask: np.ndarray) -> np.ndarray:
+    """Flat C-order indices of the non-zero voxels of a contiguous array: np.flatnonzero, ~5x faster on
+    sparse one-byte masks by skipping eight all-zero bytes at a time."""
+    flat = mask.reshape(-1)
+    if mask.dtype.itemsize != 1 or flat.size < 64:
+        return np.flatnonzero(flat)
+    n = flat.size - flat.size % 8
+    words = np.flatnonzero(flat[:n].view(np.uint64))
+    idx = (words[:, None] * 8 + np.arange(8)).reshape(-1)
+    return np.concatenate([idx[flat[idx] != 0], np.flatnonzero(flat[n:]) + n])
+
+
 def label_block(mask_reader, shape, start, stop):
     """Label block [start, stop) of the mask read by `mask_reader(start, stop)` (a boolean or
     integer array; non-zero is foreground) with its low-side halo. Returns (labels of the extended
-    block, halo width per axis)."""
+    block, halo width per axis, flat C-order indices of its foreground voxels in the extended block)."""
     halo = tuple(1 if s > 0 else 0 for s in start)
     ext_start = tuple(s - h for s, h in zip(start, halo))
     mask = np.ascontiguousarray(mask_reader(ext_start, stop))
-    if not mask.any():  # most blocks of a sparse mask: nothing to label
-        return np.zeros(mask.shape, np.uint32), halo
+    fg = foreground(mask)
+    if not fg.size:  # most blocks of a sparse mask: nothing to label
+        return np.zeros(mask.shape, np.uint32), halo, fg
     labels = cc3d.connected_components(mask, connectivity=26, binary_image=True, out_dtype=np.uint32)
-    return labels, halo
+    return labels, halo, fg
 
 
 def _linear(shape, coords) -> np.ndarray:
     return np.ravel_multi_index(tuple(np.asarray(c, np.int64) for c in coords), shape)
 
 
-def block_summary(labels: np.ndarray, halo, start, stop, shape) -> dict:
+def block_summary(labels: np.ndarray, halo, start, stop, shape, fg: np.ndarray | None = None) -> dict:
     """What one block contributes: per label over the block's own voxels (not its halo) the voxel
     count, coordinate sums, bounding box and first voxel (C order); and the labels of its
     foreground voxels on its high faces (`exports`) and in its halo (`imports`), by global voxel
-    index. `core` and its foreground coordinates are kept for `value_counts`."""
-    n = int(labels.max()) if labels.size else 0
-    core = labels[tuple(slice(h, None) for h in halo)]
-    z, y, x = np.nonzero(core) if n else (np.zeros(0, np.int64),) * 3  # C order: grows with the global index
-    lab = core[z, y, x].astype(np.int64)
+    index. `fg`: the extended block's foreground as flat indices (`label_block`'s), found if not given.
+    The block's own foreground voxels (`where`, C order) and their labels (`lab`) are kept for
+    `value_counts`."""
+    if fg is None:
+        fg = np.flatnonzero(labels)
+    n = int(labels.reshape(-1)[fg].max()) if fg.size else 0
+    ez, ey, ex = np.unravel_index(fg, labels.shape)
+    ext_lab = labels.reshape(-1)[fg].astype(np.int64)
+    in_core = (ez >= halo[0]) & (ey >= halo[1]) & (ex >= halo[2])
+    # C order of the extended block restricted to the core is C order of the core.
+    z, y, x = ez[in_core] - halo[0], ey[in_core] - halo[1], ex[in_core] - halo[2]
+    lab = ext_lab[in_core]
     gz, gy, gx = z + start[0], y + start[1], x + start[2]
     count = np.bincount(lab, minlength=n + 1)
     out = {"n": n, "count": count, "sum": np.stack([np.bincount(lab, weights=g, minlength=n + 1)
@@ -69,29 +89,18 @@ def block_summary(labels: np.ndarray, halo, start, stop, shape) -> dict:
     first = np.full(n + 1, big, np.int64)
     seen = position < big
     first[seen] = _linear(shape, (gz[position[seen]], gy[position[seen]], gx[position[seen]]))
-    out.update(lo=lo, hi=hi + 1, first=first, core=core, where=(z, y, x), lab=lab)
+    out.update(lo=lo, hi=hi + 1, first=first, where=(z, y, x), lab=lab)
     # High faces (the voxels neighbours' halos hold), deduplicated where faces meet.
     on = np.zeros(len(lab), bool)
     for axis, local in enumerate((z, y, x)):
         if stop[axis] < shape[axis]:
             on |= local == stop[axis] - start[axis] - 1
     out["exports"] = np.stack([_linear(shape, (gz[on], gy[on], gx[on])), lab[on]])
-    # The halo: only its planes are scanned.
-    ext_start = np.array([s - h for s, h in zip(start, halo)])
-    imports = []
-    for axis in range(3):
-        if halo[axis]:
-            plane = np.take(labels, 0, axis=axis)
-            if axis > 0:  # the lower planes' voxels are counted once, by the first axis that holds them
-                plane = plane[tuple(slice(h, None) for h in halo[:axis])]
-            found = np.nonzero(plane)
-            coords = list(found)
-            for earlier in range(axis):
-                coords[earlier] = coords[earlier] + halo[earlier]
-            coords.insert(axis, np.zeros(len(found[0]), np.int64))
-            imports.append(np.stack([_linear(shape, [c + o for c, o in zip(coords, ext_start)]),
-                                     plane[found].astype(np.int64)]))
-    out["imports"] = np.concatenate(imports, axis=1) if imports else np.zeros((2, 0), np.int64)
+    # The halo: its foreground voxels, each once, by global index.
+    ext_start = [s - h for s, h in zip(start, halo)]
+    out_halo = ~in_core
+    out["imports"] = np.stack([_linear(shape, (ez[out_halo] + ext_start[0], ey[out_halo] + ext_start[1],
+                                               ex[out_halo] + ext_start[2])), ext_lab[out_halo]])
     return out
 
 
@@ -108,7 +117,7 @@ def value_counts(summary: dict, values: np.ndarray | None) -> tuple[np.ndarray, 
 
 def slim(summary: dict) -> dict:
     """The summary without its block-sized parts, as it is returned and kept."""
-    return {k: v for k, v in summary.items() if k not in ("core", "where", "lab")}
+    return {k: v for k, v in summary.items() if k not in ("where", "lab")}
 
 
 class Components:

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from ..catalog import check_count
 from ..store.cache import SHARDS, durable_write, make_dirs
 from ..store.engine import DEFAULT_CONNECTIONS, DEFAULT_WORKERS, cache_for
-from ..store.runners import run_on_dask, run_threads
+from ..store.runners import run_on_dask, run_processes, run_threads
 from ..store.lazy import ReadThroughArray, shards_touching
 from ..store.plan import StorePlan
 from .components import Components, block_summary, blocks, label_block, slim, value_counts, winners
@@ -65,8 +65,11 @@ def summarise_block(arrays: dict, start, stop, spill=None) -> tuple[dict, dict]:
     vesicle clouds, their labels are also written to the file `spill`, for pass 2 (one labelling
     per block)."""
     shape = arrays["psd"].shape
-    summaries = [block_summary(*label_block(_window(arrays[name]), shape, start, stop), start, stop, shape)
-                 for name in ("psd", "vesicle_cloud")]
+    summaries = []
+    for name in ("psd", "vesicle_cloud"):
+        labels, halo, fg = label_block(_window(arrays[name]), shape, start, stop)
+        summaries.append(block_summary(labels, halo, start, stop, shape, fg))
+        del labels  # one block's labels at a time
     if spill is not None and summaries[1]["n"]:
         clouds = summaries[1]
         with open(spill, "wb") as f:  # scratch of this run: pass 2 reads it, the run removes it
@@ -86,15 +89,21 @@ def count_clouds_in_boxes(spill, start, stop, nodes: np.ndarray, boxes: np.ndarr
     """Pass 2 of one block: for each (synapse, lo z y x, hi z y x) row of `boxes`, how many voxels of
     each vesicle-cloud component lie in the box's part of this block. The block's vesicle labels are
     pass 1's (its file `spill`), `nodes` maps them to global components. Rows (synapse, component, count)."""
+    # The labels made dense only over the part of the block the boxes reach.
+    reach_lo = np.maximum(boxes[:, 1:4].min(axis=0), start) - start
+    reach_hi = np.minimum(boxes[:, 4:7].max(axis=0), stop) - start
     with np.load(spill) as saved:
-        core = np.zeros(np.subtract(stop, start), np.uint32)
-        core[tuple(saved["where"])] = saved["lab"]
+        where, lab = saved["where"], saved["lab"]
+    inside = np.all((where >= reach_lo[:, None]) & (where < reach_hi[:, None]), axis=0)
+    core = np.zeros(np.maximum(reach_hi - reach_lo, 0), np.uint32)
+    core[tuple(where[:, inside] - reach_lo[:, None])] = lab[inside]
     rows = []
     for syn, *box in boxes:
         lo = np.maximum(box[:3], start) - start
         hi = np.minimum(box[3:], stop) - start
         if np.any(hi <= lo):
             continue
+        lo, hi = lo - reach_lo, hi - reach_lo
         part = core[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
         found, counts = np.unique(part[part > 0], return_counts=True)
         # Labels of one block may belong to one component (joined through other blocks): summed.
@@ -122,9 +131,9 @@ def check_block_shape(value) -> tuple:
     return tuple(int(v) for v in shape)
 
 
-def _run(fn, calls: list, workers: int, client, progress: bool, desc: str) -> list:
-    """fn(*args) for each args of `calls`, on `workers` threads or a dask client (the engine's
-    runners); results in the order of `calls`."""
+def _run(fn, calls: list, workers: int, client, progress: bool, desc: str, processes: bool = False) -> list:
+    """fn(*args) for each args of `calls`, on `workers` threads, processes or a dask client (the
+    engine's runners); results in the order of `calls`."""
     results = [None] * len(calls)
     jobs = [(fn, i, args) for i, args in enumerate(calls)]
     with tqdm(total=len(calls), desc=desc, unit="block", disable=not progress) as bar:
@@ -133,6 +142,8 @@ def _run(fn, calls: list, workers: int, client, progress: bool, desc: str) -> li
             bar.update()
         if client is not None:
             run_on_dask(client, _apply, jobs, finished)
+        elif processes:
+            run_processes(_apply, jobs, workers, finished)
         else:
             run_threads(_apply, jobs, workers, finished)
     return results
@@ -147,7 +158,8 @@ class SynapseTable:
     """
 
     def __init__(self, plan: StorePlan, block_shape=None, workers: int = DEFAULT_WORKERS, client=None,
-                 connections: int = DEFAULT_CONNECTIONS, cache_limit: int | None = None, progress: bool = True):
+                 connections: int = DEFAULT_CONNECTIONS, cache_limit: int | None = None, progress: bool = True,
+                 processes: bool | None = None):
         missing = [n for n in ARRAYS.values() if n not in plan.arrays]
         if missing:
             raise ValueError(f"the store of {plan.request.experiment} lacks {missing}; a synapse table needs "
@@ -155,6 +167,8 @@ class SynapseTable:
         block_shape, workers = check_block_shape(block_shape), check_count("workers", workers)
         self.plan, self.block_shape, self.workers, self.client = plan, block_shape, workers, client
         self.progress = progress
+        # Worker processes by default: connected-components-3d holds the GIL, so threads label one block at a time.
+        self.processes = workers > 1 if processes is None else bool(processes)
         # Blocks are read once (their halo planes twice): a small chunk cache keeps memory flat.
         self.arrays = {k: ReadThroughArray(plan, name, connections, cache_limit, cache_mb=READER_CACHE_MB)
                        for k, name in ARRAYS.items()}
@@ -221,7 +235,7 @@ class SynapseTable:
         exp = self.plan.request.experiment
         spills = [str(scratch / f"{b}.npz") for b in range(len(tiles))]
         first = _run(summarise_block, [(self.arrays, a, b, f) for (a, b), f in zip(tiles, spills)], self.workers,
-                     self.client, self.progress, f"{exp} synapses: components")
+                     self.client, self.progress, f"{exp} synapses: components", self.processes)
         psd = Components([s[0] for s in first])
         clouds = Components([s[1] for s in first])
         n = psd.n
@@ -239,7 +253,7 @@ class SynapseTable:
             if meets.any():
                 calls.append((spills[b], start, stop, clouds.of_block(b), boxes[meets]))
         counted = _run(count_clouds_in_boxes, calls, self.workers, self.client, self.progress,
-                       f"{exp} synapses: vesicle clouds")
+                       f"{exp} synapses: vesicle clouds", self.processes)
         rows = np.concatenate(counted, axis=0) if counted else np.zeros((0, 3), np.int64)
         # Most voxels in the box, ties to the component whose first voxel comes first: components are
         # numbered by first voxel, so the lower number.

@@ -148,7 +148,9 @@ class ShardedArrayReader:
 
     def __getitem__(self, key) -> np.ndarray:
         starts, stops = window(key, self.shape)
-        out = np.full(tuple(b - a for a, b in zip(starts, stops)), self.fill, dtype=self.dtype)
+        shape = tuple(b - a for a, b in zip(starts, stops))
+        # np.zeros takes zeroed pages from the OS untouched: the empty chunks of a sparse label cost nothing.
+        out = np.zeros(shape, self.dtype) if self.fill == 0 else np.full(shape, self.fill, dtype=self.dtype)
         ranges = [range(a // c, -(-b // c)) for a, b, c in zip(starts, stops, self.chunk)]
         for cz in ranges[0]:
             for cy in ranges[1]:

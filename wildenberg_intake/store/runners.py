@@ -13,7 +13,21 @@ def run_threads(task, jobs, workers: int, finished, cancel=lambda: None):
     """`task(*job)` for each job on `workers` threads, `finished(job, result)` as each completes.
     On the first failure `cancel()` stops the requests in flight and the waits for retries, so the
     run ends promptly with that failure (not with a task cancelled because of it)."""
-    pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wildenberg")
+    _run_pool(cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wildenberg"), task, jobs, workers,
+              finished, cancel)
+
+
+def run_processes(task, jobs, workers: int, finished, cancel=lambda: None):
+    """As `run_threads`, on `workers` worker processes: for work that holds the GIL (e.g.
+    connected-components-3d). Jobs and results must pickle. The workers are forked, as PyTorch's
+    loader workers are: spawn and forkserver would run the caller's script again in each worker
+    unless it has an `if __name__ == "__main__":` guard, which notebooks and short scripts lack."""
+    import multiprocessing
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+    _run_pool(pool, task, jobs, workers, finished, cancel)
+
+
+def _run_pool(pool, task, jobs, workers: int, finished, cancel):
     pending = {}
     queue = iter(jobs)
     try:
