@@ -7,7 +7,7 @@ measured at the real shard count (~3,600 output shards per array) in minutes.
 Prints, for the default box (the whole annotated box): seconds and requests of describe / discover,
 to_dask, verify and a lazy first batch; the materialisation of boxes of about 16 and 1,000+
 output shards (seconds per shard, requests per shard and peak RSS); and the synapse table of boxes
-of about 16 and 256 shards on threads and on a 2-process dask cluster.
+of about 16 and 256 shards on local worker processes (the default) and on a 2-process dask cluster.
 """
 
 import argparse
@@ -163,7 +163,7 @@ def main():
 
             print(f"\nsynapse table (fetches its three label arrays), per-shard cost:\n{'mode':>8s} {'shards':>7s} "
                   f"{'s':>7s} {'s/shard':>8s} {'peak RSS MB':>11s}")
-            for mode in ("threads", "dask"):
+            for mode in ("local", "dask"):
                 for target in args.table_shards:
                     side = max(1, round(math.sqrt(target / 2)))
                     box = [BOX[0], BOX[0] + side * 512 * 12, BOX[2], BOX[2] + side * 512 * 12,

@@ -319,3 +319,70 @@ def test_the_first_view_of_a_small_box_fills_the_canvas_with_the_em_visible_unde
     # Nowhere else coloured: no segmentation drawn where the mirror has no synapse label.
     plain = inside & (psd == 0) & (cloud == 0)
     assert np.mean(coloured(rgb)[plain]) < 0.005
+
+
+def _mode_level_1(block: np.ndarray) -> np.ndarray:
+    """The pyramid's 2 x 2 mode (ties to the lower value, edge blocks clipped), by loops: independent."""
+    h, w = block.shape
+    out = np.zeros((-(-h // 2), -(-w // 2)), block.dtype)
+    for j in range(out.shape[0]):
+        for i in range(out.shape[1]):
+            values, counts = np.unique(block[2 * j:2 * j + 2, 2 * i:2 * i + 2], return_counts=True)
+            out[j, i] = values[np.argmax(counts)]  # np.unique sorts: the first of the largest is the lowest
+    return out
+
+
+def test_a_zoomed_out_view_draws_the_sources_em_mip_and_label_tiles_and_makes_no_level_0(mirror, server, tmp_path,
+                                                                                          browser):
+    """At 24 nm a pixel neuroglancer draws the overview groups' level 1: the EM of the source's mip 2
+    (24 nm, through a store of its own) and label tiles made from the slice's source chunks by the
+    pyramid's mode. Nothing of level 0 is made, and the labels are read from one z-row of chunks."""
+    src = entry_source("p14_psd", base_url=server.base_url, cache_dir=str(tmp_path))
+    plan = src.plan
+    label_src = plan.arrays["labels/psd"]
+    before = dict(server.requests)
+    with View([src]) as view:
+        x0, x1, y0, y1, z0, z1 = plan.bbox_nm
+        nm, z = 24.0, 7
+        origin = np.asarray(label_src.origin_nm_zyx, float)
+        position = ((x0 + x1) / 2 + nm / 4, (y0 + y1) / 2 + nm / 4, origin[0] + 40 * (z + 0.5))
+        show(view, ["raw", "psd", "vesicle_cloud"], position, nm)
+        rgb = screenshot(view, browser)
+        ys, xs = pixel_points(position, nm)
+        em, edge = sample(mirror.layer("p14", EM), 2, position[2], ys, xs)
+        # The labels' level 1 of the store's box at slice z, computed here from the mirror's 12 nm labels.
+        want = np.zeros(em.shape, bool)
+        rows = np.floor((ys - origin[1]) / 24.0).astype(int)
+        cols = np.floor((xs - origin[2]) / 24.0).astype(int)
+        inside_box = (rows >= 0)[:, None] & (cols >= 0)[None, :] & (rows < -(-label_src.shape[1] // 2))[:, None] \
+            & (cols < -(-label_src.shape[2] // 2))[None, :]
+        for label in ("psd", "vesicle_cloud"):
+            start = np.asarray(label_src.start_zyx)
+            level0 = mirror.layer("p14", CHANNEL[label]).expected(0, start + [z, 0, 0], start + [z + 1, *label_src.shape[1:]])[0]
+            level1 = _mode_level_1(level0)
+            values = level1[np.ix_(np.clip(rows, 0, level1.shape[0] - 1), np.clip(cols, 0, level1.shape[1] - 1))]
+            want |= (values != 0) & inside_box
+            edge_y = np.abs((ys - origin[1]) / 24.0 - np.round((ys - origin[1]) / 24.0)) * 24.0 < nm / 2
+            edge_x = np.abs((xs - origin[2]) / 24.0 - np.round((xs - origin[2]) / 24.0)) * 24.0 < nm / 2
+            edge |= edge_y[:, None] | edge_x[None, :]
+        inside = ~edge & inside_box
+        got = coloured(rgb)
+        assert want[inside].sum() > 100 and (~want[inside]).sum() > 1000
+        assert np.mean(got[inside] == want[inside]) > 0.99
+        grey = inside & ~want
+        assert np.mean(np.abs(rgb[..., 0][grey] - em[grey]) <= 1) > 0.99
+        # Nothing of level 0 was made: no store shard of EM or labels, no 12 nm EM chunk requested.
+        cache = cache_for(plan)
+        assert cache.done_shards("raw") == set() and cache.done_shards("labels/psd") == set()
+        new = {p: n - before.get(p, 0) for p, n in server.requests.items() if n > before.get(p, 0)
+               and not p.endswith(("/info", "/provenance"))}
+        key = "_".join(f"{r:g}" for r in mirror.layer("p14", EM).resolution_xyz[2])  # "24_24_40"
+        em_requests = [p for p in new if f"/{EM}/" in p]
+        assert em_requests and all(f"/{EM}/{key}/" in p for p in em_requests), em_requests
+        # Labels: only source chunks whose z range holds slice z.
+        label_requests = [p for p in new if f"/{CHANNEL['psd']}/" in p]
+        zg = label_src.start_zyx[0] + z
+        for p in label_requests:
+            lo, hi = (int(v) for v in p.rsplit("/", 1)[1].removesuffix(".gz").split("_")[2].split("-"))
+            assert lo <= zg < hi, p
+        assert label_requests

@@ -125,6 +125,12 @@ class WildenbergSource(_StoreSource):
                 raise ValueError(f"lock={str(lock)!r} does not pin {self.entry_name}; it pins {sorted(entries)}")
             self.lock = entries[self.entry_name]
 
+    def for_label(self, label: str) -> "WildenbergSource":
+        """The same source (experiment, box, mips, cache, URLs, options) for another label channel
+        (`psd`, `vesicle_cloud` or `saturated`); its lock, if any, is not carried over."""
+        kwargs = {k: v for k, v in self._captured_init_kwargs.items() if k not in ("lock", "metadata")}
+        return type(self)(**{**kwargs, "label": label})
+
     def _get_schema(self):
         plan = self.plan
         raw, labels = plan.arrays["raw"], plan.arrays[plan.label_name]

@@ -20,7 +20,8 @@ table, see tests/test_synapses.py):
   id covering most of it (ties to the lower id). All three are 0 when no vesicle cloud is in the box.
 
 Computed blockwise (`components.py`): two passes over blocks, never a whole volume in memory,
-on local threads or on a dask.distributed cluster with identical output, reading through the cache.
+on local worker processes (or threads) or on a dask.distributed cluster with identical output, reading
+through the cache.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ def _run(fn, calls: list, workers: int, client, progress: bool, desc: str, proce
 class SynapseTable:
     """The synapse table of the store of `plan` (any entry of an experiment and box).
 
-    block_shape: voxels (z, y, x) per task (default: the store's shards); workers: threads;
+    block_shape: voxels (z, y, x) per task (default: the store's shards); workers: tasks at once;
+    processes: run them in forked worker processes (default: when workers > 1) or threads;
     client: a dask.distributed Client or scheduler address (the cache folder shared with its workers);
     connections, cache_limit: as for lazy reads; progress: bars over blocks.
     """

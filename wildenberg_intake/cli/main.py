@@ -344,7 +344,7 @@ def parser() -> argparse.ArgumentParser:
     sy.add_argument("--plot", help="PNG of PSD and vesicle-cloud volumes side by side")
     sy.add_argument("--block-shape", type=int, nargs=3, metavar=("Z", "Y", "X"),
                     help="voxels per task (default: the store's shards, 128 512 512)")
-    sy.add_argument("--workers", type=int, default=None, help="threads (default: the cores)")
+    sy.add_argument("--workers", type=int, default=None, help="worker processes (default: the cores)")
     sy.add_argument("--scheduler", help="dask.distributed scheduler address to run the blocks on")
     sy.add_argument("--quiet", action="store_true", help="no progress bars")
     sy.set_defaults(run=cmd_synapses)

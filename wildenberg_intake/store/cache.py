@@ -104,6 +104,15 @@ def encode_chunks(block: np.ndarray, codec: str, is_label: bool, first=(0, 0, 0)
     return encoded
 
 
+def encode_chunk(chunk: np.ndarray, chunk_shape, codec: str, is_label: bool) -> bytes:
+    """One chunk of an unsharded array of `array_metadata(..., chunk_shape=...)`: padded to
+    `chunk_shape` with the fill value 0, Blosc, then its crc32c."""
+    full = np.zeros(chunk_shape, dtype=chunk.dtype.newbyteorder("<"))
+    full[tuple(slice(0, n) for n in chunk.shape)] = chunk
+    body = blosc_codec(codec, is_label).encode(full)
+    return bytes(body) + _crc32c(body)
+
+
 def _crc32c(data) -> bytes:
     import google_crc32c
     return int(google_crc32c.value(bytes(data))).to_bytes(4, "little")
@@ -151,10 +160,11 @@ _PER_SHARD = tuple(s // c for s, c in zip(SHARDS, CHUNKS))
 _SHARD_ORDER = morton_order(_PER_SHARD)
 
 
-def array_metadata(shape, dtype: str, is_label: bool, codec: str, attributes: dict) -> dict:
+def array_metadata(shape, dtype: str, is_label: bool, codec: str, attributes: dict, chunk_shape=None) -> dict:
     """zarr.json of a cache array: zarr v3, sharded (SHARDS of CHUNKS), Blosc `codec` with
     `shuffle_of(is_label)`, fill value 0, dims z, y, x. Written without zarr-python, whose import
-    (~0.1 s on one core) held up the first shard of every fetch; a test checks it equals zarr's."""
+    (~0.1 s on one core) held up the first shard of every fetch; a test checks it equals zarr's.
+    With `chunk_shape`: unsharded chunks of that shape, each encoded as an inner chunk is."""
     if codec not in CODECS:
         raise ValueError(f"codec={codec!r} is not supported; allowed: {list(CODECS)}")
     cname, clevel = CODECS[codec]
@@ -162,14 +172,17 @@ def array_metadata(shape, dtype: str, is_label: bool, codec: str, attributes: di
     inner_bytes = {"name": "bytes"} if itemsize == 1 else {"name": "bytes", "configuration": {"endian": "little"}}
     blosc = {"name": "blosc", "configuration": {"typesize": itemsize, "cname": cname, "clevel": clevel,
                                                 "shuffle": shuffle_of(is_label), "blocksize": 0}}
+    chunk_codecs = [inner_bytes, blosc, {"name": "crc32c"}]
+    codecs = chunk_codecs if chunk_shape is not None else [{"name": "sharding_indexed", "configuration": {
+        "chunk_shape": list(CHUNKS), "codecs": chunk_codecs,
+        "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+        "index_location": "end"}}]
     return {"shape": [int(n) for n in shape], "data_type": str(np.dtype(dtype)),
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(SHARDS)}},
+            "chunk_grid": {"name": "regular", "configuration": {
+                "chunk_shape": [int(n) for n in (chunk_shape if chunk_shape is not None else SHARDS)]}},
             "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
             "fill_value": 0,
-            "codecs": [{"name": "sharding_indexed", "configuration": {
-                "chunk_shape": list(CHUNKS), "codecs": [inner_bytes, blosc, {"name": "crc32c"}],
-                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
-                "index_location": "end"}}],
+            "codecs": codecs,
             "attributes": attributes, "dimension_names": ["z", "y", "x"],
             "zarr_format": 3, "node_type": "array", "storage_transformers": []}
 

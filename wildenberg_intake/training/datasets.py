@@ -82,12 +82,6 @@ class _StackedLabels:
         return np.stack([np.asarray(a[key[1:]]) for a in self.arrays]).astype(self.dtype)[key[0]]
 
 
-def _with_label(source, label: str):
-    """The same source (experiment, box, mips, cache, URLs) for another label channel."""
-    kwargs = {k: v for k, v in source._captured_init_kwargs.items() if k not in ("lock", "metadata")}
-    return type(source)(**{**kwargs, "label": label})
-
-
 def _attach_readers(ds):
     """Read a SegmentationDataset's windows with the cache's fast reader (see store/reader.py), or, for a
     lazy dataset, through the cache (store/lazy.py: shards fetched when first read)."""
@@ -265,7 +259,7 @@ def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] =
             raise ValueError(f"labels={labels!r} is not valid; allowed: a non-empty list of {list(LABELS)}")
         if offsets is not None or boundaries or binary:
             raise ValueError("labels (several channels) cannot be combined with offsets, boundaries or binary")
-        per_label = [[s if l == s.request.label else _with_label(s, l) for s in srcs] for l in labels]
+        per_label = [[s if l == s.request.label else s.for_label(l) for s in srcs] for l in labels]
         label_paths = [[label_view(s, download, lazy) for s in group] for group in per_label]
         srcs, paths = per_label[0], label_paths[0]
     else:

@@ -91,11 +91,10 @@ def overview_plan(source, z: int, level: int) -> dict:
 
 def _overview(source, z: int, level: int, max_fetch: int):
     """(EM plane, label plane) of slice `z` at `level`, on the grid of the labels' level `level`."""
-    from ..drivers import entry_source
-    from ..store.downsample import downsample_mode
     from ..store.lazy import ReadThroughArray
-    plan, req = source.plan, source.request
-    label_src, label_layer = plan.arrays[plan.label_name], plan.layers[plan.label_name]
+    from .overview import em_mip_source, label_slice
+    plan = source.plan
+    label_src = plan.arrays[plan.label_name]
     cost = overview_plan(source, z, level)
     if cost["bytes"] > max_fetch:
         raise ValueError(
@@ -104,10 +103,7 @@ def _overview(source, z: int, level: int, max_fetch: int):
             f"{cost['em_mip']}), more than max_fetch={max_fetch} bytes; choose a smaller bbox_nm, a smaller "
             "--max-size (a coarser level), or raise --max-fetch")
     # EM: the source's own mip, read through the cache (a store of its own; only this slice's shards).
-    em_source = entry_source(f"{req.experiment}_{req.label}", bbox_nm=list(req.bbox_nm), em_mip=cost["em_mip"],
-                             seg_mip=req.seg_mip, cache_dir=str(req.cache_dir), base_url=req.base_url,
-                             raw_codec=req.raw_codec, progress=False, connections=source.connections,
-                             cache_limit=source.cache_limit)
+    em_source = em_mip_source(source, cost["em_mip"])
     em_src = em_source.plan.arrays["raw"]
     em_res = np.asarray(em_src.layer.resolution_zyx, float)
     em_origin = np.asarray(em_src.origin_nm_zyx, float)
@@ -124,36 +120,8 @@ def _overview(source, z: int, level: int, max_fetch: int):
     cols = np.clip(np.floor((origin[2] + (np.arange(x) + 0.5) * step[1] - em_origin[2]) / em_res[2]).astype(int),
                    0, em_plane.shape[1] - 1)
     raw = em_plane[np.ix_(rows, cols)]
-    # Labels: the source chunks of the slice's chunk row, decoded and reduced band by band (a band of
-    # rows a multiple of 2**level high, so that 2 x 2 blocks never straddle two bands).
-    zg = label_src.start_zyx[0] + z
-    y0, x0 = label_src.start_zyx[1], label_src.start_zyx[2]
-    by_row = {}
-    for grid in cost["label_chunks"]:
-        by_row.setdefault(grid[1], []).append(grid)
-    out, pending = [], np.zeros((1, 0, label_src.shape[2]), dtype=label_src.dtype)
-    for row in sorted(by_row):
-        lo, hi = label_layer.info.chunk_box(by_row[row][0])
-        r0, r1 = max(lo[1], y0), min(hi[1], y0 + label_src.shape[1])
-        band = np.zeros((1, r1 - r0, label_src.shape[2]), dtype=label_src.dtype)
-        for grid in by_row[row]:
-            chunk = label_layer.decode_chunk(grid, label_layer.fetch_chunk(grid))
-            clo, chi = label_layer.info.chunk_box(grid)
-            c0, c1 = max(clo[2], x0), min(chi[2], x0 + label_src.shape[2])
-            band[0, :, c0 - x0:c1 - x0] = chunk[zg - clo[0], r0 - clo[1]:r1 - clo[1], c0 - clo[2]:c1 - clo[2]]
-        pending = np.concatenate([pending, band], axis=1)
-        whole = pending.shape[1] // 2 ** level * 2 ** level
-        if whole:
-            part = pending[:, :whole]
-            for _ in range(level):
-                part = downsample_mode(part)
-            out.append(part)
-            pending = pending[:, whole:]
-    if pending.shape[1]:
-        for _ in range(level):
-            pending = downsample_mode(pending)
-        out.append(pending)
-    labels = np.concatenate(out, axis=1)[0]
+    # Labels: the source chunks of the slice's chunk row, reduced by the pyramid's mode.
+    labels = label_slice(plan, plan.label_name, z, level)
     return raw, labels
 
 

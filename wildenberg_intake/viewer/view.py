@@ -20,13 +20,14 @@ from ..store.cache import SHARDS, array_path
 from ..store.engine import cache_for
 from ..store.lazy import ReadThroughArray
 
-OVERVIEW_MAX_ZOOM = 2.0  # voxels per screen pixel of the first view (larger boxes open at full resolution)
 SCREEN_PIXELS = (1000, 800)  # the canvas a first view is fitted to (x, y)
 # Synapse labels in clear colours over the EM; the dense segmentation is hidden at first (its layer
 # checkbox, or `layer.visible = True` in a script, shows it).
 LABEL_COLOURS = {"psd": "#ff3030", "vesicle_cloud": "#30c0ff"}
 LABEL_ALPHA = 0.45
 _SHARD = re.compile(r"^/wildenberg2023/(?P<store>[^/]+)/data\.zarr/(?P<array>.+)/c/(?P<z>\d+)/(?P<y>\d+)/(?P<x>\d+)$")
+_OVERVIEW = re.compile(r"^/wildenberg2023/(?P<store>[^/]+)/overview/(?P<group>[^/]+)\.zarr/(?P<level>\d+)/c/"
+                       r"(?P<z>\d+)/(?P<y>\d+)/(?P<x>\d+)$")
 
 
 def store_layers(url: str, zarr_path: Path) -> list[tuple[str, str, str]]:
@@ -42,30 +43,61 @@ def store_layers(url: str, zarr_path: Path) -> list[tuple[str, str, str]]:
 
 
 class LazyShards:
-    """The `before` hook of the server: a request for a shard of a known array makes that shard first."""
+    """The `before` hook of the server: a request for a shard of a known array makes that shard
+    first; a request for a tile of an overview group (see `overview.py`) makes that tile, or the
+    shard of the store or mip store it links to."""
 
-    def __init__(self, sources, connections: int | None = None):
+    def __init__(self, sources, connections: int | None = None, overviews=()):
         self.arrays = {}  # (store folder name, array path) -> ReadThroughArray
         for src in sources:
             plan = src.plan
             for name in plan.with_levels(plan.arrays):  # every array and its pyramid levels
                 arr = ReadThroughArray(plan, name, connections or src.connections, src.cache_limit)
                 self.arrays[(arr.cache.root.name, array_path(name))] = arr
+        self.overview_levels = {}  # (store folder name, group name, level) -> make(index)
+        for ov in overviews:
+            store = ov.cache.root.name
+            raw = [self.arrays[(store, "raw")]] + [
+                ReadThroughArray(s.plan, "raw", connections or s.connections, s.cache_limit)
+                for s in ov.mip_sources.values()]
+            for k, arr in enumerate(raw):
+                self.overview_levels[(store, "em", k)] = _shard_maker(arr)
+            for name in ov.labels:
+                label = name.split("/", 1)[1]
+                self.overview_levels[(store, label, 0)] = _shard_maker(self.arrays[(store, array_path(name))])
+                for k in range(1, ov.levels[name] + 1):
+                    self.overview_levels[(store, label, k)] = _tile_maker(ov, name, k)
 
     def __call__(self, path: str):
         match = _SHARD.match(path)
-        if match is None:
+        if match is not None:
+            arr = self.arrays.get((match["store"], match["array"]))
+            if arr is not None:  # else a label of the store that no given entry plans: served as it is
+                _shard_maker(arr)((int(match["z"]), int(match["y"]), int(match["x"])))
             return
-        arr = self.arrays.get((match["store"], match["array"]))
-        if arr is None:  # a label of the store that no given entry plans: served as it is on disk
-            return
-        index = (int(match["z"]), int(match["y"]), int(match["x"]))
-        if all(0 <= i < n for i, n in zip(index, _grid(arr.shape))):
+        match = _OVERVIEW.match(path)
+        if match is not None:
+            make = self.overview_levels.get((match["store"], match["group"], int(match["level"])))
+            if make is not None:
+                make((int(match["z"]), int(match["y"]), int(match["x"])))
+
+
+def _shard_maker(arr):
+    def make(index):
+        if all(0 <= i < -(-n // s) for i, n, s in zip(index, arr.shape, SHARDS)):
             arr.ensure(index)
+    return make
 
 
-def _grid(shape):
-    return [-(-n // s) for n, s in zip(shape, SHARDS)]
+def _tile_maker(overview, name: str, level: int):
+    from .overview import TILE
+    shape = overview.plan.arrays[name].shape
+    grid = (shape[0],) + tuple(-(-(-(-n // 2 ** level)) // t) for n, t in zip(shape[1:], TILE[1:]))
+
+    def make(index):
+        if all(0 <= i < n for i, n in zip(index, grid)):
+            overview.make_tile(name, level, index)
+    return make
 
 
 class View:
@@ -88,7 +120,16 @@ class View:
         if len(roots) != 1:
             raise ValueError(f"the sources' cache_dir differ ({sorted(map(str, roots))}); allowed: one cache_dir")
         self.sources = sources
-        self.hook = LazyShards(sources, connections)  # creates every array's metadata, fetches no voxel
+        from .overview import Overview
+        # One overview per store (its groups link to the store's arrays, the EM mip stores and the
+        # label tiles): zoomed out, the viewer reads those, never the store's own coarse levels.
+        stores = {}
+        for src in sources:
+            stores.setdefault(cache_for(src.plan).root.name, src)
+        self.overviews = {name: Overview(src, labels=[n for n in src.plan.arrays if n.startswith("labels/")])
+                          for name, src in stores.items()}
+        # Creates every array's metadata, fetches no voxel.
+        self.hook = LazyShards(sources, connections, self.overviews.values())
         # A token in every URL, CORS for the viewer's page only, the Host checked: no other page in
         # the user's browser can make this server fetch data.
         self.server = MirrorServer(roots.pop(), port=port, before=self.hook, token=True).start()
@@ -109,13 +150,15 @@ class View:
         return self.viewer.get_viewer_url()
 
     def layers(self) -> list[tuple[str, str, str]]:
-        """(name, kind, source URL) of every layer shown."""
-        caches = {cache_for(s.plan).root.name: (s, cache_for(s.plan)) for s in self.sources}
+        """(name, kind, source URL) of every layer shown: each store's overview groups (level 0 the
+        store's own arrays; coarser levels from the source's EM mips and label tiles)."""
         out = []
-        for src, cache in caches.values():
-            prefix = f"{src.plan.request.experiment} " if len(caches) > 1 else ""
-            out += [(prefix + name, kind, url) for name, kind, url in
-                    store_layers(f"{self.data_url}/{cache.root.name}/data.zarr", cache.zarr_path)]
+        for store, ov in self.overviews.items():
+            prefix = f"{ov.plan.request.experiment} " if len(self.overviews) > 1 else ""
+            base = f"zarr3://{self.data_url}/{store}/overview"
+            out.append((prefix + "raw", "image", f"{base}/em.zarr/"))
+            out += [(prefix + n.split("/", 1)[1], "segmentation", f"{base}/{n.split('/', 1)[1]}.zarr/")
+                    for n in ov.labels]
         return out
 
     def _show(self, ng):
@@ -127,12 +170,9 @@ class View:
             s.dimensions = ng.CoordinateSpace(names=["x", "y", "z"], units="nm", scales=[res[2], res[1], res[0]])
             s.position = [(x0 + x1) / 2 / res[2], (y0 + y1) / 2 / res[1], (z0 + z1) / 2 / res[0]]
             s.layout = "xy"
-            # The whole box zoomed to fill the screen when it nearly fits it (a small box is zoomed
-            # in); else full resolution at its centre: an overview of a large box draws from coarse
-            # levels, each made from every level-0 shard below it, and would fetch the whole slice's
-            # layer before the first picture.
-            fit = max((x1 - x0) / res[2] / SCREEN_PIXELS[0], (y1 - y0) / res[1] / SCREEN_PIXELS[1])
-            s.cross_section_scale = fit if fit <= OVERVIEW_MAX_ZOOM else 1.0
+            # The whole box zoomed to fill the screen: zoomed out, the viewer draws the source's
+            # own EM mips and label tiles of the one slice shown (overview.py).
+            s.cross_section_scale = max((x1 - x0) / res[2] / SCREEN_PIXELS[0], (y1 - y0) / res[1] / SCREEN_PIXELS[1])
             for name, kind, url in self.layers():
                 label = name.rsplit(" ", 1)[-1]
                 if kind == "image":
