@@ -185,12 +185,12 @@ def test_view_command_prints_the_page_and_serves_shards_made_on_request(mirror, 
         with urllib.request.urlopen(page) as resp:
             assert resp.status == 200 and b"neuroglancer" in resp.read().lower()
         image = next(line.split()[-1] for line in lines if line.startswith("image layer raw:"))
-        assert image.startswith("zarr3://http://127.0.0.1:") and image.endswith("/data.zarr/")
-        with urllib.request.urlopen(image[len("zarr3://"):] + "raw/c/0/0/0") as resp:
+        assert image.startswith("zarr3://http://127.0.0.1:") and image.endswith("/overview/em.zarr/")
+        with urllib.request.urlopen(image[len("zarr3://"):] + "0/c/0/0/0") as resp:  # level 0: the store's EM
             body = resp.read()
-        store = next(tmp_path.glob("wildenberg2023/*/data.zarr"))
-        assert body == (store / "raw" / "c" / "0" / "0" / "0").read_bytes()
         src = entry_source("p14_psd", base_url=server.base_url, cache_dir=str(tmp_path))
+        store = cache_for(src.plan).zarr_path
+        assert body == (store / "raw" / "c" / "0" / "0" / "0").read_bytes()
         assert cache_for(src.plan).done_shards("raw") == {(0, 0, 0)}
         raw = zarr.open_array(store / "raw", mode="r")
         z, y, x = (min(n, s) for n, s in zip(raw.shape, SHARDS))
@@ -209,7 +209,7 @@ def test_a_shard_that_cannot_be_fetched_is_a_server_error_and_not_recorded(mirro
         src = entry_source("p14_psd", base_url=failing.base_url, cache_dir=str(tmp_path),
                            retry={"attempts": 2, "backoff": 0.01})
         with View([src]) as view:
-            url = view.layers()[0][2][len("zarr3://"):] + "raw/c/0/0/0"
+            url = view.layers()[0][2][len("zarr3://"):] + "0/c/0/0/0"  # level 0: the store's EM
             with pytest.raises(urllib.error.HTTPError) as info:
                 urllib.request.urlopen(url)
             assert info.value.code == 503
@@ -224,7 +224,7 @@ def test_only_the_viewers_own_requests_are_served(mirror, server, tmp_path):
     from urllib.parse import urlparse
     src = entry_source("p14_psd", base_url=server.base_url, cache_dir=str(tmp_path))
     with View([src]) as view:
-        shard = urlparse(view.layers()[0][2][len("zarr3://"):] + "raw/c/0/0/0")
+        shard = urlparse(view.layers()[0][2][len("zarr3://"):] + "0/c/0/0/0")
         token, rest = shard.path.split("/", 2)[1:]
         assert len(token) >= 24
         page = urlparse(view.url)
@@ -345,11 +345,19 @@ def test_a_zoomed_out_view_draws_the_sources_em_mip_and_label_tiles_and_makes_no
         x0, x1, y0, y1, z0, z1 = plan.bbox_nm
         nm, z = 24.0, 7
         origin = np.asarray(label_src.origin_nm_zyx, float)
-        position = ((x0 + x1) / 2 + nm / 4, (y0 + y1) / 2 + nm / 4, origin[0] + 40 * (z + 0.5))
+        # Pixel centres (position + 12 nm + 24 nm k) 6 nm past a face of the EM's 24 nm grid (faces at
+        # multiples of 24 nm) and so 6 nm from the label tiles' (faces at the box's start, a multiple of 12 nm).
+        position = (np.floor((x0 + x1) / 48) * 24 + 18, np.floor((y0 + y1) / 48) * 24 + 18, origin[0] + 40 * (z + 0.5))
         show(view, ["raw", "psd", "vesicle_cloud"], position, nm)
         rgb = screenshot(view, browser)
         ys, xs = pixel_points(position, nm)
-        em, edge = sample(mirror.layer("p14", EM), 2, position[2], ys, xs)
+        em, _ = sample(mirror.layer("p14", EM), 2, position[2], ys, xs)
+
+        def near_face(nm_values, origin_nm, size):  # pixel centres within 3 nm of a voxel face
+            offset = (nm_values - origin_nm) / size
+            return np.abs(offset - np.round(offset)) * size < 3.0
+        # Pixels as large as the voxels: centres a quarter pixel (6 nm) from faces, off by 3 nm is an edge.
+        edge = near_face(ys, 0.0, 24.0)[:, None] | near_face(xs, 0.0, 24.0)[None, :]
         # The labels' level 1 of the store's box at slice z, computed here from the mirror's 12 nm labels.
         want = np.zeros(em.shape, bool)
         rows = np.floor((ys - origin[1]) / 24.0).astype(int)
@@ -362,9 +370,7 @@ def test_a_zoomed_out_view_draws_the_sources_em_mip_and_label_tiles_and_makes_no
             level1 = _mode_level_1(level0)
             values = level1[np.ix_(np.clip(rows, 0, level1.shape[0] - 1), np.clip(cols, 0, level1.shape[1] - 1))]
             want |= (values != 0) & inside_box
-            edge_y = np.abs((ys - origin[1]) / 24.0 - np.round((ys - origin[1]) / 24.0)) * 24.0 < nm / 2
-            edge_x = np.abs((xs - origin[2]) / 24.0 - np.round((xs - origin[2]) / 24.0)) * 24.0 < nm / 2
-            edge |= edge_y[:, None] | edge_x[None, :]
+        edge |= near_face(ys, origin[1], 24.0)[:, None] | near_face(xs, origin[2], 24.0)[None, :]
         inside = ~edge & inside_box
         got = coloured(rgb)
         assert want[inside].sum() > 100 and (~want[inside]).sum() > 1000

@@ -230,8 +230,8 @@ def copy_box(source_base_url: str, output, entry: str, bbox_nm=None, workers: in
     read at another mip, or of a box beyond the copy, fails naming the copy and what it lacks
     instead of reading as empty. Chunks are fetched once each, `workers` at a time, written whole
     (renamed into place), uncompressed, one file each (a sharded source is copied unsharded); a
-    killed copy resumes where it stopped (chunks on disk are kept), and the info files are written
-    last, so an unfinished copy cannot be read. Returns the chunks copied (present upstream).
+    killed copy resumes where it stopped (chunks on disk are kept, a chunk it was writing is
+    removed), and the info files are written last, so an unfinished copy cannot be read. Returns the chunks copied (present upstream).
     """
     import concurrent.futures as cf
     import json
@@ -285,6 +285,10 @@ def copy_box(source_base_url: str, output, entry: str, bbox_nm=None, workers: in
         for n in pool.map(copy, tasks):
             copied += n
             bar.update(1)
+    # A killed run's temporary files (a chunk it was writing) are not data: removed once all is copied.
+    for folder in {task[1] for task in tasks}:
+        for stale in folder.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     for path, info in infos.items():  # last: a copy without its info files is not a layer yet
         durable_write(path, json.dumps(info, indent=1).encode())
     return copied

@@ -32,6 +32,14 @@ from ..store.engine import cache_for
 TILE = (1, 256, 256)  # a label overview chunk: one slice, so that a view at one z reads one z-row
 
 
+def tile_levels(shape) -> int:
+    """Label overview levels above 0 (x and y halved per level) until a slice fits one tile."""
+    levels, (_, y, x) = 0, shape
+    while y > TILE[1] or x > TILE[2]:
+        y, x, levels = -(-y // 2), -(-x // 2), levels + 1
+    return max(levels, 1)
+
+
 def coarser_em_mips(plan) -> list[int]:
     """The source EM mips at the labels' z resolution and coarser in x and y than the store's EM,
     finest first."""
@@ -90,7 +98,7 @@ class Overview:
     """The multiscale groups a viewer reads for `source`'s store, beside its `data.zarr`:
     `overview/em.zarr` (level 0: the store's EM; then each coarser source mip's EM, each from a
     store of its own) and `overview/<label>.zarr` for each label of the entry (level 0: the store's
-    label; levels 1 to the store pyramid's last: one-slice tiles made on request by `make_tile`).
+    label; levels 1 until a slice fits one tile: one-slice tiles made on request by `make_tile`).
     Level 0 and the mip levels are links (symlinks) to the stores' arrays: nothing is copied."""
 
     def __init__(self, source, labels=None):
@@ -100,7 +108,7 @@ class Overview:
         self.root = self.cache.root / "overview"
         self.mip_sources = {mip: em_mip_source(source, mip) for mip in coarser_em_mips(plan)}
         self.labels = list(labels) if labels is not None else [plan.label_name]
-        self.levels = {name: len(plan.with_levels([name])) - 1 for name in self.labels}
+        self.levels = {name: tile_levels(plan.arrays[name].shape) for name in self.labels}
         self._write_em_group()
         for name in self.labels:
             self._write_label_group(name)
