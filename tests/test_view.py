@@ -334,9 +334,9 @@ def _mode_level_1(block: np.ndarray) -> np.ndarray:
 
 def test_a_zoomed_out_view_draws_the_sources_em_mip_and_label_tiles_and_makes_no_level_0(mirror, server, tmp_path,
                                                                                           browser):
-    """At 24 nm a pixel neuroglancer draws the overview groups' level 1: the EM of the source's mip 2
-    (24 nm, through a store of its own) and label tiles made from the slice's source chunks by the
-    pyramid's mode. Nothing of level 0 is made, and the labels are read from one z-row of chunks."""
+    """At 24 nm a pixel neuroglancer draws the overview groups' level 1: tiles of the EM of the
+    source's mip 2 (24 nm) and of the labels by the pyramid's mode, made from the source chunks of
+    the slice's z-row. Nothing of level 0 is made."""
     src = entry_source("p14_psd", base_url=server.base_url, cache_dir=str(tmp_path))
     plan = src.plan
     label_src = plan.arrays["labels/psd"]
@@ -385,10 +385,10 @@ def test_a_zoomed_out_view_draws_the_sources_em_mip_and_label_tiles_and_makes_no
         key = "_".join(f"{r:g}" for r in mirror.layer("p14", EM).resolution_xyz[2])  # "24_24_40"
         em_requests = [p for p in new if f"/{EM}/" in p]
         assert em_requests and all(f"/{EM}/{key}/" in p for p in em_requests), em_requests
-        # Labels: only source chunks whose z range holds slice z.
+        # EM and labels: only source chunks whose z range holds slice z (one z-row, never the layer).
         label_requests = [p for p in new if f"/{CHANNEL['psd']}/" in p]
         zg = label_src.start_zyx[0] + z
-        for p in label_requests:
+        for p in label_requests + em_requests:
             lo, hi = (int(v) for v in p.rsplit("/", 1)[1].removesuffix(".gz").split("_")[2].split("-"))
             assert lo <= zg < hi, p
         assert label_requests

@@ -1,19 +1,19 @@
 """Overviews of a store's box from the source's own resolutions, shared by `preview` and `view`.
 
 A picture coarser than the store's level 0 never makes the store's pyramid for it (each coarse
-shard of that pyramid is made from every level-0 shard under it: the whole 128-slice layer):
-- EM from the source's own coarser mips (BossDB serves EM at 6, 12, 24, 48 nm ...), each read
-  through a store of its own (the same entry at that `em_mip`), fetched shard by shard, recorded
-  and reused like any store;
-- labels, which the source has at 12 nm only, from the source chunks of the one z-row holding the
-  slice, reduced by the pyramid's 2 x 2 mode (`store/downsample.py`), so an overview's labels equal
-  the store's own pyramid levels at that slice.
+shard of that pyramid is made from every level-0 shard under it: the whole 128-slice layer). An
+overview level k has the labels' voxel grid with x and y 2**k times coarser, and is read from the
+source chunks of the one z-row holding its slice:
+- EM from the source's coarsest EM mip not coarser than a level-k pixel (BossDB serves EM at 6,
+  12, 24, 48 nm ...): each pixel is the EM voxel under its centre, placed in nm;
+- labels, which the source has at 12 nm only, reduced by the pyramid's 2 x 2 mode
+  (`store/downsample.py`) k times, so an overview's labels equal the store's own pyramid levels.
 
-`label_slice` draws labels of one slice; `Overview` lays out, beside a store's `data.zarr`, the
-multiscale groups a viewer reads (`<store>/overview/em.zarr`, `<store>/overview/<label>.zarr`):
-their level 0 links to the store's arrays, the EM's coarser levels link to the mip stores' EM,
-the labels' coarser levels are one-slice tiles made on request. Nothing here is part of the store
-proper: a materialisation, a lock or `verify` never sees it.
+`em_slice` and `label_slice` draw one slice (what `preview` shows); `Overview` lays out, beside a
+store's `data.zarr`, the multiscale groups a viewer reads (`<store>/overview/em.zarr`,
+`<store>/overview/<label>.zarr`): level 0 links to the store's arrays (fetched shard by shard as
+ever), levels 1 and up are one-slice tiles made on request and kept. None of it is part of the
+store proper: a materialisation, a lock or `verify` never sees it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 from ..store.cache import (array_metadata, array_path, durable_write, encode_chunk, group_metadata, make_dirs,
                            ome_multiscale)
 from ..store.downsample import downsample_mode
+from ..source.layers import Layer
 from ..store.engine import cache_for
 
 TILE = (1, 256, 256)  # a label overview chunk: one slice, so that a view at one z reads one z-row
@@ -40,27 +41,65 @@ def tile_levels(shape) -> int:
     return max(levels, 1)
 
 
-def coarser_em_mips(plan) -> list[int]:
-    """The source EM mips at the labels' z resolution and coarser in x and y than the store's EM,
-    finest first."""
-    raw = plan.arrays["raw"]
-    z_res, xy_res = raw.layer.resolution_zyx[0], max(raw.layer.resolution_zyx[1:])
-    found = []
+def overview_em_mip(plan, level: int) -> int:
+    """The source EM mip an overview at `level` draws: the coarsest at the labels' z resolution and
+    not coarser in x and y than a level pixel (2**level times the labels' resolution)."""
+    label_res = plan.arrays[plan.label_name].layer.resolution_zyx
+    pixel = label_res[2] * 2 ** level
+    best, best_res = None, 0.0
     for mip, scale in enumerate(plan.layers["raw"].info_dict["scales"]):
-        res = [float(r) for r in scale["resolution"]]  # x, y, z
-        if res[2] == z_res and max(res[:2]) > xy_res:
-            found.append((max(res[:2]), mip))
-    return [mip for _, mip in sorted(found)]
+        res = [float(r) for r in scale["resolution"]]  # x, y, z (an axis swap keeps x = y here)
+        if res[2] == label_res[0] and max(res[:2]) <= pixel and max(res[:2]) > best_res:
+            best, best_res = mip, max(res[:2])
+    if best is None:
+        raise ValueError(f"the EM layer {plan.layers['raw'].url} has no mip at the labels' z resolution and at "
+                         f"most {2 ** level}x their x/y resolution")
+    return best
 
 
-def em_mip_source(source, mip: int):
-    """The same entry, box and cache with the EM at source mip `mip`: a store of its own."""
-    from ..drivers import entry_source
-    req = source.request
-    return entry_source(f"{req.experiment}_{req.label}", bbox_nm=list(req.bbox_nm), em_mip=mip,
-                        seg_mip=req.seg_mip, cache_dir=str(req.cache_dir), base_url=req.base_url,
-                        raw_codec=req.raw_codec, progress=False, connections=source.connections,
-                        cache_limit=source.cache_limit)
+def em_layer(plan, mip: int) -> Layer:
+    """The store's EM layer at source mip `mip` (its info file as already read)."""
+    raw = plan.layers["raw"]
+    return raw if raw.info.mip == mip else Layer(raw.url, mip, raw.info.swap_xy, param="em_mip",
+                                                 info=raw.info_dict, fetcher=raw.fetcher)
+
+
+def _level_window(plan, level: int, rows, cols):
+    """Rows and columns of `level` (default: all) and the nm of their pixel centres (y, x)."""
+    src = plan.arrays[plan.label_name]
+    step = 2 ** level
+    r0, r1 = rows if rows is not None else (0, -(-src.shape[1] // step))
+    c0, c1 = cols if cols is not None else (0, -(-src.shape[2] // step))
+    r1, c1 = min(r1, -(-src.shape[1] // step)), min(c1, -(-src.shape[2] // step))
+    res, origin = np.asarray(src.layer.resolution_zyx, float), np.asarray(src.origin_nm_zyx, float)
+    ys = origin[1] + (np.arange(r0, r1) + 0.5) * res[1] * step
+    xs = origin[2] + (np.arange(c0, c1) + 0.5) * res[2] * step
+    return (r0, r1), (c0, c1), ys, xs
+
+
+def em_chunks(plan, z: int, level: int, rows=None, cols=None) -> tuple:
+    """(EM layer, its source chunks, the voxel indices z, rows, cols) that `em_slice` reads."""
+    layer = em_layer(plan, overview_em_mip(plan, level))
+    src = plan.arrays[plan.label_name]
+    _, _, ys, xs = _level_window(plan, level, rows, cols)
+    res = np.asarray(layer.info.resolution_zyx, float)
+    z_nm = src.origin_nm_zyx[0] + (z + 0.5) * src.layer.resolution_zyx[0]
+    iz, iy, ix = int(np.floor(z_nm / res[0])), np.floor(ys / res[1]).astype(int), np.floor(xs / res[2]).astype(int)
+    if not (iy.size and ix.size):
+        return layer, [], iz, iy, ix
+    chunks = layer.info.chunks_in((iz, iy.min(), ix.min()), (iz + 1, iy.max() + 1, ix.max() + 1))
+    return layer, chunks, iz, iy, ix
+
+
+def em_slice(plan, z: int, level: int, rows=None, cols=None) -> np.ndarray:
+    """The EM of slice `z` (of the labels' grid) at overview `level`, over that level's `rows` and
+    `cols` ((start, stop); default all): each pixel the EM voxel under its centre at
+    `overview_em_mip`, read from the source chunks of that slice's z-row."""
+    layer, _, iz, iy, ix = em_chunks(plan, z, level, rows, cols)
+    if not (iy.size and ix.size):
+        return np.zeros((iy.size, ix.size), layer.info.dtype)
+    plane = layer.read((iz, iy.min(), ix.min()), (iz + 1, iy.max() + 1, ix.max() + 1))[0]
+    return plane[np.ix_(iy - iy.min(), ix - ix.min())]
 
 
 def label_slice(plan, name: str, z: int, level: int, rows=None, cols=None) -> np.ndarray:
@@ -96,22 +135,19 @@ def label_slice(plan, name: str, z: int, level: int, rows=None, cols=None) -> np
 
 class Overview:
     """The multiscale groups a viewer reads for `source`'s store, beside its `data.zarr`:
-    `overview/em.zarr` (level 0: the store's EM; then each coarser source mip's EM, each from a
-    store of its own) and `overview/<label>.zarr` for each label of the entry (level 0: the store's
-    label; levels 1 until a slice fits one tile: one-slice tiles made on request by `make_tile`).
-    Level 0 and the mip levels are links (symlinks) to the stores' arrays: nothing is copied."""
+    `overview/em.zarr` and `overview/<label>.zarr` for each of `labels` (default: the entry's).
+    Level 0 links (a symlink) to the store's array; levels 1 until a slice fits one tile are
+    one-slice tiles made on request by `make_tile` (see the module's docstring)."""
 
     def __init__(self, source, labels=None):
         plan = source.plan
         self.source, self.plan = source, plan
         self.cache = cache_for(plan)
         self.root = self.cache.root / "overview"
-        self.mip_sources = {mip: em_mip_source(source, mip) for mip in coarser_em_mips(plan)}
         self.labels = list(labels) if labels is not None else [plan.label_name]
-        self.levels = {name: tile_levels(plan.arrays[name].shape) for name in self.labels}
-        self._write_em_group()
-        for name in self.labels:
-            self._write_label_group(name)
+        self.levels = tile_levels(plan.arrays[plan.label_name].shape)
+        for name in ["raw"] + self.labels:
+            self._write_group(name)
 
     # -- layout -------------------------------------------------------------------------------------
     def group(self, name: str) -> Path:
@@ -130,51 +166,42 @@ class Overview:
             make_dirs(path.parent)
             durable_write(path, json.dumps(meta, indent=2).encode())
 
-    def _write_em_group(self):
-        raw = self.plan.arrays["raw"]
-        levels = [("0", raw.layer.resolution_zyx, raw.origin_nm_zyx)]
-        folder = self.group("raw")
-        make_dirs(folder)
-        self._link(folder / "0", self.cache.zarr_path / array_path("raw"))
-        for k, (mip, src) in enumerate(self.mip_sources.items(), start=1):
-            arr = src.plan.arrays["raw"]
-            levels.append((str(k), arr.layer.resolution_zyx, arr.origin_nm_zyx))
-            from ..store.lazy import ReadThroughArray  # makes the mip store's array metadata
-            ReadThroughArray(src.plan, "raw", src.connections, src.cache_limit)
-            self._link(folder / str(k), cache_for(src.plan).zarr_path / array_path("raw"))
-        self._write_json(folder / "zarr.json", group_metadata({"ome": {
-            "version": "0.5", "multiscales": [ome_multiscale("raw (EM: store, then source mips)", levels)]}}))
-
-    def _write_label_group(self, name: str):
-        src = self.plan.arrays[name]
-        res, origin = np.asarray(src.layer.resolution_zyx, float), src.origin_nm_zyx
+    def _write_group(self, name: str):
+        base = self.plan.arrays[name]
+        grid = self.plan.arrays[self.plan.label_name]  # the levels' grid: the labels', x and y halved per level
+        res, origin = np.asarray(grid.layer.resolution_zyx, float), grid.origin_nm_zyx
         folder = self.group(name)
         make_dirs(folder)
         self._link(folder / "0", self.cache.zarr_path / array_path(name))
-        levels = [("0", res, origin)]
-        is_label = True
-        for k in range(1, self.levels[name] + 1):
-            shape = (src.shape[0],) + tuple(-(-n // 2 ** k) for n in src.shape[1:])
+        levels = [("0", base.layer.resolution_zyx, base.origin_nm_zyx)]
+        is_label = name != "raw"
+        for k in range(1, self.levels + 1):
+            shape = (grid.shape[0],) + tuple(-(-n // 2 ** k) for n in grid.shape[1:])
+            made_from = ("source chunks of each slice, 2 x 2 mode" if is_label else
+                         f"source EM mip {overview_em_mip(self.plan, k)}, the voxel under each pixel's centre")
             self._write_json(folder / str(k) / "zarr.json", array_metadata(
-                shape, src.dtype, is_label, "zstd3", {"level": k, "made_from": "source chunks of each slice, 2 x 2 mode"},
+                shape, base.dtype, is_label, "zstd3" if is_label else "zstd1", {"level": k, "made_from": made_from},
                 chunk_shape=TILE))
             levels.append((str(k), res * [1, 2 ** k, 2 ** k], origin))
-        self._write_json(folder / "zarr.json", group_metadata({"ome": {
-            "version": "0.5", "multiscales": [ome_multiscale(name.split("/", 1)[1], levels)],
-            "image-label": {"source": {"image": "../em.zarr"}}}}))
+        title = "raw (EM: the store, then source mips)" if name == "raw" else name.split("/", 1)[1]
+        attributes = {"ome": {"version": "0.5", "multiscales": [ome_multiscale(title, levels)]}}
+        if is_label:
+            attributes["ome"]["image-label"] = {"source": {"image": "../em.zarr"}}
+        self._write_json(folder / "zarr.json", group_metadata(attributes))
 
     # -- tiles ------------------------------------------------------------------------------------------
     def tile_file(self, name: str, level: int, index) -> Path:
         return self.group(name) / str(level) / "c" / Path(*(str(i) for i in index))
 
     def make_tile(self, name: str, level: int, index) -> Path:
-        """Make tile `index` (z, row, column of TILE) of level `level` of label array `name`, if not
-        made yet: from the source chunks of its slice; written whole (a temporary file renamed)."""
+        """Make tile `index` (z, row, column of TILE) of level `level` of array `name` ("raw" or a
+        label), if not made yet: from the source chunks of its slice; written whole (renamed into place)."""
         path = self.tile_file(name, level, index)
         if not path.is_file():
             z, ty, tx = index
-            plane = label_slice(self.plan, name, z, level, (ty * TILE[1], (ty + 1) * TILE[1]),
-                                (tx * TILE[2], (tx + 1) * TILE[2]))
+            window = (z, level, (ty * TILE[1], (ty + 1) * TILE[1]), (tx * TILE[2], (tx + 1) * TILE[2]))
+            is_label = name != "raw"
+            plane = label_slice(self.plan, name, *window) if is_label else em_slice(self.plan, *window)
             make_dirs(path.parent)
-            durable_write(path, encode_chunk(plane[None], TILE, "zstd3", True))
+            durable_write(path, encode_chunk(plane[None], TILE, "zstd3" if is_label else "zstd1", is_label))
         return path

@@ -49,90 +49,48 @@ def overview_level(shape_zyx, max_size: int) -> int:
     return level
 
 
-def _em_source_mip(source, level: int) -> int | None:
-    """The EM layer's coarsest mip not coarser than an overview pixel at `level` (x and y 2**level
-    times the labels' resolution; z the labels'), or None if it has none."""
-    plan = source.plan
-    label_res = plan.arrays[plan.label_name].layer.resolution_zyx
-    pixel = label_res[2] * 2 ** level
-    best, best_res = None, 0.0
-    for mip, scale in enumerate(plan.layers["raw"].info_dict["scales"]):
-        res = [float(r) for r in scale["resolution"]]  # x, y, z (an axis swap keeps x = y here)
-        if res[2] == label_res[0] and max(res[:2]) <= pixel and max(res[:2]) > best_res:
-            best, best_res = mip, max(res[:2])
-    return best
-
-
 def overview_plan(source, z: int, level: int) -> dict:
-    """What an overview of slice `z` at `level` reads, and its estimated cost: the EM from the source's
-    coarsest mip not coarser than a pixel (through the cache: a store of its own, only the shards of
-    that slice; each pixel shows the EM voxel under its centre), and the
-    labels from the source chunks of the one chunk row in z that holds the slice (never the
-    128-slice layer of level 0). Returns {"em_mip", "em_shards", "label_chunks", "bytes"}."""
-    from ..store.cache import SHARDS
+    """What an overview of slice `z` at `level` reads (`overview.py`): the source chunks of the
+    slice's z-row, of the EM at the coarsest mip not coarser than a pixel and of the labels (never
+    the 128-slice layer of level 0). Returns {"em_mip", "em_chunks", "label_chunks", "bytes"}
+    (bytes uncompressed)."""
+    from .overview import em_chunks
     plan = source.plan
     label_src, label_layer = plan.arrays[plan.label_name], plan.layers[plan.label_name]
-    em_mip = _em_source_mip(source, level)
-    if em_mip is None:
-        raise ValueError(f"the EM layer {plan.layers['raw'].url} has no mip at the labels' z resolution and at "
-                         f"most {2 ** level}x their x/y resolution")
+    em_layer, em_grid, *_ = em_chunks(plan, z, level)
     zg = label_src.start_zyx[0] + z
-    chunks = label_layer.info.chunks_in((zg, label_src.start_zyx[1], label_src.start_zyx[2]),
-                                        (zg + 1, label_src.start_zyx[1] + label_src.shape[1],
-                                         label_src.start_zyx[2] + label_src.shape[2]))
-    label_bytes = sum(int(np.prod(np.subtract(*label_layer.info.chunk_box(g)[::-1]))) for g in chunks) \
-        * np.dtype(label_src.dtype).itemsize
-    em_res = float(max(plan.layers["raw"].info_dict["scales"][em_mip]["resolution"][:2]))
-    y, x = (-(-int(n * r // em_res) // 1) for n, r in zip(label_src.shape[1:], label_src.layer.resolution_zyx[1:]))
-    em_shards = -(-y // SHARDS[1]) * -(-x // SHARDS[2])
-    em_bytes = em_shards * min(SHARDS[0], label_src.shape[0]) * SHARDS[1] * SHARDS[2]
-    return {"em_mip": em_mip, "em_shards": em_shards, "label_chunks": chunks, "bytes": label_bytes + em_bytes}
+    label_grid = label_layer.info.chunks_in((zg, label_src.start_zyx[1], label_src.start_zyx[2]),
+                                            (zg + 1, label_src.start_zyx[1] + label_src.shape[1],
+                                             label_src.start_zyx[2] + label_src.shape[2]))
+
+    def size(layer, grid):
+        return sum(int(np.prod(np.subtract(*layer.info.chunk_box(g)[::-1]))) for g in grid) \
+            * np.dtype(layer.info.dtype).itemsize
+    return {"em_mip": em_layer.info.mip, "em_chunks": em_grid, "label_chunks": label_grid,
+            "bytes": size(em_layer, em_grid) + size(label_layer, label_grid)}
 
 
 def _overview(source, z: int, level: int, max_fetch: int):
     """(EM plane, label plane) of slice `z` at `level`, on the grid of the labels' level `level`."""
-    from ..store.lazy import ReadThroughArray
-    from .overview import em_mip_source, label_slice
+    from .overview import em_slice, label_slice
     plan = source.plan
-    label_src = plan.arrays[plan.label_name]
     cost = overview_plan(source, z, level)
     if cost["bytes"] > max_fetch:
         raise ValueError(
             f"an overview of slice z={z} at level {level} would fetch about {cost['bytes'] / 1e9:.1f} GB "
-            f"(uncompressed: {len(cost['label_chunks'])} label chunks and {cost['em_shards']} EM shards at mip "
+            f"(uncompressed: {len(cost['label_chunks'])} label chunks and {len(cost['em_chunks'])} EM chunks at mip "
             f"{cost['em_mip']}), more than max_fetch={max_fetch} bytes; choose a smaller bbox_nm, a smaller "
             "--max-size (a coarser level), or raise --max-fetch")
-    # EM: the source's own mip, read through the cache (a store of its own; only this slice's shards).
-    em_source = em_mip_source(source, cost["em_mip"])
-    em_src = em_source.plan.arrays["raw"]
-    em_res = np.asarray(em_src.layer.resolution_zyx, float)
-    em_origin = np.asarray(em_src.origin_nm_zyx, float)
-    label_res = np.asarray(label_src.layer.resolution_zyx, float)
-    origin = np.asarray(label_src.origin_nm_zyx, float)
-    z_nm = origin[0] + (z + 0.5) * label_res[0]
-    em_z = int(np.clip(np.floor((z_nm - em_origin[0]) / em_res[0]), 0, em_src.shape[0] - 1))
-    em_plane = ReadThroughArray(em_source.plan, "raw", source.connections, source.cache_limit)[em_z]
-    # Each overview pixel shows the EM voxel under its centre (placed to the nanometre).
-    y, x = (-(-n // 2 ** level) for n in label_src.shape[1:])
-    step = label_res[1:] * 2 ** level
-    rows = np.clip(np.floor((origin[1] + (np.arange(y) + 0.5) * step[0] - em_origin[1]) / em_res[1]).astype(int),
-                   0, em_plane.shape[0] - 1)
-    cols = np.clip(np.floor((origin[2] + (np.arange(x) + 0.5) * step[1] - em_origin[2]) / em_res[2]).astype(int),
-                   0, em_plane.shape[1] - 1)
-    raw = em_plane[np.ix_(rows, cols)]
-    # Labels: the source chunks of the slice's chunk row, reduced by the pyramid's mode.
-    labels = label_slice(plan, plan.label_name, z, level)
-    return raw, labels
+    return em_slice(plan, z, level), label_slice(plan, plan.label_name, z, level)
 
 
 def render(source, z: int, output, max_size: int = DEFAULT_MAX_SIZE, max_fetch: int = DEFAULT_MAX_FETCH) -> int:
     """Write a PNG of slice `z` of `source`'s store: EM in grey, labels overlaid, a scale bar; returns
     the level drawn (x and y halved per level).
 
-    A slice wider than `max_size` pixels is an overview at the level that fits: the EM from the
-    source's own coarser mip (through the cache, only that slice's shards of it), the labels from
-    the source chunks of the slice's chunk row in z (reduced by the pyramid's mode); never the
-    128-slice layer of level 0 under it. An overview estimated to fetch more than `max_fetch`
+    A slice wider than `max_size` pixels is an overview at the level that fits (`overview.py`):
+    the EM from the source's own coarser mip, the labels reduced by the pyramid's mode, both from
+    the source chunks of the slice's z-row; never the 128-slice layer of level 0 under it. An overview estimated to fetch more than `max_fetch`
     bytes (uncompressed) is refused with the estimate and cheaper choices."""
     from PIL import Image, ImageDraw
     if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 16:

@@ -44,8 +44,8 @@ def store_layers(url: str, zarr_path: Path) -> list[tuple[str, str, str]]:
 
 class LazyShards:
     """The `before` hook of the server: a request for a shard of a known array makes that shard
-    first; a request for a tile of an overview group (see `overview.py`) makes that tile, or the
-    shard of the store or mip store it links to."""
+    first; a request for a tile of an overview group (see `overview.py`) makes that tile (level 0:
+    the store's shard it links to)."""
 
     def __init__(self, sources, connections: int | None = None, overviews=()):
         self.arrays = {}  # (store folder name, array path) -> ReadThroughArray
@@ -57,16 +57,11 @@ class LazyShards:
         self.overview_levels = {}  # (store folder name, group name, level) -> make(index)
         for ov in overviews:
             store = ov.cache.root.name
-            raw = [self.arrays[(store, "raw")]] + [
-                ReadThroughArray(s.plan, "raw", connections or s.connections, s.cache_limit)
-                for s in ov.mip_sources.values()]
-            for k, arr in enumerate(raw):
-                self.overview_levels[(store, "em", k)] = _shard_maker(arr)
-            for name in ov.labels:
-                label = name.split("/", 1)[1]
-                self.overview_levels[(store, label, 0)] = _shard_maker(self.arrays[(store, array_path(name))])
-                for k in range(1, ov.levels[name] + 1):
-                    self.overview_levels[(store, label, k)] = _tile_maker(ov, name, k)
+            for name in ["raw"] + ov.labels:
+                group = ov.group(name).name.removesuffix(".zarr")
+                self.overview_levels[(store, group, 0)] = _shard_maker(self.arrays[(store, array_path(name))])
+                for k in range(1, ov.levels + 1):
+                    self.overview_levels[(store, group, k)] = _tile_maker(ov, name, k)
 
     def __call__(self, path: str):
         match = _SHARD.match(path)
@@ -91,7 +86,7 @@ def _shard_maker(arr):
 
 def _tile_maker(overview, name: str, level: int):
     from .overview import TILE
-    shape = overview.plan.arrays[name].shape
+    shape = overview.plan.arrays[overview.plan.label_name].shape  # the tiles' grid: the labels
     grid = (shape[0],) + tuple(-(-(-(-n // 2 ** level)) // t) for n, t in zip(shape[1:], TILE[1:]))
 
     def make(index):
@@ -170,8 +165,8 @@ class View:
             s.dimensions = ng.CoordinateSpace(names=["x", "y", "z"], units="nm", scales=[res[2], res[1], res[0]])
             s.position = [(x0 + x1) / 2 / res[2], (y0 + y1) / 2 / res[1], (z0 + z1) / 2 / res[0]]
             s.layout = "xy"
-            # The whole box zoomed to fill the screen: zoomed out, the viewer draws the source's
-            # own EM mips and label tiles of the one slice shown (overview.py).
+            # The whole box zoomed to fill the screen: zoomed out, the viewer draws overview tiles
+            # of the one slice shown, from the source's own EM mips and label chunks (overview.py).
             s.cross_section_scale = max((x1 - x0) / res[2] / SCREEN_PIXELS[0], (y1 - y0) / res[1] / SCREEN_PIXELS[1])
             for name, kind, url in self.layers():
                 label = name.rsplit(" ", 1)[-1]
