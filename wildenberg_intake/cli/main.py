@@ -302,7 +302,7 @@ def parser() -> argparse.ArgumentParser:
     pv.add_argument("-o", "--output", required=True, help="PNG file to write")
     pv.add_argument("--max-size", type=int, default=2048, help="widest slice drawn at full resolution; a wider "
                     "one is an overview at the level that fits: EM from the source's own coarser mip, labels "
-                    "from the source chunks of the slice's chunk row (default 2048 pixels)")
+                    "by the pyramid's mode, both from the source chunks of the slice's z-row (default 2048 pixels)")
     pv.add_argument("--max-fetch", type=float, default=8e9, help="bytes an overview may fetch (uncompressed "
                     "estimate); a costlier one is refused with the estimate (default 8e9)")
     pv.set_defaults(run=cmd_preview)
