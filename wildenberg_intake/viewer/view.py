@@ -1,9 +1,10 @@
 """Neuroglancer over the cache: the cache served with byte ranges and CORS, shards made as a viewer asks.
 
 `View(sources)` serves the cache folder of catalog sources on 127.0.0.1 and, for every request of a
-shard of one of their arrays (pyramid levels included), first makes that shard through the
-read-through arrays of `store.lazy` (fetched once, written with its done record, like any lazy read):
-a box of hundreds of GB can be looked at without fetching it. It then starts a viewer from
+shard of one of their arrays, first makes that shard through the read-through arrays of
+`store.lazy` (fetched once, written with its done record, like any lazy read): a box of hundreds of
+GB can be looked at without fetching it. Its layers are the stores' overview groups
+(`overview.py`): zoomed out, the viewer draws tiles made from the source chunks of the slice shown. It then starts a viewer from
 neuroglancer's PyPI package (the `viewer` extra) with raw as an image layer and each label of the
 store as a segmentation layer, x/y across the screen, nm units, centred on the box.
 
