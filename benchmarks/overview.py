@@ -5,7 +5,7 @@
 Two mirrors: the full-extent mirror of `benchmarks/scale.py` (p105's real geometry, data in one small
 region, every other chunk 404: bookkeeping and requests at ~3,600 shards per array) and a realistic
 one (dense tissue everywhere, 1400 x 1400 x 80 label voxels of p14, written once). For each:
-- `preview` of the box's middle slice (an overview: EM from the source's coarsest mip not coarser than a
+- `preview` of the box's middle slice, at most 1024 (realistic) or 2048 pixels wide (an overview: EM from the source's coarsest mip not coarser than a
   pixel, labels by the pyramid's mode, both from the source chunks of the slice's z-row);
 - `view` zoomed out to the whole box in headless Chromium (neuroglancer draws the overview tiles),
   timed until the screenshot (every visible chunk drawn), against the same view drawn from the store's
@@ -91,7 +91,7 @@ def layer_bytes(mirror_root: Path, src, z: int) -> int:
     return total
 
 
-def measure(name: str, root: Path, entry: str, bbox, tmp: Path, driver) -> dict:
+def measure(name: str, root: Path, entry: str, bbox, tmp: Path, driver, max_size: int = 2048) -> dict:
     out = {"mirror": name}
     with MirrorServer(root) as server:
         def run(label, fn):
@@ -115,7 +115,7 @@ def measure(name: str, root: Path, entry: str, bbox, tmp: Path, driver) -> dict:
         def preview():
             done = subprocess.run([sys.executable, "-m", "wildenberg_intake.cli.main", "preview", entry, "--z", str(z),
                                    "-o", str(tmp / f"{name}.png"), "--base-url", server.base_url,
-                                   "--cache-dir", str(tmp / f"preview-{name}")] +
+                                   "--cache-dir", str(tmp / f"preview-{name}"), "--max-size", str(max_size)] +
                                   (["--bbox-nm", *map(str, bbox)] if bbox else []), capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(done.stderr[-2000:])
@@ -141,7 +141,8 @@ def main():
             build_mirror(realistic, shape_xyz=(1400, 1400, 80), experiments=("p14",))
         driver = browser()
         try:
-            results = [measure("realistic p14", realistic, "p14_psd", None, tmp, driver),
+            # --max-size 1024: the realistic box (1400 px wide) previewed as an overview (level 1).
+            results = [measure("realistic p14", realistic, "p14_psd", None, tmp, driver, max_size=1024),
                        measure("full-extent p105", full, "p105_psd", None, tmp, driver)]
         finally:
             driver.quit()

@@ -392,3 +392,5 @@ def test_a_zoomed_out_view_draws_the_sources_em_mip_and_label_tiles_and_makes_no
             lo, hi = (int(v) for v in p.rsplit("/", 1)[1].removesuffix(".gz").split("_")[2].split("-"))
             assert lo <= zg < hi, p
         assert label_requests
+        # Tiles of every level of the slice share its source chunks: each was fetched once.
+        assert all(n == 1 for p, n in new.items() if p in label_requests + em_requests), new

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ import numpy as np
 from ..store.cache import (array_metadata, array_path, durable_write, encode_chunk, group_metadata, make_dirs,
                            ome_multiscale)
 from ..store.downsample import downsample_mode
-from ..source.layers import Layer
+from ..source.layers import Layer, place
 from ..store.engine import cache_for
 
 TILE = (1, 256, 256)  # a label overview chunk: one slice, so that a view at one z reads one z-row
@@ -91,21 +93,59 @@ def em_chunks(plan, z: int, level: int, rows=None, cols=None) -> tuple:
     return layer, chunks, iz, iy, ix
 
 
-def em_slice(plan, z: int, level: int, rows=None, cols=None) -> np.ndarray:
+def _read(layer, start, stop) -> np.ndarray:
+    return layer.read(start, stop)
+
+
+class PlaneCache:
+    """Decoded planes (one slice of a source chunk) kept across tiles: the tiles of one slice, at
+    every level, share the source chunks of its z-row, fetched once while they stay in this cache
+    (least recently used first out, bounded in bytes). `read` is a `layer.read` for one slice."""
+
+    def __init__(self, max_bytes: int = 256 * 2**20):
+        self.max_bytes, self._bytes = max_bytes, 0
+        self._planes = OrderedDict()
+        self._lock = threading.Lock()
+
+    def read(self, layer, start, stop) -> np.ndarray:
+        z = int(start[0])
+        if int(stop[0]) != z + 1:
+            return layer.read(start, stop)
+        out = np.zeros(tuple(np.subtract(stop, start)), dtype=layer.info.dtype)
+        for grid in layer.info.chunks_in(start, stop):
+            key = (layer.url, layer.info.mip, tuple(grid), z)
+            lo = layer.info.chunk_box(grid)[0]
+            with self._lock:
+                plane = self._planes.get(key)
+                if plane is not None:
+                    self._planes.move_to_end(key)
+            if plane is None:
+                plane = np.ascontiguousarray(layer.decode_chunk(grid, layer.fetch_chunk(grid))[z - lo[0]])
+                with self._lock:
+                    if key not in self._planes:
+                        self._planes[key] = plane
+                        self._bytes += plane.nbytes
+                    while self._bytes > self.max_bytes and len(self._planes) > 1:
+                        self._bytes -= self._planes.popitem(last=False)[1].nbytes
+            place(out, start, (z,) + tuple(lo[1:]), plane[None])
+        return out
+
+
+def em_slice(plan, z: int, level: int, rows=None, cols=None, read=_read) -> np.ndarray:
     """The EM of slice `z` (of the labels' grid) at overview `level`, over that level's `rows` and
     `cols` ((start, stop); default all): each pixel the EM voxel under its centre at
-    `overview_em_mip`, read from the source chunks of that slice's z-row."""
+    `overview_em_mip`, read from the source chunks of that slice's z-row (by `read(layer, start, stop)`)."""
     layer, _, iz, iy, ix = em_chunks(plan, z, level, rows, cols)
     if not (iy.size and ix.size):
         return np.zeros((iy.size, ix.size), layer.info.dtype)
-    plane = layer.read((iz, iy.min(), ix.min()), (iz + 1, iy.max() + 1, ix.max() + 1))[0]
+    plane = read(layer, (iz, iy.min(), ix.min()), (iz + 1, iy.max() + 1, ix.max() + 1))[0]
     return plane[np.ix_(iy - iy.min(), ix - ix.min())]
 
 
-def label_slice(plan, name: str, z: int, level: int, rows=None, cols=None) -> np.ndarray:
+def label_slice(plan, name: str, z: int, level: int, rows=None, cols=None, read=_read) -> np.ndarray:
     """Array `name`'s labels of slice `z` at pyramid level `level` (x and y halved per level by the
     pyramid's 2 x 2 mode), over that level's `rows` and `cols` ((start, stop); default all), read
-    from the source chunks of the slice's z-row, one chunk row in y at a time."""
+    from the source chunks of the slice's z-row (by `read(layer, start, stop)`), one chunk row in y at a time."""
     src, layer = plan.arrays[name], plan.layers[name]
     step = 2 ** level
     height, width = src.shape[1:]
@@ -120,7 +160,7 @@ def label_slice(plan, name: str, z: int, level: int, rows=None, cols=None) -> np
     while y < y1:  # bands along the source's chunk rows: each source chunk is fetched once
         lo = sy + y
         stop = min(y1, (lo // chunk_y + 1) * chunk_y - sy)
-        pending = np.concatenate([pending, layer.read((z0, sy + y, sx + x0), (z0 + 1, sy + stop, sx + x1))], axis=1)
+        pending = np.concatenate([pending, read(layer, (z0, sy + y, sx + x0), (z0 + 1, sy + stop, sx + x1))], axis=1)
         y = stop
         # Whole 2**level-row groups only (2 x 2 blocks never straddle two bands), the rest at the end.
         whole = pending.shape[1] if y >= y1 else pending.shape[1] // step * step
@@ -145,6 +185,7 @@ class Overview:
         self.cache = cache_for(plan)
         self.root = self.cache.root / "overview"
         self.labels = list(labels) if labels is not None else [plan.label_name]
+        self.planes = PlaneCache()
         self.levels = tile_levels(plan.arrays[plan.label_name].shape)
         for name in ["raw"] + self.labels:
             self._write_group(name)
@@ -201,7 +242,8 @@ class Overview:
             z, ty, tx = index
             window = (z, level, (ty * TILE[1], (ty + 1) * TILE[1]), (tx * TILE[2], (tx + 1) * TILE[2]))
             is_label = name != "raw"
-            plane = label_slice(self.plan, name, *window) if is_label else em_slice(self.plan, *window)
+            plane = label_slice(self.plan, name, *window, read=self.planes.read) if is_label else \
+                em_slice(self.plan, *window, read=self.planes.read)
             make_dirs(path.parent)
             durable_write(path, encode_chunk(plane[None], TILE, "zstd3" if is_label else "zstd1", is_label))
         return path
