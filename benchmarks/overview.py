@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import declare_full_extent  # noqa: E402
+from scale import full_extent_mirror  # noqa: E402
 
 from wildenberg_intake.drivers import entry_source  # noqa: E402
 from wildenberg_intake.mirror import MirrorServer, build_mirror  # noqa: E402
@@ -132,10 +132,7 @@ def main():
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        full = args.full or tmp / "full"
-        if not (full / "wildenberg2023").exists():
-            build_mirror(full, shape_xyz=(600, 600, 40), experiments=("p105",))
-            declare_full_extent(full)
+        full = full_extent_mirror(args.full or tmp / "full")
         realistic = args.realistic or tmp / "realistic"
         if not (realistic / "wildenberg2023").exists():
             build_mirror(realistic, shape_xyz=(1400, 1400, 80), experiments=("p14",))

@@ -40,6 +40,15 @@ def declare_full_extent(root: Path):
         info_path.write_text(json.dumps(info))
 
 
+def full_extent_mirror(root: Path) -> Path:
+    """The full-extent mirror in `root`, written (p105's data in one small region, its info files
+    declaring the whole box) unless it is there already."""
+    if not (root / "wildenberg2023").exists():
+        build_mirror(root, shape_xyz=(600, 600, 40), experiments=("p105",))
+        declare_full_extent(root)
+    return root
+
+
 TABLE = r"""
 import json, sys, time, resource
 import intake, wildenberg_intake
@@ -97,10 +106,7 @@ def main():
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        root = args.mirror or tmp / "mirror"
-        if not (root / "wildenberg2023").exists():
-            build_mirror(root, shape_xyz=(600, 600, 40), experiments=("p105",))
-            declare_full_extent(root)
+        root = full_extent_mirror(args.mirror or tmp / "mirror")
         cat = intake.open_catalog(wildenberg_intake.catalog_path())
         rows = []
         with MirrorServer(root) as server:
