@@ -181,6 +181,9 @@ def _fast(ds, label_paths=None, lazy=None):
     for i, d in enumerate(inner):
         if type(d) is not SegmentationDataset:
             continue  # a dataset type we do not know: leave it alone
+        # torch-em builds its SegmentationDataset itself (default_segmentation_dataset has no
+        # dataset-class hook): the subclass is put on the built object rather than copying torch-em's
+        # construction (splits, ROIs, samplers, kwargs) here.
         d.__class__ = CachedStoreDataset
         d.transform = fast_transform(d.transform)
         if label_paths is not None:
