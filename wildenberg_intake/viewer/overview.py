@@ -26,17 +26,17 @@ from pathlib import Path
 
 import numpy as np
 
+from ..source.layers import Layer, place
 from ..store.cache import (array_metadata, array_path, durable_write, encode_chunk, group_metadata, make_dirs,
                            ome_multiscale)
 from ..store.downsample import downsample_mode
-from ..source.layers import Layer, place
 from ..store.engine import cache_for
 
-TILE = (1, 256, 256)  # a label overview chunk: one slice, so that a view at one z reads one z-row
+TILE = (1, 256, 256)  # an overview chunk: one slice, so that a view at one z reads one z-row
 
 
 def tile_levels(shape) -> int:
-    """Label overview levels above 0 (x and y halved per level) until a slice fits one tile."""
+    """Overview levels above 0 (x and y halved per level) until a slice fits one tile (at least one)."""
     levels, (_, y, x) = 0, shape
     while y > TILE[1] or x > TILE[2]:
         y, x, levels = -(-y // 2), -(-x // 2), levels + 1
@@ -231,6 +231,12 @@ class Overview:
         self._write_json(folder / "zarr.json", group_metadata(attributes))
 
     # -- tiles ------------------------------------------------------------------------------------------
+    def tile_grid(self, level: int) -> tuple:
+        """Tiles (z, rows, columns) of overview level `level`: one per slice, TILE in y and x."""
+        shape = self.plan.arrays[self.plan.label_name].shape
+        level_yx = [-(-n // 2 ** level) for n in shape[1:]]  # ceil: edge voxels summarise clipped blocks
+        return (shape[0],) + tuple(-(-n // t) for n, t in zip(level_yx, TILE[1:]))
+
     def tile_file(self, name: str, level: int, index) -> Path:
         return self.group(name) / str(level) / "c" / Path(*(str(i) for i in index))
 

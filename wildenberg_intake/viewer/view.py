@@ -4,8 +4,8 @@
 shard of one of their arrays, first makes that shard through the read-through arrays of
 `store.lazy` (fetched once, written with its done record, like any lazy read): a box of hundreds of
 GB can be looked at without fetching it. Its layers are the stores' overview groups
-(`overview.py`): zoomed out, the viewer draws tiles made from the source chunks of the slice shown. It then starts a viewer from
-neuroglancer's PyPI package (the `viewer` extra) with raw as an image layer and each label of the
+(`overview.py`): zoomed out, the viewer draws tiles made from the source chunks of the slice shown.
+It then starts a viewer from neuroglancer's PyPI package (the `viewer` extra) with raw as an image layer and each label of the
 store as a segmentation layer, x/y across the screen, nm units, centred on the box.
 
     with View([src]) as view:
@@ -86,9 +86,7 @@ def _shard_maker(arr):
 
 
 def _tile_maker(overview, name: str, level: int):
-    from .overview import TILE
-    shape = overview.plan.arrays[overview.plan.label_name].shape  # the tiles' grid: the labels
-    grid = (shape[0],) + tuple(-(-(-(-n // 2 ** level)) // t) for n, t in zip(shape[1:], TILE[1:]))
+    grid = overview.tile_grid(level)
 
     def make(index):
         if all(0 <= i < n for i, n in zip(index, grid)):
@@ -117,8 +115,8 @@ class View:
             raise ValueError(f"the sources' cache_dir differ ({sorted(map(str, roots))}); allowed: one cache_dir")
         self.sources = sources
         from .overview import Overview
-        # One overview per store (its groups link to the store's arrays, the EM mip stores and the
-        # label tiles): zoomed out, the viewer reads those, never the store's own coarse levels.
+        # One overview per store (its groups: level 0 linked to the store's arrays, coarser levels
+        # tiles of one slice): zoomed out, the viewer reads those, never the store's own coarse levels.
         stores = {}
         for src in sources:
             stores.setdefault(cache_for(src.plan).root.name, src)
@@ -147,7 +145,7 @@ class View:
 
     def layers(self) -> list[tuple[str, str, str]]:
         """(name, kind, source URL) of every layer shown: each store's overview groups (level 0 the
-        store's own arrays; coarser levels from the source's EM mips and label tiles)."""
+        store's own arrays; coarser levels tiles from the source's EM mips and label chunks)."""
         out = []
         for store, ov in self.overviews.items():
             prefix = f"{ov.plan.request.experiment} " if len(self.overviews) > 1 else ""
