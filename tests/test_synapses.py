@@ -116,6 +116,11 @@ def test_the_table_equals_an_independent_in_memory_computation(tissue, tmp_path,
     monkeypatch.setattr(components.cc3d, "connected_components", counting)
     table = SynapseTable(src.plan, block_shape=BLOCK, workers=workers, processes=processes)
     assert table.processes is (workers > 1 and processes)
+    # By default threads on a box this small (starting processes would cost more), processes on a large one.
+    from wildenberg_intake.analysis import synapses
+    assert SynapseTable(src.plan, workers=2).processes is False
+    monkeypatch.setattr(synapses, "PROCESS_MIN_VOXELS", 1)
+    assert SynapseTable(src.plan, workers=2).processes is True and SynapseTable(src.plan, workers=1).processes is False
     got = table.compute()
     # One labelling per block and mask: pass 2 pairs vesicle clouds from pass 1's labels.
     labelled = log.read_text().split()
