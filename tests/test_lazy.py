@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wildenberg_intake.store.cache import SHARDS, StoreCache, file_sha256, shard_box
+from wildenberg_intake.store.cache import SHARDS, StoreCache, close_lock_fd, file_sha256, shard_box
 from wildenberg_intake.store.lazy import ReadThroughArray, parse_size, shards_touching
 from wildenberg_intake.mirror import MirrorServer
 
@@ -198,6 +198,20 @@ def test_cache_limit_evicts_least_recently_used_and_refetches_correctly(wide, ca
             src.materialise()
 
 
+def _fork_sleeper() -> int:
+    """Fork a child that lives 3 s; return its pid once the child runs (its fork handlers have run)."""
+    ready, signal_ready = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(signal_ready, b"x")
+        time.sleep(3)
+        os._exit(0)
+    os.close(signal_ready)
+    assert os.read(ready, 1) == b"x"
+    os.close(ready)
+    return child
+
+
 def test_a_held_shard_is_not_evicted(wide, catalog, tmp_path):
     with MirrorServer(wide.root) as server:
         src = catalog.p14_psd(base_url=server.base_url, cache_dir=str(tmp_path), progress=False)
@@ -207,9 +221,13 @@ def test_a_held_shard_is_not_evicted(wide, catalog, tmp_path):
         fd = cache.hold("labels/psd", (0, 0, 0))
         try:
             assert not cache.evict("labels/psd", (0, 0, 0))
+            child = _fork_sleeper()  # a loader worker forked while the shard is held
         finally:
-            os.close(fd)
-        assert cache.evict("labels/psd", (0, 0, 0))
+            close_lock_fd(fd)
+        try:  # released by the parent, the shard can go while the child lives: it kept no copy of the hold
+            assert cache.evict("labels/psd", (0, 0, 0))
+        finally:
+            os.waitpid(child, 0)
         assert not cache.is_done("labels/psd", (0, 0, 0)) and not cache.shard_file("labels/psd", (0, 0, 0)).exists()
 
 
@@ -275,3 +293,33 @@ def test_sigkill_during_a_lazy_compute_leaves_no_partial_shard_taken_as_done(wid
         assert rerun.returncode == 0, err
     np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), _expected(wide, "psd_autoseg"))
     assert _store_bytes(root, levels=False) == _store_bytes(clean_store, levels=False)
+
+
+def test_a_child_forked_while_a_thread_holds_a_lock_does_not_keep_it(tmp_path):
+    """flock is released only when every descriptor of its open file description is closed: a child
+    forked while a thread of the parent holds a lock (COMPLETE's, the label list's) must not hold it
+    for its whole life, or the next taker waits for ever (a forked loader worker hung CI this way)."""
+    import fcntl
+    import threading
+    from wildenberg_intake.store.cache import file_lock
+    path = tmp_path / "locks" / "raw.lock"
+    inside, release = threading.Event(), threading.Event()
+
+    def hold():
+        with file_lock(path):
+            inside.set()
+            release.wait()
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert inside.wait(10)
+    child = _fork_sleeper()
+    try:
+        release.set()
+        thread.join()
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the child kept the lock
+        finally:
+            os.close(fd)
+    finally:
+        os.waitpid(child, 0)

@@ -248,16 +248,51 @@ def array_name(path: str) -> str:
                      "labels/<label>/<k>")
 
 
+# Descriptors of this process that hold (or are about to hold) an flock. A forked child shares their
+# open file descriptions, and an flock is released only once every descriptor of its description is
+# closed: kept open in a child (a torch loader worker, a table's worker process), they would hold
+# the parent's locks for the child's whole life, and the next taker would wait for ever. The child
+# holds none of them (the threads that did are not in it): it closes its copies.
+_LOCK_FDS: set = set()
+
+
+def _after_fork():
+    for fd in list(_LOCK_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def open_lock_fd(path, flags: int, mode: int = 0o644) -> int:
+    """os.open for a descriptor that will hold an flock (closed in forked children); close it with
+    `close_lock_fd`."""
+    fd = os.open(path, flags, mode)
+    _LOCK_FDS.add(fd)
+    return fd
+
+
+def close_lock_fd(fd: int):
+    """Close a descriptor of `open_lock_fd` (releasing its flock)."""
+    _LOCK_FDS.discard(fd)
+    os.close(fd)
+
+
 @contextlib.contextmanager
 def file_lock(path: Path, shared: bool = False):
-    """An OS lock (flock) on `path` for the block: released by the OS if the holder dies."""
+    """An OS lock (flock) on `path` for the block: released by the OS if the holder dies, and never
+    held by a forked child (see `_LOCK_FDS`)."""
     make_dirs(path.parent)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock_fd(path, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)
+        close_lock_fd(fd)
 
 
 def ome_multiscale(name: str, levels) -> dict:
@@ -510,16 +545,16 @@ class StoreCache:
 
     def hold(self, name: str, index, touch: bool = False) -> int | None:
         """Keep recorded shard `index` from being evicted while it is read: a shared lock (flock) on
-        its record, released by closing the returned descriptor. None if it is not recorded (never
+        its record, released by `close_lock_fd` on the returned descriptor. None if it is not recorded (never
         written, or evicted meanwhile). touch: mark it used now (its record's mtime), the order in
         which eviction picks shards; nothing is written otherwise, so a complete store may be read-only."""
         try:
-            fd = os.open(self.record_path(name, index), os.O_RDONLY)
+            fd = open_lock_fd(self.record_path(name, index), os.O_RDONLY)
         except FileNotFoundError:
             return None
         fcntl.flock(fd, fcntl.LOCK_SH)
         if os.fstat(fd).st_nlink == 0:  # evicted while we waited for the lock
-            os.close(fd)
+            close_lock_fd(fd)
             return None
         if touch:
             try:
@@ -533,7 +568,7 @@ class StoreCache:
         whether it did. The array's COMPLETE mark and the shard's record go before its file, so an
         evicted shard is never taken as done; a later read fetches it again."""
         try:
-            fd = os.open(self.record_path(name, index), os.O_RDONLY)
+            fd = open_lock_fd(self.record_path(name, index), os.O_RDONLY)
         except FileNotFoundError:
             return False
         try:
@@ -549,7 +584,7 @@ class StoreCache:
             self.shard_file(name, index).unlink(missing_ok=True)
             return True
         finally:
-            os.close(fd)
+            close_lock_fd(fd)
 
     def is_done(self, name: str, index) -> bool:
         return self.record_path(name, index).is_file()

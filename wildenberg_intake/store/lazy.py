@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from .cache import SHARDS, DamagedShard, StoreCache, array_path, shard_grid
+from .cache import SHARDS, DamagedShard, StoreCache, array_path, close_lock_fd, shard_grid
 from .engine import DEFAULT_CONNECTIONS, prepare, writer_for
 from .plan import StorePlan
 from .reader import DEFAULT_CACHE_MB, ShardedArrayReader, window
@@ -174,7 +174,7 @@ class ReadThroughArray:
                 if self.check_hashes and index not in self._checked:
                     problem = self.cache.check_shard(self.name, index, hashes=True)
                     if problem:
-                        os.close(fd)
+                        close_lock_fd(fd)
                         raise DamagedShard(self.cache.shard_file(self.name, index), problem)
                     self._checked.add(index)
                 return fd
@@ -191,7 +191,7 @@ class ReadThroughArray:
             out = self.reader[tuple(slice(a, b) for a, b in zip(starts, stops))]
         finally:
             for fd in fds:
-                os.close(fd)
+                close_lock_fd(fd)
         key = key if isinstance(key, tuple) else (key,)
         # Integer indices drop their axis, as in numpy.
         return out[tuple(0 if isinstance(k, (int, np.integer)) else slice(None) for k in key)]

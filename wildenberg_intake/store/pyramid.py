@@ -17,11 +17,10 @@ done records are those of level 0. How voxels are downsampled: `downsample.py`.
 from __future__ import annotations
 
 import hashlib
-import os
 
 import numpy as np
 
-from .cache import CHUNKS, SHARDS, array_path, assemble_shard, blosc_codec, shard_box
+from .cache import CHUNKS, SHARDS, array_path, assemble_shard, blosc_codec, close_lock_fd, shard_box
 from .downsample import decode_into, quarter_chunks
 from .locks import owning
 from .plan import LevelSource, StorePlan, pyramid_levels, split_level
@@ -114,7 +113,7 @@ class LevelWriter(ShardTask):
             try:
                 return self._read_back(parent)
             finally:
-                os.close(fd)
+                close_lock_fd(fd)
         raise RuntimeError(f"shard {parent} of {self.parent_name} in {self.cache.root} was evicted "
                            f"{READ_BACK_TRIES} times before level {self.name} could be made from it: "
                            "cache_limit is smaller than one level shard needs")
