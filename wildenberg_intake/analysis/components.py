@@ -68,9 +68,9 @@ def block_summary(labels: np.ndarray, halo, start, stop, shape, fg: np.ndarray |
     `value_counts`."""
     if fg is None:
         fg = np.flatnonzero(labels)
-    n = int(labels.reshape(-1)[fg].max()) if fg.size else 0
-    ez, ey, ex = np.unravel_index(fg, labels.shape)
     ext_lab = labels.reshape(-1)[fg].astype(np.int64)
+    n = int(ext_lab.max()) if fg.size else 0
+    ez, ey, ex = np.unravel_index(fg, labels.shape)
     in_core = (ez >= halo[0]) & (ey >= halo[1]) & (ex >= halo[2])
     # C order of the extended block restricted to the core is C order of the core.
     z, y, x = ez[in_core] - halo[0], ey[in_core] - halo[1], ex[in_core] - halo[2]

@@ -35,12 +35,17 @@ from ..store.engine import cache_for
 TILE = (1, 256, 256)  # an overview chunk: one slice, so that a view at one z reads one z-row
 
 
+def overview_level(shape_zyx, max_size: int) -> int:
+    """The finest level (x and y halved per level) whose slice fits `max_size` pixels in y and x."""
+    level, (_, y, x) = 0, shape_zyx
+    while max(-(-y // 2 ** level), -(-x // 2 ** level)) > max_size:
+        level += 1
+    return level
+
+
 def tile_levels(shape) -> int:
-    """Overview levels above 0 (x and y halved per level) until a slice fits one tile (at least one)."""
-    levels, (_, y, x) = 0, shape
-    while y > TILE[1] or x > TILE[2]:
-        y, x, levels = -(-y // 2), -(-x // 2), levels + 1
-    return max(levels, 1)
+    """Overview levels above 0 until a slice fits one tile (at least one)."""
+    return max(overview_level(shape, TILE[1]), 1)
 
 
 def overview_em_mip(plan, level: int) -> int:

@@ -41,14 +41,6 @@ DEFAULT_MAX_SIZE = 2048
 DEFAULT_MAX_FETCH = 8 * 10**9  # bytes an overview may fetch (uncompressed estimate) before it is refused
 
 
-def overview_level(shape_zyx, max_size: int) -> int:
-    """The finest level (x and y halved per level) whose slice fits `max_size` pixels in y and x."""
-    level, (_, y, x) = 0, shape_zyx
-    while max(-(-y // 2 ** level), -(-x // 2 ** level)) > max_size:
-        level += 1
-    return level
-
-
 def overview_plan(source, z: int, level: int) -> dict:
     """What an overview of slice `z` at `level` reads (`overview.py`): the source chunks of the
     slice's z-row, of the EM at the coarsest mip not coarser than a pixel and of the labels (never
@@ -90,8 +82,9 @@ def render(source, z: int, output, max_size: int = DEFAULT_MAX_SIZE, max_fetch: 
 
     A slice wider than `max_size` pixels is an overview at the level that fits (`overview.py`):
     the EM from the source's own coarser mip, the labels reduced by the pyramid's mode, both from
-    the source chunks of the slice's z-row; never the 128-slice layer of level 0 under it. An overview estimated to fetch more than `max_fetch`
-    bytes (uncompressed) is refused with the estimate and cheaper choices."""
+    the source chunks of the slice's z-row; never the 128-slice layer of level 0 under it. An
+    overview estimated to fetch more than `max_fetch` bytes (uncompressed) is refused with the
+    estimate and cheaper choices."""
     from PIL import Image, ImageDraw
     if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 16:
         raise ValueError(f"max_size={max_size!r} is not valid; allowed: an integer of at least 16 pixels")
@@ -105,6 +98,7 @@ def render(source, z: int, output, max_size: int = DEFAULT_MAX_SIZE, max_fetch: 
     if raw_src.shape != label_src.shape:
         raise ValueError(f"raw {raw_src.shape} and labels {label_src.shape} differ in shape (em_mip != seg_mip); "
                          "preview needs em_mip at the labels' resolution")
+    from .overview import overview_level
     level = overview_level(label_src.shape, max_size)
     if level:
         raw, labels = _overview(source, z, level, max_fetch)
