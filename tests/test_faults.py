@@ -122,6 +122,42 @@ def test_ten_sigkills_at_spread_points_then_rerun_is_byte_identical(big, tmp_pat
     assert not staged, "staged chunks and pyramid quarters are cleaned up"
 
 
+HALTED_WRITE = """
+import os, sys, time
+from pathlib import Path
+from wildenberg_intake.store import cache
+def halt(*args):
+    print("written", flush=True)
+    time.sleep(600)
+os.replace = halt  # the write stops between its fsync and its rename
+cache.durable_write(Path(sys.argv[1]), os.urandom(1000))
+"""
+
+
+def test_a_killed_writers_temporary_file_is_removed_and_a_live_writers_kept(big, catalog, tmp_path):
+    with MirrorServer(big.root) as server:
+        src = catalog.p14_psd(base_url=server.base_url, cache_dir=str(tmp_path), progress=False)
+        store = Path(src.read().attrs["store"])
+        shard = store / "raw" / "c" / "0" / "0" / "0"
+        writers = [subprocess.Popen([sys.executable, "-c", HALTED_WRITE, str(shard)], stdout=subprocess.PIPE, text=True)
+                   for _ in range(2)]
+        try:
+            assert [w.stdout.readline() for w in writers] == ["written\n"] * 2
+            leftovers = sorted(shard.parent.glob(".0.*.tmp"))
+            assert len(leftovers) == 2 and all(p.stat().st_size == 1000 for p in leftovers)
+            writers[0].kill()
+            writers[0].wait()
+            (store.parent / "progress" / "raw" / "COMPLETE").unlink()  # so the next read completes it again
+            catalog.p14_psd(base_url=server.base_url, cache_dir=str(tmp_path), progress=False).materialise()
+            kept = sorted(shard.parent.glob(".0.*.tmp"))
+            assert len(kept) == 1, "the killed writer's file is removed, the live one's kept"
+            assert (store.parent / "progress" / "raw" / "COMPLETE").is_file()
+        finally:
+            for w in writers:
+                w.kill()
+                w.wait()
+
+
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(big, tmp_path):
     with MirrorServer(big.root, latency=0.1) as server:
         proc = _start(server.base_url, tmp_path, 1)

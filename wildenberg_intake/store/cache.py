@@ -331,18 +331,43 @@ def durable_write(path: Path, *parts: bytes):
     """Write `parts` one after the other to `path` whole and durably: a temporary file, fsynced,
     renamed into place, then its folder fsynced. A kill leaves the old file or the new one, never a
     part; after a power loss a file that is there has its bytes (the data reaches the disk before
-    the rename does), so a record written after it never outlives what it records."""
+    the rename does), so a record written after it never outlives what it records. The temporary
+    file is flocked while it is written: one nobody holds is a killed writer's (`remove_leftovers`)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = open_lock_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
-        with open(tmp, "wb") as f:
-            f.writelines(parts)
-            f.flush()
-            os.fsync(f.fileno())
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for part in parts:
+            view = memoryview(part).cast("B")
+            while view:
+                view = view[os.write(fd, view):]
+        os.fsync(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        close_lock_fd(fd)
     _fsync_dir(path.parent)
+
+
+def remove_leftovers(paths):
+    """Remove the temporary files of `durable_write`s cut short by a kill: those no live writer
+    holds locked. (A file made a moment ago and not locked yet is empty: it is left alone.)"""
+    for leftover in paths:
+        try:
+            fd = os.open(leftover, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            stat = os.fstat(fd)
+            if stat.st_size or stat.st_mtime < time.time() - 60:
+                leftover.unlink(missing_ok=True)
+        except BlockingIOError:
+            pass  # a live writer's
+        finally:
+            os.close(fd)
 
 
 def make_dirs(folder: Path):
@@ -609,16 +634,14 @@ class StoreCache:
             "count": len(empty), "chunks": empty,
             "meaning": "source chunks the server answered 404 for; stored as zeros (empty, not unfetched)"}
         durable_write(meta_path, json.dumps(meta, indent=2).encode())
-        # Temporary files of writes cut short by a kill (zarr's *.partial, our .*.tmp): every shard
-        # is recorded now; those older than a few minutes belong to no live writer (a lazy reader
-        # may be writing this mark or a record's last use right now).
+        # Temporary files of writes cut short by a kill: every shard is recorded now, and a lazy
+        # reader may be writing a record's last use right now (its file is locked).
         folder = self.zarr_path / array_path(name)
-        old = time.time() - 300
-        for leftover in [*folder.rglob("*.partial"), *folder.rglob(".*.tmp"),
-                         *(self.progress / name).glob(".*.tmp")]:
+        remove_leftovers([*folder.rglob(".*.tmp"), *(self.progress / name).glob(".*.tmp")])
+        for partial in folder.rglob("*.partial"):  # zarr's own, unlocked: old ones are nobody's
             try:
-                if leftover.stat().st_mtime < old:
-                    leftover.unlink(missing_ok=True)
+                if partial.stat().st_mtime < time.time() - 300:
+                    partial.unlink(missing_ok=True)
             except FileNotFoundError:
                 pass
         with self.array_lock(name):  # no shard is evicted between this last scan and COMPLETE
