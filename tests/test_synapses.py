@@ -395,3 +395,31 @@ def test_foreground_equals_flatnonzero(dtype, size):
         np.testing.assert_array_equal(foreground(mask.astype(dtype)), np.flatnonzero(mask))
     cube = (rng.random((5, 13, 17)) < 0.05).astype(dtype)
     np.testing.assert_array_equal(foreground(cube), np.flatnonzero(cube))
+
+
+def test_pass_two_counts_the_cloud_voxels_of_each_box_in_any_part_of_a_block(tmp_path):
+    """Pass 2 reads pass 1's labels of a block (its spill) only over the z range the boxes reach:
+    boxes that start below the block's first slice, inside it, or that reach only its last slices
+    count exactly the cloud voxels under them (all labels mapped to one component here)."""
+    from wildenberg_intake.analysis.synapses import count_clouds_in_boxes, summarise_block
+    rng = np.random.default_rng(5)
+    shape = (24, 30, 40)
+    clouds = (rng.random(shape) < 0.3).astype(np.uint8)
+    arrays = {"psd": np.zeros(shape, np.uint8), "vesicle_cloud": clouds,
+              "saturated": rng.integers(1, 5, size=shape).astype(np.uint32)}
+    start, stop = (8, 10, 0), (20, 30, 40)
+    spill = tmp_path / "block.npz"
+    _, summary = summarise_block(arrays, start, stop, spill)
+    nodes = np.zeros(summary["n"] + 1, np.int64)  # every label of the block: component 0
+    boxes = np.array([[0, 0, 0, 0, 24, 30, 40],     # the whole block
+                      [1, 15, 12, 5, 18, 25, 33],   # inside it, from slice 7 of the block
+                      [2, 18, 0, 0, 24, 30, 40],    # its last two slices only
+                      [3, 2, 11, 3, 9, 14, 9],      # from below the block to its first slice
+                      [4, 19, 29, 39, 30, 40, 50]])  # one voxel at its far corner
+    together = count_clouds_in_boxes(str(spill), start, stop, nodes, boxes)
+    for box in boxes:
+        lo, hi = np.maximum(box[1:4], start), np.minimum(box[4:7], stop)
+        want = int(clouds[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].sum())
+        alone = count_clouds_in_boxes(str(spill), start, stop, nodes, box[None])  # its own z range
+        for rows in (alone, together[together[:, 0] == box[0]]):
+            assert rows[:, 2].sum() == want and set(rows[:, 1]) <= {0}, (box, rows, want)

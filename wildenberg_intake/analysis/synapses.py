@@ -74,8 +74,11 @@ def summarise_block(arrays: dict, start, stop, spill=None) -> tuple[dict, dict]:
         del labels  # one block's labels at a time
     if spill is not None and summaries[1]["n"]:
         clouds = summaries[1]
+        z, y, x = clouds["where"]
+        _, ny, nx = (b - a for a, b in zip(start, stop))
+        flat = (z.astype(np.int64) * ny + y) * nx + x  # C order of the block: ascending
         with open(spill, "wb") as f:  # scratch of this run: pass 2 reads it, the run removes it
-            np.savez(f, where=np.stack(clouds["where"]).astype(np.int32), lab=clouds["lab"].astype(np.uint32))
+            np.savez(f, flat=flat, lab=clouds["lab"].astype(np.uint32))
     if any(len(s["lab"]) for s in summaries):
         segments = _window(arrays["saturated"])(start, stop)
     else:  # not needed here, but recorded, so that the table's key (every array's checksum) exists
@@ -91,14 +94,17 @@ def count_clouds_in_boxes(spill, start, stop, nodes: np.ndarray, boxes: np.ndarr
     """Pass 2 of one block: for each (synapse, lo z y x, hi z y x) row of `boxes`, how many voxels of
     each vesicle-cloud component lie in the box's part of this block. The block's vesicle labels are
     pass 1's (its file `spill`), `nodes` maps them to global components. Rows (synapse, component, count)."""
-    # The labels made dense only over the part of the block the boxes reach.
-    reach_lo = np.maximum(boxes[:, 1:4].min(axis=0), start) - start
-    reach_hi = np.minimum(boxes[:, 4:7].max(axis=0), stop) - start
+    # The labels made dense only over the z range of the block the boxes reach (the voxels are in
+    # C order: that range is one run of them, found by bisection, and written in order).
+    plane = (stop[1] - start[1]) * (stop[2] - start[2])
+    z_lo = max(int(boxes[:, 1].min()), start[0]) - start[0]
+    z_hi = max(min(int(boxes[:, 4].max()), stop[0]) - start[0], z_lo)
     with np.load(spill) as saved:
-        where, lab = saved["where"], saved["lab"]
-    inside = np.all((where >= reach_lo[:, None]) & (where < reach_hi[:, None]), axis=0)
-    core = np.zeros(np.maximum(reach_hi - reach_lo, 0), np.uint32)
-    core[tuple(where[:, inside] - reach_lo[:, None])] = lab[inside]
+        flat, lab = saved["flat"], saved["lab"]
+    first, last = np.searchsorted(flat, (z_lo * plane, z_hi * plane))
+    core = np.zeros((z_hi - z_lo, stop[1] - start[1], stop[2] - start[2]), np.uint32)
+    core.reshape(-1)[flat[first:last] - z_lo * plane] = lab[first:last]
+    reach_lo = np.array([z_lo, 0, 0])
     rows = []
     for syn, *box in boxes:
         lo = np.maximum(box[:3], start) - start
