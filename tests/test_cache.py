@@ -12,10 +12,10 @@ from wildenberg_intake.store.cache import CHUNKS, SHARDS, StoreCache, compressor
                                                   ("uint8", False, "lz4hc")])
 def test_encode_shard_equals_zarr_python(dtype, is_label, codec, tmp_path):
     rng = np.random.default_rng(0)
-    shape = (200, 700, 530)  # edge shards are partial; some inner chunks are empty
+    shape = (150, 560, 530)  # 2 x 2 x 2 shards, the far ones partial; some inner chunks are empty
     data = np.zeros(shape, dtype=dtype)
-    data[:150, 100:600, 50:] = rng.integers(0, 5000 if dtype == "uint32" else 255, size=(150, 500, 480))
-    data[130:140] = 0
+    data[:140, 300:540, 300:] = rng.integers(0, 5000 if dtype == "uint32" else 255, size=(140, 240, 230))
+    data[100:120] = 0
     arr = zarr.create_array(store=str(tmp_path / "z"), shape=shape, chunks=CHUNKS, shards=SHARDS, dtype=dtype,
                             fill_value=0, compressors=compressors(is_label, codec))
     arr[:] = data

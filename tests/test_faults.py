@@ -158,6 +158,22 @@ def test_a_killed_writers_temporary_file_is_removed_and_a_live_writers_kept(big,
                 w.wait()
 
 
+def test_a_shards_next_write_removes_its_killed_writers_temporary_file(tmp_path):
+    """A lazy store never completes: the shard's own next write clears what a killed writer left."""
+    cache = StoreCache(tmp_path, "store")
+    shard = cache.shard_file("raw", (0, 1, 2))
+    shard.parent.mkdir(parents=True)
+    writer = subprocess.Popen([sys.executable, "-c", HALTED_WRITE, str(shard)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "written\n"
+    finally:
+        writer.kill()
+        writer.wait()
+    assert len(list(shard.parent.glob(".2.*.tmp"))) == 1
+    cache.write_shard("raw", (0, 1, 2), [b"shard", b" bytes"])
+    assert sorted(p.name for p in shard.parent.iterdir()) == ["2"] and shard.read_bytes() == b"shard bytes"
+
+
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(big, tmp_path):
     with MirrorServer(big.root, latency=0.1) as server:
         proc = _start(server.base_url, tmp_path, 1)

@@ -322,14 +322,9 @@ def test_the_first_view_of_a_small_box_fills_the_canvas_with_the_em_visible_unde
 
 
 def _mode_level_1(block: np.ndarray) -> np.ndarray:
-    """The pyramid's 2 x 2 mode (ties to the lower value, edge blocks clipped), by loops: independent."""
-    h, w = block.shape
-    out = np.zeros((-(-h // 2), -(-w // 2)), block.dtype)
-    for j in range(out.shape[0]):
-        for i in range(out.shape[1]):
-            values, counts = np.unique(block[2 * j:2 * j + 2, 2 * i:2 * i + 2], return_counts=True)
-            out[j, i] = values[np.argmax(counts)]  # np.unique sorts: the first of the largest is the lowest
-    return out
+    """The pyramid's 2 x 2 mode of one slice (ties to the lower value, edge blocks clipped): independent."""
+    from tests_helpers import mode_2x2
+    return mode_2x2(block[None])[0]
 
 
 def test_a_zoomed_out_view_draws_the_sources_em_mip_and_label_tiles_and_makes_no_level_0(mirror, server, tmp_path,

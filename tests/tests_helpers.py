@@ -3,7 +3,7 @@
 import numpy as np
 
 
-def mean_2x2(a):
+def mean_2x2_loops(a):
     """x and y halved: each output voxel the rounded-half-up mean of its 2 x 2 block, clipped at the edge."""
     z, y, x = a.shape
     out = np.zeros((z, -(-y // 2), -(-x // 2)), dtype=a.dtype)
@@ -14,7 +14,7 @@ def mean_2x2(a):
     return out
 
 
-def mode_2x2(a):
+def mode_2x2_loops(a):
     """x and y halved: each output voxel the most frequent value of its 2 x 2 block, ties to the lowest."""
     z, y, x = a.shape
     out = np.zeros((z, -(-y // 2), -(-x // 2)), dtype=a.dtype)
@@ -24,6 +24,37 @@ def mode_2x2(a):
                 values, counts = np.unique(a[k, 2 * j:2 * j + 2, 2 * i:2 * i + 2], return_counts=True)
                 out[k, j, i] = values[np.argmax(counts)]  # unique sorts: the first maximum is the lowest
     return out
+
+
+def _candidates(a):
+    """The four voxels of each 2 x 2 block of `a` (z, y, x) as (4, z, y/2, x/2), edges padded, and
+    which of them exist."""
+    z, y, x = a.shape
+    oy, ox = -(-y // 2), -(-x // 2)
+    padded = np.zeros((z, 2 * oy, 2 * ox), a.dtype)
+    padded[:, :y, :x] = a
+    exists = np.zeros((2 * oy, 2 * ox), bool)
+    exists[:y, :x] = True
+    values = np.stack([padded[:, dy::2, dx::2] for dy in (0, 1) for dx in (0, 1)])
+    valid = np.stack([np.broadcast_to(exists[dy::2, dx::2], (z, oy, ox)) for dy in (0, 1) for dx in (0, 1)])
+    return values, valid
+
+
+def mean_2x2(a):
+    """As `mean_2x2_loops`, whole arrays at once (float64 sums; the property test checks one against the other)."""
+    values, valid = _candidates(a)
+    total = np.where(valid, values, 0).astype(np.float64).sum(axis=0)
+    return np.floor(total / valid.sum(axis=0) + 0.5).astype(a.dtype)
+
+
+def mode_2x2(a):
+    """As `mode_2x2_loops`, whole arrays at once: each candidate's count among the block's voxels, the
+    largest count, the lowest value holding it."""
+    values, valid = _candidates(a)
+    counts = np.stack([((values == v) & valid).sum(axis=0) for v in values])
+    counts[~valid] = -1
+    top = counts.max(axis=0)
+    return np.where(counts == top, values, np.iinfo(a.dtype).max).min(axis=0).astype(a.dtype)
 
 
 def independent_pyramid(base, is_label, levels):

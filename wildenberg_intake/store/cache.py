@@ -490,6 +490,9 @@ class StoreCache:
             path.unlink(missing_ok=True)
             return None
         make_dirs(path.parent)
+        # A killed writer of this shard (its write cut between fsync and rename) left its temporary
+        # file; lazy stores never complete, so it goes now (a live writer's is locked and kept).
+        remove_leftovers(path.parent.glob(f".{path.name}.*.tmp"))
         durable_write(path, *parts)
         digest = hashlib.sha256()
         for part in parts:
