@@ -6,7 +6,7 @@ measured at the real shard count (~3,600 output shards per array) in minutes.
 
 Prints, for the default box (the whole annotated box): seconds and requests of describe / discover,
 to_dask, verify and a lazy first batch; the materialisation of boxes of about 16 and 1,000+
-output shards (seconds per shard, requests per shard and peak RSS); and the synapse table of boxes
+output shards, level 0 alone and with its pyramid (seconds per shard, requests per shard and peak RSS); and the synapse table of boxes
 of about 16 and 256 shards on local worker processes (the default) and on a 2-process dask cluster.
 """
 
@@ -76,13 +76,13 @@ CHILD = r"""
 import json, sys, time, resource
 import intake, wildenberg_intake
 from wildenberg_intake.store.engine import materialise
-base, cache, box = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+base, cache, box, pyramid = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4] == "pyramid"
 cat = intake.open_catalog(wildenberg_intake.catalog_path())
 src = cat.p105_psd(base_url=base, cache_dir=cache, bbox_nm=box, progress=False)
 from wildenberg_intake.store.cache import shard_grid
 shards = len(shard_grid(src.plan.arrays["raw"].shape)) + len(shard_grid(src.plan.arrays["labels/psd"].shape))
 t = time.perf_counter()
-materialise(src.plan, pyramid=False, progress=False)
+materialise(src.plan, pyramid=pyramid, progress=False)
 seconds = time.perf_counter() - t
 print(json.dumps({"seconds": seconds, "shards": shards,
                   "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -101,7 +101,7 @@ def main():
     parser.add_argument("--mirror", type=Path, help="reuse (or write once) the full-extent mirror in this folder")
     parser.add_argument("--shards", type=int, nargs="*", default=(16, 1000),
                         help="approximate output shards per array of the materialised boxes")
-    parser.add_argument("--table-shards", type=int, nargs="+", default=(16, 256),
+    parser.add_argument("--table-shards", type=int, nargs="*", default=(16, 256),
                         help="approximate output shards per array of the synapse tables' boxes")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,22 +150,24 @@ def main():
             for name, s, n in rows:
                 print(f"{name:52s} {s:7.2f} {n:9d}")
 
-            print(f"\nmaterialise (level 0, no pyramid), per-shard cost:\n{'shards (raw + labels)':>22s} "
-                  f"{'s':>7s} {'s/shard':>8s} {'requests/shard':>14s} {'peak RSS MB':>11s}")
-            for target in args.shards:
-                # A box of about `target` shards per array: 128 z-slices per shard row, 512 x 512 voxels each.
-                side = max(1, round(math.sqrt(target / 2)))
-                box = [BOX[0], BOX[0] + side * 512 * 12, BOX[2], BOX[2] + side * 512 * 12,
-                       BOX[4], BOX[4] + 2 * 128 * 40]
-                before = sum(server.requests.values())
-                out = subprocess.run([sys.executable, "-c", CHILD, server.base_url, str(tmp / f"m{target}"),
-                                      json.dumps(box)], capture_output=True, text=True)
-                if out.returncode:
-                    raise RuntimeError(out.stderr[-2000:])
-                r = json.loads(out.stdout.strip().splitlines()[-1])
-                requests = sum(server.requests.values()) - before
-                print(f"{r['shards']:22d} {r['seconds']:7.1f} {r['seconds'] / r['shards']:8.4f} "
-                      f"{requests / r['shards']:14.1f} {r['maxrss_mb']:11.0f}")
+            print(f"\nmaterialise, per-shard cost (shards of level 0; with the pyramid, its levels' too):\n"
+                  f"{'what':>14s} {'shards (raw + labels)':>22s} {'s':>7s} {'s/shard':>8s} {'requests/shard':>14s} "
+                  f"{'peak RSS MB':>11s}")
+            for what in ("level 0", "pyramid"):
+                for target in args.shards:
+                    # A box of about `target` shards per array: 128 z-slices per shard row, 512 x 512 voxels each.
+                    side = max(1, round(math.sqrt(target / 2)))
+                    box = [BOX[0], BOX[0] + side * 512 * 12, BOX[2], BOX[2] + side * 512 * 12,
+                           BOX[4], BOX[4] + 2 * 128 * 40]
+                    before = sum(server.requests.values())
+                    out = subprocess.run([sys.executable, "-c", CHILD, server.base_url, str(tmp / f"m{what}{target}"),
+                                          json.dumps(box), what], capture_output=True, text=True)
+                    if out.returncode:
+                        raise RuntimeError(out.stderr[-2000:])
+                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                    requests = sum(server.requests.values()) - before
+                    print(f"{what:>14s} {r['shards']:22d} {r['seconds']:7.1f} {r['seconds'] / r['shards']:8.4f} "
+                          f"{requests / r['shards']:14.1f} {r['maxrss_mb']:11.0f}")
 
             print(f"\nsynapse table (fetches its three label arrays), per-shard cost:\n{'mode':>8s} {'shards':>7s} "
                   f"{'s':>7s} {'s/shard':>8s} {'peak RSS MB':>11s}")

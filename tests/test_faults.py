@@ -86,6 +86,28 @@ def test_404_chunks_are_recorded_in_the_store_metadata(big, catalog, tmp_path):
     assert meta["missing_source_chunks"]["chunks"] == gone
 
 
+def test_an_array_whose_every_chunk_is_404_is_recorded_as_zeros_at_every_level(big, catalog, tmp_path):
+    """Slabs with no chunk on the server are zeros: nothing is encoded or downsampled for them, and
+    level 0 and the pyramid are recorded complete, read as zeros, with no shard file; the labels
+    beside them are whole."""
+    root = tmp_path / "mirror"
+    shutil.copytree(big.root, root)
+    chunk_dir = root / "wildenberg2023/mouse_v1_l4_p14/em_aligned/12_12_40"
+    for path in chunk_dir.glob("*.gz"):
+        path.unlink()
+    with MirrorServer(root) as server:
+        src = catalog.p14_psd(base_url=server.base_url, cache_dir=str(tmp_path / "c"), progress=False)
+        with pytest.warns(UserWarning, match="every source chunk of .* answered 404: array raw of"):
+            store = Path(src.materialise())
+    cache = StoreCache(tmp_path / "c", store.parent.name)
+    group = zarr.open_group(str(store), mode="r")
+    for name in ("raw", "raw_s1", "raw_s2"):
+        assert cache.is_complete(name.replace("_s", "@")) and not group[name][:].any(), name
+        assert not list((store / name).rglob("c/*/*/*")), f"{name}: no shard file for zeros"
+    labels = expected_window(big, "p14", "psd_autoseg", 0, src.plan.bbox_nm, all_layers("p14"))[0]
+    np.testing.assert_array_equal(group["labels/psd/0"][:], labels)
+
+
 FETCH = """
 import sys, intake, wildenberg_intake
 cat = intake.open_catalog(wildenberg_intake.catalog_path())

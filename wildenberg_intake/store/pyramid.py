@@ -89,7 +89,7 @@ class LevelWriter(ShardTask):
                 slab = decode_into(shard_buffer((min(CHUNKS[0], shape[0] - z0),) + shape[1:], src.dtype, False),
                                    encoded, z_row, codec)
                 digest.update(slab)
-                if quarter is not None:
+                if quarter is not None and any(c[0] == z_row for c in encoded):  # else zeros: no chunk above
                     quarter.update(quarter_chunks(slab, index, z_row, src.is_label, src.codec))
             if quarter is not None:  # staged before this shard is recorded, as level 0 does
                 QuarterStage(cache.root, self.next_name).put(index, quarter)

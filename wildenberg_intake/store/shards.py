@@ -324,10 +324,11 @@ class ShardWriter(ShardTask):
             token.set()
             cf.wait(futures)
             raise
-        encoded.update(encode_chunks(out, src.codec, src.is_label, first=(z0 // CHUNKS[0], 0, 0)))
         digest.update(out)  # slabs split the shard along z: in order they are its C-order bytes
-        if quarter is not None:
-            quarter.update(quarter_chunks(out, index, z0 // CHUNKS[0], src.is_label, src.codec))
+        if len(missing) < len(grids):  # else every chunk is absent: zeros, with no chunk to store at any level
+            encoded.update(encode_chunks(out, src.codec, src.is_label, first=(z0 // CHUNKS[0], 0, 0)))
+            if quarter is not None:
+                quarter.update(quarter_chunks(out, index, z0 // CHUNKS[0], src.is_label, src.codec))
         return missing
 
 
