@@ -22,7 +22,6 @@ Then `to_dask()` on the whole box: seconds and requests until it returns, and th
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile

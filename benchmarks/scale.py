@@ -6,8 +6,9 @@ measured at the real shard count (~3,600 output shards per array) in minutes.
 
 Prints, for the default box (the whole annotated box): seconds and requests of describe / discover,
 to_dask, verify and a lazy first batch; the materialisation of boxes of about 16 and 1,000+
-output shards, level 0 alone and with its pyramid (seconds per shard, requests per shard and peak RSS); and the synapse table of boxes
-of about 16 and 256 shards on local worker processes (the default) and on a 2-process dask cluster.
+output shards, level 0 alone and with its pyramid (seconds per shard, requests per shard and peak
+RSS); and the synapse table of boxes of about 16 and 256 shards on local worker processes (the
+default) and on a 2-process dask cluster (`--table-shards` with no number: no tables).
 """
 
 import argparse

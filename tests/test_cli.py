@@ -251,7 +251,6 @@ def deep(tmp_path_factory):
 def test_preview_fetches_only_its_slice_and_verify_entry_never_fetches(deep, tmp_path, capsys):
     mirror, server = deep
     common = ["--base-url", server.base_url, "--cache-dir", str(tmp_path)]
-    before = sum(server.requests.values())
     code, out, _ = run(capsys, "verify", "p14_psd", *common)
     assert code == 0 and "p14_psd: nothing cached for these parameters" in out
     assert all(p.endswith(("/info", "/provenance")) for p in server.requests), "verify must not fetch voxels"

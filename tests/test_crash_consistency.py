@@ -9,13 +9,11 @@ complete with missing or wrong data, and a fetch resumed from it must end with t
 uninterrupted run.
 """
 
-import hashlib
 import os
 import threading
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import intake
 import wildenberg_intake

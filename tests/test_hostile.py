@@ -8,8 +8,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,6 @@ import wildenberg_intake
 from wildenberg_intake.store.cache import DamagedShard, StoreCache
 from wildenberg_intake.source.layers import LayerError
 from wildenberg_intake.mirror import Faults, MirrorServer, build_mirror
-from wildenberg_intake.source.transfer import TransferError
 
 from conftest import all_layers, expected_window
 

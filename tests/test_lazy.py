@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from wildenberg_intake.store.cache import SHARDS, StoreCache, close_lock_fd, file_sha256, shard_box
-from wildenberg_intake.store.lazy import ReadThroughArray, parse_size, shards_touching
+from wildenberg_intake.store.lazy import parse_size, shards_touching
 from wildenberg_intake.mirror import MirrorServer
 
 from conftest import all_layers, expected_window

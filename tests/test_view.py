@@ -164,7 +164,6 @@ def test_em_at_6nm_is_placed_on_its_12nm_labels(mirror, server, tmp_path, browse
 def test_view_command_prints_the_page_and_serves_shards_made_on_request(mirror, server, tmp_path):
     """`wildenberg-intake view` as a user runs it: the printed page answers, a shard asked for is made
     (recorded, equal to the mirror's voxels) and served; Ctrl-C stops it cleanly."""
-    import os
     import signal
     import subprocess
     import sys
