@@ -160,3 +160,18 @@ def test_malloc_tuning_leaves_a_users_own_malloc_settings_alone(monkeypatch):
         assert engine._LIBC is not None and engine.tune_malloc(owned=True) is True
     else:
         assert engine._LIBC is None and engine.tune_malloc(owned=True) is False
+
+
+def test_content_digest_equals_sha256_of_the_voxels_whatever_slabs_are_zeros():
+    """Slabs said to be zeros are counted, not hashed, yet the digest is the sha256 of every byte
+    in order: all zeros (of a size over the 1 MB zero buffer), zeros before, after and between data."""
+    import hashlib
+    from wildenberg_intake.store.cache import ContentDigest
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 255, size=(4, 300, 500)).astype(np.uint8)
+    zeros = np.zeros((3, 700, 600), np.uint32)  # 5 MB
+    for slabs in ([zeros], [zeros, zeros[:1]], [zeros, data], [data, zeros], [zeros, data, zeros[:2], data], [data]):
+        digest = ContentDigest()
+        for slab in slabs:
+            digest.update(slab, zeros=not slab.any())
+        assert digest.hexdigest() == hashlib.sha256(b"".join(s.tobytes() for s in slabs)).hexdigest()

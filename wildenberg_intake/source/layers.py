@@ -266,8 +266,8 @@ class Layer:
         allows: callers copy it into place once, so an axis swap costs no extra pass."""
         start, stop = self.info.chunk_box(grid)
         shape_zyx = tuple(b - a for a, b in zip(start, stop))
-        if data is None:
-            return np.zeros(shape_zyx, dtype=self.info.dtype)
+        if data is None:  # a zero-stride view: no allocation, placed as a fill
+            return np.broadcast_to(np.zeros((), dtype=self.info.dtype), shape_zyx)
         cv_shape = (*self.info_axes(shape_zyx), 1)
         try:
             if self.info.encoding == "raw":  # the common case, without importing cloud-volume (~1 s)

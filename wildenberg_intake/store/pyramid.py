@@ -16,11 +16,10 @@ done records are those of level 0. How voxels are downsampled: `downsample.py`.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
-from .cache import CHUNKS, SHARDS, array_path, assemble_shard, blosc_codec, close_lock_fd, shard_box
+from .cache import (CHUNKS, SHARDS, ContentDigest, array_path, assemble_shard, blosc_codec, close_lock_fd,
+                    shard_box)
 from .downsample import decode_into, quarter_chunks
 from .locks import owning
 from .plan import LevelSource, StorePlan, pyramid_levels, split_level
@@ -83,13 +82,14 @@ class LevelWriter(ShardTask):
                 encoded.update(self._quarter(p))
             start, stop = shard_box(index, src.shape)
             shape = tuple(b - a for a, b in zip(start, stop))
-            digest, codec = hashlib.sha256(), blosc_codec(src.codec, src.is_label)
+            digest, codec = ContentDigest(), blosc_codec(src.codec, src.is_label)
             quarter = {} if self.stage_quarters else None
             for z_row, z0 in enumerate(range(0, shape[0], CHUNKS[0])):  # one inner-chunk row at a time
                 slab = decode_into(shard_buffer((min(CHUNKS[0], shape[0] - z0),) + shape[1:], src.dtype, False),
                                    encoded, z_row, codec)
-                digest.update(slab)
-                if quarter is not None and any(c[0] == z_row for c in encoded):  # else zeros: no chunk above
+                zeros = not any(c[0] == z_row for c in encoded)  # no chunk stored: zeros, none above either
+                digest.update(slab, zeros)
+                if quarter is not None and not zeros:
                     quarter.update(quarter_chunks(slab, index, z_row, src.is_label, src.codec))
             if quarter is not None:  # staged before this shard is recorded, as level 0 does
                 QuarterStage(cache.root, self.next_name).put(index, quarter)

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import os
 import shutil
 import threading
@@ -29,7 +28,7 @@ import warnings
 
 import numpy as np
 
-from .cache import CHUNKS, SHARDS, StoreCache, assemble_shard, encode_chunks, shard_box
+from .cache import CHUNKS, SHARDS, ContentDigest, StoreCache, assemble_shard, encode_chunks, shard_box
 from .downsample import quarter_chunks
 from .locks import owning
 from .plan import StorePlan, pyramid_levels
@@ -272,7 +271,7 @@ class ShardWriter(ShardTask):
             cuts = [g_start[0] + z0 for z0, _ in slabs[1:]]
             shared = [grid for grid in layer.info.chunks_in(g_start, g_stop)
                       if len(self.shards_of_chunk(grid)) > 1 or _spans(layer.info.chunk_box(grid), cuts)]
-            missing, encoded, digest = set(), {}, hashlib.sha256()
+            missing, encoded, digest = set(), {}, ContentDigest()
             quarter = {} if self.stage_quarters else None
             for slab in slabs:
                 missing |= self._assemble(index, slab, g_start, g_stop, shared, encoded, digest, quarter)
@@ -324,8 +323,10 @@ class ShardWriter(ShardTask):
             token.set()
             cf.wait(futures)
             raise
-        digest.update(out)  # slabs split the shard along z: in order they are its C-order bytes
-        if len(missing) < len(grids):  # else every chunk is absent: zeros, with no chunk to store at any level
+        # Where every chunk is absent the slab is zeros, with no chunk to store at any level.
+        zeros = len(missing) == len(grids)
+        digest.update(out, zeros)  # slabs split the shard along z: in order they are its C-order bytes
+        if not zeros:
             encoded.update(encode_chunks(out, src.codec, src.is_label, first=(z0 // CHUNKS[0], 0, 0)))
             if quarter is not None:
                 quarter.update(quarter_chunks(out, index, z0 // CHUNKS[0], src.is_label, src.codec))
