@@ -90,6 +90,22 @@ print(json.dumps({"seconds": seconds, "shards": shards,
 """
 
 
+def box_of(target: int) -> list:
+    """A box (nm) of about `target` output shards per array: two shard rows of 128 z-slices, square
+    in x and y (512 x 512 voxels a shard)."""
+    side = max(1, round(math.sqrt(target / 2)))
+    return [BOX[0], BOX[0] + side * 512 * 12, BOX[2], BOX[2] + side * 512 * 12, BOX[4], BOX[4] + 2 * 128 * 40]
+
+
+def run_child(code: str, base_url: str, cache: Path, box: list, what: str) -> dict:
+    """Run `code` in a fresh process on `box`; its last line of output, as JSON."""
+    out = subprocess.run([sys.executable, "-c", code, base_url, str(cache), json.dumps(box), what],
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def timed(server, fn):
     before = sum(server.requests.values())
     t = time.perf_counter()
@@ -156,16 +172,8 @@ def main():
                   f"{'peak RSS MB':>11s}")
             for what in ("level 0", "pyramid"):
                 for target in args.shards:
-                    # A box of about `target` shards per array: 128 z-slices per shard row, 512 x 512 voxels each.
-                    side = max(1, round(math.sqrt(target / 2)))
-                    box = [BOX[0], BOX[0] + side * 512 * 12, BOX[2], BOX[2] + side * 512 * 12,
-                           BOX[4], BOX[4] + 2 * 128 * 40]
                     before = sum(server.requests.values())
-                    out = subprocess.run([sys.executable, "-c", CHILD, server.base_url, str(tmp / f"m{what}{target}"),
-                                          json.dumps(box), what], capture_output=True, text=True)
-                    if out.returncode:
-                        raise RuntimeError(out.stderr[-2000:])
-                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                    r = run_child(CHILD, server.base_url, tmp / f"m{what}{target}", box_of(target), what)
                     requests = sum(server.requests.values()) - before
                     print(f"{what:>14s} {r['shards']:22d} {r['seconds']:7.1f} {r['seconds'] / r['shards']:8.4f} "
                           f"{requests / r['shards']:14.1f} {r['maxrss_mb']:11.0f}")
@@ -174,15 +182,7 @@ def main():
                   f"{'s':>7s} {'s/shard':>8s} {'peak RSS MB':>11s}")
             for mode in ("local", "dask"):
                 for target in args.table_shards:
-                    side = max(1, round(math.sqrt(target / 2)))
-                    box = [BOX[0], BOX[0] + side * 512 * 12, BOX[2], BOX[2] + side * 512 * 12,
-                           BOX[4], BOX[4] + 2 * 128 * 40]
-                    out = subprocess.run([sys.executable, "-c", TABLE, server.base_url,
-                                          str(tmp / f"t{mode}{target}"), json.dumps(box), mode],
-                                         capture_output=True, text=True)
-                    if out.returncode:
-                        raise RuntimeError(out.stderr[-2000:])
-                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                    r = run_child(TABLE, server.base_url, tmp / f"t{mode}{target}", box_of(target), mode)
                     print(f"{mode:>8s} {r['shards']:7d} {r['seconds']:7.1f} {r['seconds'] / r['shards']:8.4f} "
                           f"{r['maxrss_mb']:11.0f}")
 
