@@ -175,3 +175,17 @@ def test_content_digest_equals_sha256_of_the_voxels_whatever_slabs_are_zeros():
         for slab in slabs:
             digest.update(slab, zeros=not slab.any())
         assert digest.hexdigest() == hashlib.sha256(b"".join(s.tobytes() for s in slabs)).hexdigest()
+
+
+def test_durable_writes_make_files_as_open_does_so_a_shared_group_cache_stays_writable(tmp_path):
+    """The user's umask decides a written file's mode (a group sharing a cache uses umask 002), as
+    open() would: the flocked temporary file must not narrow it."""
+    import os
+    from wildenberg_intake.store.cache import durable_write
+    old = os.umask(0o002)
+    try:
+        durable_write(tmp_path / "record", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "record").stat().st_mode & 0o777 == 0o664
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["record"]

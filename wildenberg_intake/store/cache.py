@@ -376,7 +376,7 @@ def durable_write(path: Path, *parts: bytes):
     the rename does), so a record written after it never outlives what it records. The temporary
     file is flocked while it is written: one nobody holds is a killed writer's (`remove_leftovers`)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = open_lock_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    fd = open_lock_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # as open() makes files: umask decides
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         for part in parts:
