@@ -74,9 +74,8 @@ def summarise_block(arrays: dict, start, stop, spill=None) -> tuple[dict, dict]:
         del labels  # one block's labels at a time
     if spill is not None and summaries[1]["n"]:
         clouds = summaries[1]
-        z, y, x = clouds["where"]
-        _, ny, nx = (b - a for a, b in zip(start, stop))
-        flat = (z.astype(np.int64) * ny + y) * nx + x  # C order of the block: ascending
+        # Flat indices in the block (its C order, so ascending): pass 2 bisects them by z.
+        flat = np.ravel_multi_index(clouds["where"], tuple(b - a for a, b in zip(start, stop)))
         with open(spill, "wb") as f:  # scratch of this run: pass 2 reads it, the run removes it
             np.savez(f, flat=flat, lab=clouds["lab"].astype(np.uint32))
     if any(len(s["lab"]) for s in summaries):
