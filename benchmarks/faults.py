@@ -17,7 +17,7 @@ from pathlib import Path
 import intake
 
 import wildenberg_intake
-from wildenberg_intake.store.cache import file_sha256
+from wildenberg_intake.store.files import file_sha256
 from wildenberg_intake.mirror import Faults, MirrorServer, build_mirror
 
 FETCH = """

@@ -71,7 +71,9 @@ def test_truncated_swapped_and_unrecorded_shards_are_damaged(wide_server, catalo
     src.materialise()
     cache = cache_for(src.plan)
     name = "labels/saturated"
-    a, b = sorted(i for i in cache.done_shards(name) if cache.record(name, i)["sha256"])[:2]
+    # a: the largest shard, b: another, smaller one (its file fits in a's recorded size).
+    by_size = sorted((cache.record(name, i)["bytes"], i) for i in cache.done_shards(name) if cache.record(name, i)["sha256"])
+    b, a = by_size[0][1], by_size[-1][1]
     path = cache.zarr_path / array_path(name)
 
     def read(index):
@@ -85,10 +87,10 @@ def test_truncated_swapped_and_unrecorded_shards_are_damaged(wide_server, catalo
     size_a = cache.record(name, a)["bytes"]
     saved = cache.shard_file(name, a).read_bytes()
     body, tail = blob_b[:-(16 * 32 + 4)], blob_b[-(16 * 32 + 4):]
-    if len(blob_b) <= size_a:
-        cache.shard_file(name, a).write_bytes(body + b"\0" * (size_a - len(blob_b)) + tail)
-        with pytest.raises(DamagedShard, match="another shard's file"):
-            read(a)
+    assert len(blob_b) < size_a
+    cache.shard_file(name, a).write_bytes(body + b"\0" * (size_a - len(blob_b)) + tail)
+    with pytest.raises(DamagedShard, match="another shard's file"):
+        read(a)
     cache.shard_file(name, a).write_bytes(blob_b if len(blob_b) != size_a else blob_b + b"\0")
     with pytest.raises(DamagedShard, match=r"bytes on disk, %d recorded" % size_a):
         read(a)
@@ -156,7 +158,14 @@ def test_a_parent_evicted_before_its_level_shard_is_made_is_written_again_not_re
     assert all(not e["missing"] and not e["corrupt"] for e in cache.verify().values())
 
 
-def test_complete_is_never_written_while_a_shard_it_counted_is_evicted(wide_server, catalog, tmp_path, monkeypatch):
+@pytest.mark.parametrize("when", ["unlocked scan", "locked re-check"])
+@pytest.mark.parametrize("forget", ["evict", "invalidate"])
+def test_complete_is_never_written_over_a_shard_forgotten_meanwhile(wide_server, catalog, tmp_path, monkeypatch,
+                                                                    when, forget):
+    """Another process evicts (or invalidates) a shard while `mark_complete` checks the records:
+    during its first, unlocked scan, the re-check under the array lock refuses; during that locked
+    re-check, the eviction waits for the lock and removes COMPLETE after it. Either way COMPLETE
+    never stands over a forgotten shard."""
     src = catalog.p14_psd(base_url=wide_server.base_url, cache_dir=str(tmp_path), progress=False)
     src.materialise()
     cache = cache_for(src.plan)
@@ -164,25 +173,33 @@ def test_complete_is_never_written_while_a_shard_it_counted_is_evicted(wide_serv
     shape = src.plan.arrays[name].shape
     victim = sorted(cache.done_shards(name))[0]
     (cache.progress / name / "COMPLETE").unlink()
-    threads = []
+    threads, scans = [], []
     real = StoreCache.done_shards
 
     def done_shards(self, array):
         found = real(self, array)
-        if array == name and not threads:  # between the records scan and COMPLETE: another process evicts
-            t = threading.Thread(target=self.evict, args=(name, victim))
-            t.start()
-            threads.append(t)
-            time.sleep(0.3)
+        if array == name:
+            scans.append(1)
+            if len(scans) == (1 if when == "unlocked scan" else 2):
+                action = (lambda: self.evict(name, victim)) if forget == "evict" else \
+                    (lambda: self.invalidate(name, [victim]))
+                t = threading.Thread(target=action)
+                t.start()
+                threads.append(t)
+                if when == "unlocked scan":
+                    t.join()  # it ends before the re-check: nothing holds the array lock yet
+                else:
+                    time.sleep(0.3)  # it waits for the array lock we hold
         return found
     monkeypatch.setattr(StoreCache, "done_shards", done_shards)
-    try:
+    if when == "unlocked scan":
+        with pytest.raises(RuntimeError, match="1 shards are not recorded"):
+            cache.mark_complete(name, shape)
+    else:
         cache.mark_complete(name, shape)
-    except RuntimeError:
-        pass  # the eviction went first: refusing is right too
     threads[0].join()
     assert not cache.is_done(name, victim)
-    assert not cache.is_complete(name)  # COMPLETE never stands over an evicted shard
+    assert not cache.is_complete(name)
 
 
 def _add_label(cache_dir, store, label, delay):

@@ -181,7 +181,7 @@ def test_durable_writes_make_files_as_open_does_so_a_shared_group_cache_stays_wr
     """The user's umask decides a written file's mode (a group sharing a cache uses umask 002), as
     open() would: the flocked temporary file must not narrow it."""
     import os
-    from wildenberg_intake.store.cache import durable_write
+    from wildenberg_intake.store.files import durable_write
     old = os.umask(0o002)
     try:
         durable_write(tmp_path / "record", b"{}")

@@ -195,7 +195,7 @@ def test_a_killed_box_copy_resumes_to_the_files_of_an_uninterrupted_one(mirror, 
     import signal
     import time
     from wildenberg_intake.mirror import MirrorServer
-    from wildenberg_intake.store.cache import file_sha256
+    from wildenberg_intake.store.files import file_sha256
 
     def tree(root):
         return {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}

@@ -17,7 +17,8 @@ import numpy as np
 
 import intake
 import wildenberg_intake
-from wildenberg_intake.store.cache import StoreCache, file_sha256, shard_grid
+from wildenberg_intake.store.cache import StoreCache, shard_grid
+from wildenberg_intake.store.files import file_sha256
 from wildenberg_intake.mirror import MirrorServer
 
 

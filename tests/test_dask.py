@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from wildenberg_intake.store.cache import file_sha256
+from wildenberg_intake.store.files import file_sha256
 from wildenberg_intake.mirror import MirrorServer, build_mirror
 
 distributed = pytest.importorskip("distributed")

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import zarr
 
-from wildenberg_intake.store.cache import StoreCache, file_sha256
+from wildenberg_intake.store.cache import StoreCache
+from wildenberg_intake.store.files import file_sha256
 from wildenberg_intake.source.layers import LayerError, parse_info
 from wildenberg_intake.mirror import Faults, MirrorServer, build_mirror
 from wildenberg_intake.source.transfer import TransferError
@@ -147,12 +148,12 @@ def test_ten_sigkills_at_spread_points_then_rerun_is_byte_identical(big, tmp_pat
 HALTED_WRITE = """
 import os, sys, time
 from pathlib import Path
-from wildenberg_intake.store import cache
+from wildenberg_intake.store import files
 def halt(*args):
     print("written", flush=True)
     time.sleep(600)
 os.replace = halt  # the write stops between its fsync and its rename
-cache.durable_write(Path(sys.argv[1]), os.urandom(1000))
+files.durable_write(Path(sys.argv[1]), os.urandom(1000))
 """
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wildenberg_intake.store.cache import SHARDS, StoreCache, close_lock_fd, file_sha256, shard_box
+from wildenberg_intake.store.cache import SHARDS, StoreCache, shard_box
+from wildenberg_intake.store.files import file_sha256
+from wildenberg_intake.store.liveness import close_lock_fd
 from wildenberg_intake.store.lazy import parse_size, shards_touching
 from wildenberg_intake.mirror import MirrorServer
 
@@ -301,7 +303,7 @@ def test_a_child_forked_while_a_thread_holds_a_lock_does_not_keep_it(tmp_path):
     for its whole life, or the next taker waits for ever (a forked loader worker hung CI this way)."""
     import fcntl
     import threading
-    from wildenberg_intake.store.cache import file_lock
+    from wildenberg_intake.store.liveness import file_lock
     path = tmp_path / "locks" / "raw.lock"
     inside, release = threading.Event(), threading.Event()
 

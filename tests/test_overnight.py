@@ -17,7 +17,7 @@ import pytest
 from wildenberg_intake.mirror import MirrorServer
 from wildenberg_intake.mirror.server import Faults
 from wildenberg_intake.source.transfer import Fetcher, RetryPolicy, TransferError
-from wildenberg_intake.store import locks, resources
+from wildenberg_intake.store import resources
 
 from conftest import all_layers, expected_window
 
@@ -132,65 +132,6 @@ def test_cpu_affinity_set_in_a_child_is_the_default():
     assert out.stdout.strip() == "1"
 
 
-def test_a_live_writer_keeps_its_lock_however_old(tmp_path, monkeypatch):
-    monkeypatch.setattr(locks, "LOCK_STALE_SECONDS", 0.1)
-    path = tmp_path / "0.0.0.lock"
-    token = locks.try_lock(path)
-    assert token is not None
-    old = time.time() - 3600
-    os.utime(path, (old, old))  # a shard that takes an hour
-    assert locks.try_lock(path) is None  # its holder (this process) is alive
-    # Another host's lock: kept while refreshed, taken over once it is not.
-    path.write_text("another-host 1 abc")
-    assert locks.try_lock(path) is None
-    os.utime(path, (old, old))
-    mine = locks.try_lock(path)
-    assert mine is not None and path.read_text() == mine
-    locks.unlock(path, token)  # the first holder's cleanup leaves the new owner's lock alone
-    assert path.read_text() == mine
-    locks.unlock(path, mine)
-    assert not path.exists()
-
-
-def _take(path, barrier, results):
-    barrier.wait()
-    results.put(locks.try_lock(Path(path)))
-
-
-def test_two_processes_taking_over_one_stale_lock_one_wins(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    ctx = multiprocessing.get_context("fork")
-    for attempt in range(30):
-        path = tmp_path / f"{attempt}.lock"
-        path.write_text(f"{socket.gethostname()} {dead.pid} stale")
-        barrier, results = ctx.Barrier(2), ctx.Queue()
-        procs = [ctx.Process(target=_take, args=(str(path), barrier, results)) for _ in range(2)]
-        for p in procs:
-            p.start()
-        tokens = [results.get(timeout=30) for _ in procs]
-        for p in procs:
-            p.join(30)
-        winners = [t for t in tokens if t is not None]
-        assert len(winners) == 1, tokens
-        assert path.read_text() == winners[0]
-
-
-def test_waiting_for_another_processs_shard_stops_when_the_run_stops(tmp_path):
-    from wildenberg_intake.source.transfer import Cancelled
-    from wildenberg_intake.store.cache import StoreCache
-    cache = StoreCache(tmp_path, "p14-test")
-    (cache.progress / "raw").mkdir(parents=True)
-    holder = cache.progress / "raw" / "0.0.0.lock"
-    holder.write_text(f"{socket.gethostname()} {os.getppid()} other")  # a live process holds it
-    stop = [False]
-    start = time.monotonic()
-    with pytest.raises(Cancelled, match=r"stopped waiting for shard \(0, 0, 0\) of raw"):
-        with locks.owning(cache, "raw", (0, 0, 0), cancelled=lambda: stop[0] or time.monotonic() - start > 0.3):
-            pass
-    assert time.monotonic() - start < 5
-
-
 def _identity(x):
     return x
 
@@ -218,3 +159,46 @@ def test_a_loader_forked_while_the_prefetcher_fetches_produces_its_batches(wide,
         for raw, _ in batches:
             for patch in raw.numpy()[:, 0].astype(np.uint8):
                 assert locate(patch, raw_all)
+
+
+def test_cancel_from_another_thread_ends_a_run_waiting_out_retry_after_100_within_2_s(wide, catalog, tmp_path):
+    """A library caller stops a run (from another thread) while every request waits out a
+    `Retry-After: 100`: the run ends within 2 s with `Cancelled`, and a rerun ends exact."""
+    import threading
+    from wildenberg_intake.source.transfer import Cancelled
+    faults = Faults(outage_after=12, outage_seconds=1e9, retry_after=100)
+    outcome = {}
+    with MirrorServer(wide.root, faults=faults) as server:
+        src = catalog.p14_psd(base_url=server.base_url, cache_dir=str(tmp_path), progress=False)
+
+        def run():
+            try:
+                src.materialise()
+            except BaseException as e:
+                outcome["error"] = e
+            outcome["ended"] = time.monotonic()
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while faults.injected["outage"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert faults.injected["outage"] >= 1  # the run waits on Retry-After: 100 now
+        time.sleep(0.5)
+        asked = time.monotonic()
+        src.cancel()
+        thread.join(30)
+        assert not thread.is_alive() and outcome["ended"] - asked < 2
+        assert isinstance(outcome["error"], Cancelled)
+        faults.outage_after = None  # the outage ends; the same server (same URL, same store) again
+        ds = catalog.p14_psd(base_url=server.base_url, cache_dir=str(tmp_path), progress=False).read()
+    np.testing.assert_array_equal(ds["raw"].values, expected_window(wide, "p14", "em_aligned", 1, ALL,
+                                                                    all_layers("p14"))[0])
+    np.testing.assert_array_equal(ds["labels"].values, expected_window(wide, "p14", "psd_autoseg", 0, ALL,
+                                                                       all_layers("p14"))[0])
+
+
+def test_retry_waits_never_overflow_and_a_zero_backoff_is_refused():
+    policy = RetryPolicy(backoff=0.25, max_wait=60)
+    assert 30 <= policy.wait(10_000) <= 60  # 0.25 * 2 ** 10000 overflowed a float
+    with pytest.raises(ValueError, match=r"retry backoff=0 is not valid; allowed: a number of seconds > 0"):
+        RetryPolicy(backoff=0)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import zarr
 
-from wildenberg_intake.store.cache import StoreCache, file_sha256
+from wildenberg_intake.store.cache import StoreCache
+from wildenberg_intake.store.files import file_sha256
 from wildenberg_intake.mirror import MirrorServer
 
 from conftest import all_layers, expected_window

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wildenberg_intake.store.cache import StoreCache, file_sha256
+from wildenberg_intake.store.cache import StoreCache
+from wildenberg_intake.store.files import file_sha256
 from wildenberg_intake.mirror import MirrorServer, build_mirror
 
 FETCH = """

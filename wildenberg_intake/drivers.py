@@ -92,6 +92,14 @@ class _StoreSource(DataSource):
         return self._plan
 
 
+    def cancel(self):
+        """Stop this entry's work running in other threads (`materialise()`, `read()`, a table):
+        requests in flight are cut, and waits for a retry (a `Retry-After` included), for a staged
+        chunk or for another process's shard end within a second; the call raises `Cancelled`.
+        What was recorded stays, and the next call resumes from there."""
+        self.plan.fetcher.cancel()  # one fetcher serves every layer of the store
+
+
 class WildenbergSource(_StoreSource):
     """A Wildenberg 2023 experiment with one label channel, cached as a zarr v3 store.
 

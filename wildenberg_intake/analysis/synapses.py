@@ -38,7 +38,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..catalog import check_count
-from ..store.cache import SHARDS, durable_write, make_dirs
+from ..store.cache import SHARDS
+from ..store.files import durable_write, make_dirs
 from ..store.engine import DEFAULT_CONNECTIONS, DEFAULT_WORKERS, cache_for
 from ..store.runners import run_on_dask, run_processes, run_threads
 from ..store.lazy import ReadThroughArray, shards_touching

@@ -237,7 +237,7 @@ def copy_box(source_base_url: str, output, entry: str, bbox_nm=None, workers: in
     import json
     from tqdm.auto import tqdm
     from ..drivers import entry_source
-    from ..store.cache import durable_write, make_dirs
+    from ..store.files import durable_write, make_dirs
     params = {"base_url": source_base_url}
     if bbox_nm is not None:
         params["bbox_nm"] = list(bbox_nm)

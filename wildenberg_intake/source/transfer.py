@@ -105,13 +105,14 @@ class RetryPolicy:
         for name in ("patience", "backoff", "max_wait", "connect_timeout", "read_timeout", "deadline"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
-                    (value == 0 and name not in ("patience", "backoff")):
+                    (value == 0 and name != "patience"):
                 raise ValueError(f"retry {name}={value!r} is not valid; allowed: a number of seconds "
-                                 f"{'>= 0' if name in ('patience', 'backoff') else '> 0'}")
+                                 f"{'>= 0' if name == 'patience' else '> 0'}")
 
     def wait(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait before try `attempt + 2` (capped exponential with jitter), at least `retry_after`."""
-        wait = min(self.max_wait, self.backoff * 2 ** attempt) * (0.5 + random.random() / 2)
+        # The exponent is capped before the power is taken: 2 ** attempt overflows a float past ~1,000.
+        wait = min(self.max_wait, self.backoff * 2.0 ** min(attempt, 64)) * (0.5 + random.random() / 2)
         return max(wait, retry_after or 0.0)
 
 
@@ -251,7 +252,15 @@ class Fetcher:
             self._count(retries=1)
             if self.on_wait is not None:
                 self.on_wait(url, last, wait, left)
-            (token or self.cancelled).wait(wait)
+            self._sleep(wait, token)
+
+    def _sleep(self, seconds: float, token: threading.Event | None):
+        """Wait `seconds` before a retry, cut short (within 50 ms) by this request's `token` or by
+        `cancel()`, whichever comes first."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if self.cancelled.wait(min(left, 0.05)) or (token is not None and token.is_set()):
+                return
 
     def _attempt(self, url, headers, byte_range, gate, max_bytes=None, token=None) -> tuple:
         """One GET: ("ok", bytes, wire) with `gate` held, ("missing",), or ("retry", why); raises for an

@@ -15,7 +15,6 @@ and renamed into place, so a kill never leaves a half-written zarr.json either.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import functools
 import hashlib
@@ -29,6 +28,9 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+
+from .files import durable_write, file_sha256, make_dirs, remove_leftovers
+from .liveness import close_lock_fd, file_lock, open_lock_fd, owning
 
 _RECORD = re.compile(r"\d+\.\d+\.\d+")  # a shard record's file name: i.j.k
 # 3: a crc32c checksum after every inner chunk (zarr v3's crc32c codec), so that every reader
@@ -249,53 +251,6 @@ def array_name(path: str) -> str:
                      "labels/<label>/<k>")
 
 
-# Descriptors of this process that hold (or are about to hold) an flock. A forked child shares their
-# open file descriptions, and an flock is released only once every descriptor of its description is
-# closed: kept open in a child (a torch loader worker, a table's worker process), they would hold
-# the parent's locks for the child's whole life, and the next taker would wait for ever. The child
-# holds none of them (the threads that did are not in it): it closes its copies.
-_LOCK_FDS: set = set()
-
-
-def _after_fork():
-    for fd in list(_LOCK_FDS):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _LOCK_FDS.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork)
-
-
-def open_lock_fd(path, flags: int, mode: int = 0o644) -> int:
-    """os.open for a descriptor that will hold an flock (closed in forked children); close it with
-    `close_lock_fd`."""
-    fd = os.open(path, flags, mode)
-    _LOCK_FDS.add(fd)
-    return fd
-
-
-def close_lock_fd(fd: int):
-    """Close a descriptor of `open_lock_fd` (releasing its flock)."""
-    _LOCK_FDS.discard(fd)
-    os.close(fd)
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, shared: bool = False):
-    """An OS lock (flock) on `path` for the block: released by the OS if the holder dies, and never
-    held by a forked child (see `_LOCK_FDS`)."""
-    make_dirs(path.parent)
-    fd = open_lock_fd(path, os.O_RDWR | os.O_CREAT)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        yield
-    finally:
-        close_lock_fd(fd)
-
-
 def ome_multiscale(name: str, levels) -> dict:
     """An OME-Zarr 0.5 multiscales entry, axes z, y, x in nanometres; `levels`: (path, voxel size,
     lower corner of voxel 0) per level, finest first. OME-Zarr (and neuroglancer, napari) place
@@ -318,14 +273,6 @@ def shard_box(index, shape):
     start = tuple(i * s for i, s in zip(index, SHARDS))
     stop = tuple(min(a + s, n) for a, s, n in zip(start, SHARDS, shape))
     return start, stop
-
-
-def _fsync_dir(folder: Path):
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _ZEROS = bytes(2**20)
@@ -367,73 +314,6 @@ class ContentDigest:
             return _sha256_of_zeros(self._zeros)
         self._feed_zeros()
         return self._digest.hexdigest()
-
-
-def durable_write(path: Path, *parts: bytes):
-    """Write `parts` one after the other to `path` whole and durably: a temporary file, fsynced,
-    renamed into place, then its folder fsynced. A kill leaves the old file or the new one, never a
-    part; after a power loss a file that is there has its bytes (the data reaches the disk before
-    the rename does), so a record written after it never outlives what it records. The temporary
-    file is flocked while it is written: one nobody holds is a killed writer's (`remove_leftovers`)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = open_lock_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # as open() makes files: umask decides
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        for part in parts:
-            view = memoryview(part).cast("B")
-            while view:
-                view = view[os.write(fd, view):]
-        os.fsync(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        close_lock_fd(fd)
-    _fsync_dir(path.parent)
-
-
-def remove_leftovers(paths):
-    """Remove the temporary files of `durable_write`s cut short by a kill: those no live writer
-    holds locked. (A file made a moment ago and not locked yet is empty: it is left alone.)"""
-    for leftover in paths:
-        try:
-            fd = os.open(leftover, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            stat = os.fstat(fd)
-            if stat.st_size or stat.st_mtime < time.time() - 60:
-                leftover.unlink(missing_ok=True)
-        except BlockingIOError:
-            pass  # a live writer's
-        finally:
-            os.close(fd)
-
-
-def make_dirs(folder: Path):
-    """mkdir -p, each new folder's entry made durable in its parent."""
-    missing = []
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    for new in reversed(missing):
-        try:
-            new.mkdir()
-        except FileExistsError:  # made meanwhile by another task
-            continue
-        _fsync_dir(new.parent)
-
-
-
-def file_sha256(path: Path) -> str | None:
-    """sha256 of a file, None if it does not exist (zarr writes no file for an all-zero shard)."""
-    try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-    except FileNotFoundError:
-        return None
 
 
 class StoreCache:
@@ -544,6 +424,13 @@ class StoreCache:
     def record_path(self, name: str, index) -> Path:
         """The done record of shard `index` of array `name` (its mtime: when it was last used)."""
         return self.progress / name / ".".join(str(i) for i in index)
+
+    def own_shard(self, name: str, index, cancelled=lambda: False):
+        """Own shard `index` of array `name` while writing it (a context manager yielding whether it
+        still needs writing): its ownership lock, waited for while a live task or process holds it,
+        taken over from a dead one. `cancelled()`: stop waiting (raises `Cancelled`)."""
+        lock = self.progress / name / (".".join(map(str, index)) + ".lock")
+        return owning(lock, lambda: self.is_done(name, index), cancelled, f"shard {tuple(index)} of {name}")
 
     def array_lock(self, name: str):
         """The lock that marking array `name` complete and evicting one of its shards both take, so
@@ -777,8 +664,13 @@ class StoreCache:
             raise DamagedShard(self.shard_file(name, index), problem + more)
 
     def invalidate(self, name: str, shards):
-        """Forget shards (their records, files and the array's COMPLETE mark) so the next run rewrites them."""
-        (self.progress / name / "COMPLETE").unlink(missing_ok=True)
+        """Forget shards (their records, files and the array's COMPLETE mark) so the next run rewrites
+        them. COMPLETE and the records go under the array lock, as in `evict`: a `mark_complete`
+        running meanwhile never writes COMPLETE over a shard forgotten here."""
+        shards = list(shards)
+        with self.array_lock(name):
+            (self.progress / name / "COMPLETE").unlink(missing_ok=True)
+            for index in shards:
+                self.record_path(name, index).unlink(missing_ok=True)
         for index in shards:
-            self.record_path(name, index).unlink(missing_ok=True)
             self.shard_file(name, index).unlink(missing_ok=True)

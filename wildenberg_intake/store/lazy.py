@@ -23,7 +23,8 @@ import time
 
 import numpy as np
 
-from .cache import SHARDS, DamagedShard, StoreCache, array_path, close_lock_fd, shard_grid
+from .cache import SHARDS, DamagedShard, StoreCache, array_path, shard_grid
+from .liveness import close_lock_fd
 from .engine import DEFAULT_CONNECTIONS, prepare, writer_for
 from .plan import StorePlan
 from .reader import DEFAULT_CACHE_MB, ShardedArrayReader, window

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cache import (CHUNKS, SHARDS, ContentDigest, array_path, assemble_shard, blosc_codec, close_lock_fd,
-                    shard_box)
+from .cache import CHUNKS, SHARDS, ContentDigest, array_path, assemble_shard, blosc_codec, shard_box
 from .downsample import decode_into, quarter_chunks
-from .locks import owning
+from .liveness import close_lock_fd
 from .plan import LevelSource, StorePlan, pyramid_levels, split_level
 from .reader import ShardedArrayReader
 from .shards import DEFAULT_CONNECTIONS, ShardTask, ShardWriter, cache_for, finish_array, shard_buffer
@@ -74,7 +73,7 @@ class LevelWriter(ShardTask):
         for p in parents:  # before our lock: the level below may be written by another process
             if not cache.is_done(self.parent_name, p):
                 self.parent.write(p)
-        with owning(cache, self.name, index, self.layer.fetcher.cancelled.is_set) as needed:
+        with cache.own_shard(self.name, index, self.layer.fetcher.cancelled.is_set) as needed:
             if not needed:
                 return 0
             encoded = {}

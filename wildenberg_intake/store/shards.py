@@ -30,7 +30,6 @@ import numpy as np
 
 from .cache import CHUNKS, SHARDS, ContentDigest, StoreCache, assemble_shard, encode_chunks, shard_box
 from .downsample import quarter_chunks
-from .locks import owning
 from .plan import StorePlan, pyramid_levels
 from .staging import ChunkStage, QuarterStage
 from ..source.layers import Layer, place
@@ -259,7 +258,7 @@ class ShardWriter(ShardTask):
     def write(self, index) -> int:
         """Fetch, assemble and write output shard `index`, then record it. Returns bytes written."""
         cache, layer, src = self.cache, self.layer, self.src
-        with owning(cache, self.name, index, self.layer.fetcher.cancelled.is_set) as needed:
+        with cache.own_shard(self.name, index, self.layer.fetcher.cancelled.is_set) as needed:
             if not needed:
                 return 0
             start, stop = shard_box(index, src.shape)

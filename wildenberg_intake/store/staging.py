@@ -21,8 +21,9 @@ import time
 import zlib
 from pathlib import Path
 
-from .cache import check_crc32c, durable_write, make_dirs
-from .locks import try_lock, unlock
+from .cache import check_crc32c
+from .files import durable_write, make_dirs
+from .liveness import try_lock
 from ..source.layers import Layer, LayerError
 from ..source.transfer import NO_GATE, Cancelled, TooLarge, inflate
 
@@ -103,7 +104,7 @@ class ChunkStage:
                         raise
                     return decoded
                 finally:
-                    unlock(lock, held)
+                    held.release()
             if (token is not None and token.is_set()) or self.layer.fetcher.cancelled.is_set():
                 raise Cancelled(f"stopped waiting for chunk {self.layer.chunk_name(grid)} of {self.layer.url}: "
                                 "the run is stopping")
