@@ -1,9 +1,7 @@
 """Overnight runs on shared clusters: outages waited out, Retry-After honoured, cores and memory as
 the scheduler grants them, locks that a live writer keeps, forked loader workers."""
 
-import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import time

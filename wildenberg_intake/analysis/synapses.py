@@ -30,7 +30,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import shutil
 import uuid
 
@@ -40,6 +39,7 @@ from tqdm.auto import tqdm
 from ..catalog import check_count
 from ..store.cache import SHARDS
 from ..store.files import durable_write, make_dirs
+from ..store.liveness import remove_if_dead, try_lock
 from ..store.engine import DEFAULT_CONNECTIONS, DEFAULT_WORKERS, cache_for
 from ..store.runners import run_on_dask, run_processes, run_threads
 from ..store.lazy import ReadThroughArray, shards_touching
@@ -234,12 +234,19 @@ class SynapseTable:
         """The table, computed (not cached): pass 1 labels every block once, pass 2 pairs PSDs with
         vesicle clouds from pass 1's labels, kept in a scratch folder of this run under the store's
         staging/tables/ (removed at the end)."""
-        scratch = self.cache.root / "staging" / "tables" / f"{os.getpid()}-{uuid.uuid4().hex}"
+        tables = self.cache.root / "staging" / "tables"
+        make_dirs(tables)
+        for folder in tables.iterdir():  # killed runs' scratch: its run's lock is free
+            if folder.is_dir():
+                remove_if_dead(folder, folder.with_name(folder.name + ".lock"))
+        scratch = tables / uuid.uuid4().hex
+        held = try_lock(scratch.with_name(scratch.name + ".lock"))  # this run's, for as long as it lives
         make_dirs(scratch)
         try:
             return self._compute(scratch)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+            held.release()
 
     def _compute(self, scratch):
         import pandas as pd

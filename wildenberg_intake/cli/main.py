@@ -132,6 +132,39 @@ def cmd_verify(args):
     return EXIT_MISMATCH if bad else 0
 
 
+def cmd_du(args):
+    """What each store of a cache folder keeps on disk: the ledger's breakdown (shards by array,
+    staged files) beside a walk of the folder (tables, views, overview tiles, and any byte the
+    ledger does not count)."""
+    from ..store.cache import StoreCache
+    target = Path(args.folder).resolve()
+    if (target / "data.zarr" / "zarr.json").is_file() or target.name == "data.zarr":
+        stores = [StoreCache.at(target)]
+    elif (target / "wildenberg2023").is_dir():
+        stores = [StoreCache.at(p) for p in sorted((target / "wildenberg2023").iterdir())
+                  if (p / "data.zarr" / "zarr.json").is_file()]
+    else:
+        raise ValueError(f"folder={str(target)!r} is neither a cache folder (no wildenberg2023/ in it) nor a store; "
+                         "allowed: the cache_dir of the catalog, or <cache_dir>/wildenberg2023/<store>")
+    for cache in stores:
+        groups = cache.ledger.by_kind()
+        counted = sum(size for _, size in groups.values())
+        on_disk = sum(p.stat().st_size for p in cache.root.rglob("*") if p.is_file() and not p.is_symlink())
+        print(f"{cache.root}: {_size(on_disk)} on disk, {_size(counted)} in the ledger (what cache_limit holds)")
+        for group, (files, size) in sorted(groups.items()):
+            print(f"  {group:<28} {files:>7} files {_size(size):>10}")
+        print(f"  {'not in the ledger':<28} {'':>13} {_size(on_disk - counted):>10}  "
+              "(records, metadata, tables, views, overview tiles)")
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
 def _verify_lock(args) -> int:
     """Every entry of a lock: nothing cached is a usage error naming the fetch command; damaged
     shards are listed as `verify ENTRY` lists them (exit 1); else the voxels are recomputed and
@@ -288,6 +321,10 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--lock", help="a lock file from `wildenberg-intake lock`")
     _param_args(v)
     v.set_defaults(run=cmd_verify)
+
+    du = sub.add_parser("du", help="bytes each store of a cache keeps: shards by array, staged files, the rest")
+    du.add_argument("folder", metavar="CACHE|STORE", help="the cache folder (cache_dir) or one store folder")
+    du.set_defaults(run=cmd_du)
 
     lk = sub.add_parser("lock", help="materialise entries and pin them in a lock file")
     _entry_args(lk)

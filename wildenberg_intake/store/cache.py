@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .files import durable_write, file_sha256, make_dirs, remove_leftovers
+from .ledger import Ledger, ledger_for, shard_key
 from .liveness import close_lock_fd, file_lock, open_lock_fd, owning
 
 _RECORD = re.compile(r"\d+\.\d+\.\d+")  # a shard record's file name: i.j.k
@@ -440,7 +441,7 @@ class StoreCache:
     @classmethod
     def at(cls, path) -> "StoreCache":
         """The store whose folder (or whose data.zarr) is `path`."""
-        path = Path(path)
+        path = Path(path).resolve()  # `.`, `data.zarr`, `../p105-...`: the store's name is its folder's
         root = path.parent if path.name == "data.zarr" else path
         if not (root / "data.zarr" / "zarr.json").is_file():
             raise ValueError(f"path={str(path)!r} is not a wildenberg-intake store; allowed: a folder "
@@ -479,7 +480,13 @@ class StoreCache:
         target = self.record_path(name, index)
         make_dirs(target.parent)
         durable_write(target, json.dumps(record).encode())
+        self.ledger.add("shard", shard_key(name, index), record["bytes"])
         return record
+
+    @property
+    def ledger(self) -> Ledger:
+        """The store's size ledger (this process's view; see `ledger.py`)."""
+        return ledger_for(self.root)
 
     def done_shards(self, name: str) -> set:
         folder = self.progress / name
@@ -539,6 +546,7 @@ class StoreCache:
                 (self.progress / name / "COMPLETE").unlink(missing_ok=True)
                 self.record_path(name, index).unlink(missing_ok=True)
             self.shard_file(name, index).unlink(missing_ok=True)
+            self.ledger.remove("shard", shard_key(name, index))
             return True
         finally:
             close_lock_fd(fd)
@@ -674,3 +682,4 @@ class StoreCache:
                 self.record_path(name, index).unlink(missing_ok=True)
         for index in shards:
             self.shard_file(name, index).unlink(missing_ok=True)
+            self.ledger.remove("shard", shard_key(name, index))

@@ -15,6 +15,7 @@ shard files exceed it, except those a process is reading right now (`StoreCache.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import itertools
 import os
 import re
@@ -23,9 +24,10 @@ import time
 
 import numpy as np
 
-from .cache import SHARDS, DamagedShard, StoreCache, array_path, shard_grid
+from .cache import SHARDS, DamagedShard, StoreCache, array_path, shard_box, shard_grid
 from .liveness import close_lock_fd
-from .engine import DEFAULT_CONNECTIONS, prepare, writer_for
+from .engine import DEFAULT_CONNECTIONS, DEFAULT_WORKERS, prepare, writer_for
+from .ledger import parse_shard_key, shard_key
 from .plan import StorePlan
 from .reader import DEFAULT_CACHE_MB, ShardedArrayReader, window
 
@@ -63,26 +65,43 @@ def shards_touching(starts, stops) -> list[tuple]:
 
 
 def enforce_limit(cache: StoreCache, limit: int, keep=()) -> int:
-    """Evict least recently used shards of every array of the store until their files fit `limit`
-    bytes; shards in `keep` ((array, index) pairs) and shards being read are kept. Returns the
-    number evicted."""
-    entries = []
-    for name in cache.arrays():
-        for index in cache.done_shards(name):
+    """Evict what the store keeps, least recently used first, until every byte the ledger counts
+    (shard files and staged files) fits `limit`; shards in `keep` ((array, index) pairs) and shards
+    being read are kept. Returns the number of files removed.
+
+    O(1) amortised per file written: the ledger gives the sizes and the candidates (no listing); a
+    candidate's record is stat-ed for its last use (a read by any process touches it), and one read
+    since it was noted goes back among the candidates at its new time."""
+    ledger = cache.ledger
+    ledger.refresh()
+    removed, kept = 0, []
+    try:
+        while ledger.total > limit:
+            candidate = ledger.oldest()
+            if candidate is None:
+                break
+            kind, key, when = candidate
+            if kind == "staged":  # a staged file is fetched or made again if it is needed again
+                (cache.root / key).unlink(missing_ok=True)
+                ledger.remove(kind, key)
+                removed += 1
+                continue
+            name, index = parse_shard_key(key)
             try:
                 used = cache.record_path(name, index).stat().st_mtime
-            except FileNotFoundError:
+            except FileNotFoundError:  # forgotten by a process killed before it said so
+                ledger.remove(kind, key)
                 continue
-            entries.append((used, name, index, cache.shard_bytes(name, index)))
-    total = sum(e[3] for e in entries)
-    evicted = 0
-    for _, name, index, size in sorted(entries):
-        if total <= limit:
-            break
-        if (name, index) not in keep and cache.evict(name, index):
-            total -= size
-            evicted += 1
-    return evicted
+            if used > when + 1e-3:
+                ledger.requeue(kind, key, used)  # read since: not the least recently used
+            elif (name, index) in keep or not cache.evict(name, index):
+                kept.append((kind, key, when))  # wanted now, or being read
+            else:
+                removed += 1
+    finally:
+        for kind, key, when in kept:
+            ledger.requeue(kind, key, when)
+    return removed
 
 
 class ReadThroughArray:
@@ -105,6 +124,7 @@ class ReadThroughArray:
         self.cache = prepare(plan, [name])
         self._writer = None
         self._reader = None
+        self._keep_names = None
         # Shards whose file's sha256 this process has compared with its record (check_hashes): each on
         # its first read, so that opening an array costs the same for 16 shards or 3,600.
         self._checked = set()
@@ -135,17 +155,26 @@ class ReadThroughArray:
         return self._reader
 
     def cached_shards(self) -> set:
-        """Shards of this array recorded in the cache now (by any process)."""
-        return self.cache.done_shards(self.name)
+        """Shards of this array recorded in the cache now (by any process), as the store's ledger
+        says (no listing of the records)."""
+        return self.cache.ledger.shards(self.name)
 
     def ensure(self, index) -> int:
         """Make sure shard `index` is recorded: fetch and write it unless it is, or wait for the
         process writing it. Returns the bytes this call wrote (0 if it was there)."""
         index = tuple(index)
+        ledger = self.cache.ledger
         if self.cache.is_done(self.name, index):  # one stat; writing nothing keeps a complete store read-only
+            ledger.refresh()
+            if not ledger.has("shard", shard_key(self.name, index)):  # its writer was killed before its line
+                record = self.cache.record(self.name, index)
+                if record is not None:
+                    ledger.add("shard", shard_key(self.name, index), record.get("bytes", 0))
             return 0
         # The same shard of the store's other arrays (raw and labels of one window) is kept.
-        keep = {(name, index) for name in self.cache.arrays()}
+        if self._keep_names is None:
+            self._keep_names = self.cache.arrays()
+        keep = {(name, index) for name in self._keep_names}
         if self.cache_limit is not None:  # make room first, so that the budget holds while it is written
             enforce_limit(self.cache, max(0, self.cache_limit - self._estimate()), keep)
         written = self.writer.write(index)
@@ -153,16 +182,16 @@ class ReadThroughArray:
             if self.cache_limit is not None:
                 enforce_limit(self.cache, self.cache_limit, keep)
             with _FINISHING:  # threads of one process finishing the last shards at once mark it once
-                if not self.cache.is_complete(self.name) and \
-                        len(self.cache.done_shards(self.name)) == self.total_shards:
+                # The ledger's count first (no listing per shard); mark_complete then checks the records.
+                if ledger.counts[self.name] >= self.total_shards and not self.cache.is_complete(self.name) \
+                        and len(self.cache.done_shards(self.name)) == self.total_shards:
                     self.writer.finish()
         return written
 
     def _estimate(self) -> int:
-        """Bytes a new shard of this array will likely take: the largest of (up to 64) shards cached
-        now, 0 before any is."""
-        return max([self.cache.shard_bytes(self.name, i) for i in list(self.cache.done_shards(self.name))[:64]],
-                   default=0)
+        """Bytes a new shard of this array will likely take: the largest of its shards the ledger
+        has seen, 0 before any is."""
+        return self.cache.ledger.largest[self.name]
 
     def _hold(self, index) -> int:
         """Ensure shard `index` and hold it against eviction; returns the descriptor to close."""
@@ -185,13 +214,20 @@ class ReadThroughArray:
 
     def __getitem__(self, key) -> np.ndarray:
         starts, stops = window(key, self.shape)
-        fds = []
-        try:
-            for index in shards_touching(starts, stops):
-                fds.append(self._hold(index))
-            out = self.reader[tuple(slice(a, b) for a, b in zip(starts, stops))]
-        finally:
-            for fd in fds:
+        touched = shards_touching(starts, stops)
+        missing = [index for index in touched if not self.cache.is_done(self.name, index)]
+        if len(missing) > 1:  # fetched side by side, not one after another
+            with cf.ThreadPoolExecutor(min(len(missing), DEFAULT_WORKERS), thread_name_prefix="wildenberg-read") as pool:
+                list(pool.map(self.ensure, missing))
+        out = np.empty(tuple(b - a for a, b in zip(starts, stops)), dtype=self.dtype)
+        for index in touched:  # one shard held at a time: descriptors stay bounded whatever the read spans
+            lo, hi = shard_box(index, self.shape)
+            lo, hi = np.maximum(lo, starts), np.minimum(hi, stops)
+            fd = self._hold(index)
+            try:
+                out[tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, starts))] = \
+                    self.reader[tuple(slice(a, b) for a, b in zip(lo, hi))]
+            finally:
                 close_lock_fd(fd)
         key = key if isinstance(key, tuple) else (key,)
         # Integer indices drop their axis, as in numpy.

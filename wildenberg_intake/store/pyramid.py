@@ -74,7 +74,9 @@ class LevelWriter(ShardTask):
             if not cache.is_done(self.parent_name, p):
                 self.parent.write(p)
         with cache.own_shard(self.name, index, self.layer.fetcher.cancelled.is_set) as needed:
-            if not needed:
+            if not needed:  # made by another task: the quarters staged for it are nobody's now
+                for p in parents:
+                    self.quarters.release(p)
                 return 0
             encoded = {}
             for p in parents:

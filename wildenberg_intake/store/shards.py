@@ -52,8 +52,9 @@ def finish_array(cache: StoreCache, name: str, shape) -> list:
     """Mark array `name` complete (every shard is recorded) and drop its staged chunks and the
     quarters staged for it; returns the source chunks recorded as answered 404."""
     missing = cache.mark_complete(name, shape)
-    shutil.rmtree(cache.root / "staging" / name, ignore_errors=True)
-    shutil.rmtree(QuarterStage(cache.root, name).folder, ignore_errors=True)
+    for folder in (cache.root / "staging" / name, QuarterStage(cache.root, name).folder):
+        shutil.rmtree(folder, ignore_errors=True)
+        cache.ledger.remove_under(str(folder.relative_to(cache.root)))
     return missing
 
 
@@ -186,7 +187,7 @@ class ShardWriter(ShardTask):
 
     @property
     def stage(self) -> ChunkStage:
-        return ChunkStage(self.cache.root / "staging" / self.name, self.layer)
+        return ChunkStage(self.cache.root / "staging" / self.name, self.layer, self.cache.ledger)
 
     @property
     def gate(self) -> threading.BoundedSemaphore:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .cache import check_crc32c
 from .files import durable_write, make_dirs
+from .ledger import Ledger, ledger_for
 from .liveness import try_lock
 from ..source.layers import Layer, LayerError
 from ..source.transfer import NO_GATE, Cancelled, TooLarge, inflate
@@ -38,9 +39,13 @@ class ChunkStage:
 
     MISSING = b"\x00wildenberg-intake:404\x00"  # a chunk the server does not have (read as zeros)
 
-    def __init__(self, folder: Path, layer: Layer):
+    def __init__(self, folder: Path, layer: Layer, ledger: Ledger):
         self.folder = folder
         self.layer = layer
+        self.ledger = ledger  # the store's: staged chunks count against its budget
+
+    def _key(self, path: Path) -> str:
+        return str(path.relative_to(self.ledger.root))
 
     def _path(self, grid, gzipped: bool = False) -> Path:
         return self.folder / (".".join(str(g) for g in grid) + (".gz" if gzipped else ""))
@@ -65,6 +70,7 @@ class ChunkStage:
             except (LayerError, TooLarge, zlib.error, ValueError):
                 gate.release()
                 path.unlink(missing_ok=True)
+                self.ledger.remove("staged", self._key(path))
                 return False, None
             except BaseException:
                 gate.release()
@@ -97,7 +103,9 @@ class ChunkStage:
                         if wire is not None and len(wire) * 4 > len(data):
                             wire = None  # compressed less than 4x: re-inflating costs more than writing it whole
                         path = self._path(grid, gzipped=wire is not None)
-                        durable_write(path, self.MISSING if data is None else data if wire is None else wire)
+                        body = self.MISSING if data is None else data if wire is None else wire
+                        durable_write(path, body)
+                        self.ledger.add("staged", self._key(path), len(body))
                     except BaseException:
                         if data is not None:
                             gate.release()
@@ -112,7 +120,9 @@ class ChunkStage:
 
     def release(self, grid):
         for gzipped in (False, True):
-            self._path(grid, gzipped).unlink(missing_ok=True)
+            path = self._path(grid, gzipped)
+            path.unlink(missing_ok=True)
+            self.ledger.remove("staged", self._key(path))
 
 
 class QuarterStage:
@@ -130,6 +140,7 @@ class QuarterStage:
     def __init__(self, root: Path, name: str):
         self.name = name
         self.folder = Path(root) / "staging" / "quarters" / name
+        self.ledger = ledger_for(root)  # staged quarters count against the store's budget
 
     def path(self, parent) -> Path:
         return self.folder / ".".join(str(i) for i in parent)
@@ -140,8 +151,12 @@ class QuarterStage:
         items = sorted(encoded.items())
         header = json.dumps([[list(c), len(b)] for c, b in items]).encode()
         make_dirs(self.folder)
-        durable_write(self.path(parent), self.MAGIC, struct.pack("<I", len(header)), header,
-                      *(b for _, b in items))
+        parts = [self.MAGIC, struct.pack("<I", len(header)), header, *(b for _, b in items)]
+        durable_write(self.path(parent), *parts)
+        self.ledger.add("staged", self._key(parent), sum(len(p) for p in parts))
+
+    def _key(self, parent) -> str:
+        return str(self.path(parent).relative_to(self.ledger.root))
 
     def get(self, parent) -> dict | None:
         """The staged quarter of `parent` ({coords: encoded chunk}), or None if it is not staged. A
@@ -167,8 +182,9 @@ class QuarterStage:
                 raise ValueError("trailing bytes")
             return out
         except (ValueError, struct.error):
-            path.unlink(missing_ok=True)
+            self.release(parent)
             return None
 
     def release(self, parent):
         self.path(parent).unlink(missing_ok=True)
+        self.ledger.remove("staged", self._key(parent))
