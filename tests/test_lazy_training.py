@@ -1,6 +1,7 @@
 """lazy=True torch datasets: patches start before the store is cached, equal the mirror's arrays at
 their coordinates, are reproducible by seed, respect the split and the disk budget."""
 
+import itertools
 import time
 
 import numpy as np
@@ -152,3 +153,43 @@ def test_disk_budget_holds_while_training(wide, tmp_path):
         assert sum(cache.disk_usage(n)[1] for n in ("raw", "labels/psd")) <= limit
         assert 0 < len(cache.done_shards("raw")) < 6
     assert inner.prefetcher.error is None
+
+
+def _independent_window_count(lo, hi, patch, cached) -> int:
+    """Windows of `patch` inside [lo, hi) whose every shard is in `cached`: per axis the starts grouped
+    by the (first, last) shard their window spans, then every combination checked."""
+    from wildenberg_intake.store.cache import SHARDS
+    axes = []
+    for a, b, p, n in zip(lo, hi, patch, SHARDS):
+        starts = np.arange(a, b - p + 1)
+        spans, counts = np.unique(np.stack([starts // n, (starts + p - 1) // n], 1), axis=0, return_counts=True)
+        axes.append(list(zip(map(tuple, spans), counts)))
+    total = 0
+    for combo in itertools.product(*axes):
+        ranges = [range(f, l + 1) for (f, l), _ in combo]
+        if all(s in cached for s in itertools.product(*ranges)):
+            total += int(np.prod([c for _, c in combo]))
+    return total
+
+
+def test_the_window_table_follows_shards_cached_and_evicted_and_numbers_every_window_once():
+    from wildenberg_intake.store.cache import SHARDS
+    from wildenberg_intake.store.lazy import ShardPool
+    lo, hi, patch = (100, 300, 200), (300, 1300, 1400), (16, 300, 256)
+    pool = ShardPool([], lo, hi, patch)
+    rng = np.random.default_rng(1)
+    cached = set()
+    for step in range(40):
+        for s in pool.shards:  # shards cached and evicted at random, a few at a time
+            if rng.random() < 0.15:
+                cached ^= {s}
+        table = pool._table(frozenset(cached))
+        assert table.total == _independent_window_count(lo, hi, patch, cached), step
+        if table.total:
+            numbers = rng.choice(table.total, size=min(200, table.total), replace=False)
+            starts = {table.locate(int(k)) for k in numbers}
+            assert len(starts) == len(numbers)  # one window per number
+            for start in starts:
+                assert all(a <= s <= b - p for s, a, b, p in zip(start, lo, hi, patch))
+                spans = [range(s // n, (s + p - 1) // n + 1) for s, p, n in zip(start, patch, SHARDS)]
+                assert all(shard in cached for shard in itertools.product(*spans))

@@ -201,3 +201,36 @@ def test_under_umask_002_every_file_and_folder_of_the_cache_is_group_writable_an
         found[kind] += 1
     assert found["file"] > 20 and found["dir"] > 10
     assert list(cache_dir.rglob("locks/*.lock")), "the array locks are among the files checked"
+
+
+def test_a_fork_never_leaves_a_child_a_lock_descriptor_it_does_not_know(tmp_path):
+    """Threads take and drop a lock as fast as they can while the process forks: no child keeps a
+    copy of a lock descriptor (it would hold the flock for its whole life)."""
+    import threading
+    path = tmp_path / "ledger.lock"
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            with liveness.file_lock(path):
+                pass
+    threads = [threading.Thread(target=churn) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(300):
+            pid = os.fork()
+            if pid == 0:
+                leaked = 0
+                for fd in os.listdir("/proc/self/fd"):
+                    try:
+                        leaked += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+                    except OSError:
+                        pass
+                os._exit(3 if leaked else 0)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0, "a child inherited a lock descriptor"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()

@@ -31,7 +31,7 @@ import numpy as np
 
 from .files import durable_write, file_sha256, make_dirs, remove_leftovers
 from .ledger import Ledger, ledger_for, shard_key
-from .liveness import close_lock_fd, file_lock, open_lock_fd, owning
+from .liveness import close_lock_fd, file_lock, open_lock_fd, owning, try_lock
 
 _RECORD = re.compile(r"\d+\.\d+\.\d+")  # a shard record's file name: i.j.k
 # 3: a crc32c checksum after every inner chunk (zarr v3's crc32c codec), so that every reader
@@ -578,6 +578,9 @@ class StoreCache:
         # reader may be writing a record's last use right now (its file is locked).
         folder = self.zarr_path / array_path(name)
         remove_leftovers([*folder.rglob(".*.tmp"), *(self.progress / name).glob(".*.tmp")])
+        for lock in (self.progress / name).glob("*.lock"):  # shard locks killed writers left: free now
+            if (held := try_lock(lock)) is not None:
+                held.release()
         for partial in folder.rglob("*.partial"):  # zarr's own, unlocked: old ones are nobody's
             try:
                 if partial.stat().st_mtime < time.time() - 300:

@@ -275,7 +275,12 @@ class ShardPool:
         # ends of windows): prefetched first, so the first window is ready after one shard.
         self.owners = [s for s in self.shards if all(_starts_by_last_shard(i, n, p, a, b) for i, n, p, a, b in
                                                       zip(s, SHARDS, self.patch, self.lo, self.hi))]
-        self._cached, self._checked, self._table = frozenset(), 0.0, None
+        self._cached, self._checked = frozenset(), 0.0
+        self._position = {s: i for i, s in enumerate(self.shards)}
+        self._all = frozenset(self.shards)
+        # Owners whose windows a change of shard c can alter: those up to `reach` shards before it.
+        self._reach = tuple(p // n + 1 for p, n in zip(self.patch, SHARDS))
+        self._tables = {}  # "cached" / "anywhere" -> _WindowTable, updated shard by shard
 
     def cached(self, refresh: bool = False) -> frozenset:
         """Shards of the box cached for every array (re-listed at most every refresh_seconds)."""
@@ -287,33 +292,43 @@ class ShardPool:
             self._cached, self._checked = frozenset(done), now
         return self._cached
 
-    def _windows(self, cached: frozenset):
-        """(weights, choices): per choice a cached owner shard and a sub-box of starts whose windows
-        reach only cached shards."""
-        if self._table is not None and self._table[0] == cached:
-            return self._table[1:]
-        choices, weights = [], []
-        for shard in sorted(cached):
-            axes = [_starts_by_last_shard(i, s, p, a, b) for i, s, p, a, b in
-                    zip(shard, SHARDS, self.patch, self.lo, self.hi)]
-            for combo in itertools.product(*axes):
-                needed = itertools.product(*(range(i, last + 1) for i, (last, _, _) in zip(shard, combo)))
-                if all(n in cached for n in needed):
-                    choices.append([(s0, s1) for _, s0, s1 in combo])
-                    weights.append(int(np.prod([s1 - s0 + 1 for _, s0, s1 in combo])))
-        weights = np.asarray(weights, dtype=np.float64)
-        self._table = (cached, weights, choices)
-        return weights, choices
+    def _owner_windows(self, shard, cached) -> list:
+        """[(sub-box of starts, count)]: the windows starting in `shard` whose every shard is in `cached`."""
+        axes = [_starts_by_last_shard(i, s, p, a, b) for i, s, p, a, b in
+                zip(shard, SHARDS, self.patch, self.lo, self.hi)]
+        out = []
+        for combo in itertools.product(*axes):
+            needed = itertools.product(*(range(i, last + 1) for i, (last, _, _) in zip(shard, combo)))
+            if all(n in cached for n in needed):
+                out.append(([(s0, s1) for _, s0, s1 in combo], int(np.prod([s1 - s0 + 1 for _, s0, s1 in combo]))))
+        return out
+
+    def _table(self, cached: frozenset) -> "_WindowTable":
+        """The windows of `cached`, updated from the last table by the shards that changed: O(1) per
+        shard cached or evicted, not O(shards)."""
+        kind = "anywhere" if cached is self._all else "cached"
+        table = self._tables.get(kind)
+        if table is None:
+            table = self._tables[kind] = _WindowTable(len(self.shards))
+        if table.cached != cached:
+            owners = set()
+            for changed in cached ^ table.cached:
+                for owner in itertools.product(*(range(c - r, c + 1) for c, r in zip(changed, self._reach))):
+                    if owner in self._position:
+                        owners.add(owner)
+            for owner in owners:
+                windows = self._owner_windows(owner, cached) if owner in cached else []
+                table.set(self._position[owner], windows)
+            table.cached = cached
+        return table
 
     def sample(self, rng: np.random.Generator, anywhere: bool = False):
         """A window (tuple of slices in the array's coordinates) of cached shards, or None if none is;
-        `anywhere`: of any shards of the box (to be read through the cache)."""
-        weights, choices = self._windows(frozenset(self.shards) if anywhere else self.cached())
-        if not len(weights):
-            return None
-        pick = choices[int(rng.choice(len(weights), p=weights / weights.sum()))]
-        starts = [int(rng.integers(s0, s1 + 1)) for s0, s1 in pick]
-        return tuple(slice(s, s + p) for s, p in zip(starts, self.patch))
+        `anywhere`: of any shards of the box (to be read through the cache). Uniform over the windows:
+        one integer drawn among all of them, located by the owners' cumulative counts."""
+        table = self._table(self._all if anywhere else self.cached())
+        starts = table.locate(int(rng.integers(0, table.total))) if table.total else None
+        return None if starts is None else tuple(slice(s, s + p) for s, p in zip(starts, self.patch))
 
     def wait(self, min_shards: int, stall: float, error=lambda: None, finished=lambda: False) -> bool:
         """Block until `min_shards` shards of the box (at most all) are cached and a window is
@@ -326,7 +341,7 @@ class ShardPool:
             if exc is not None:
                 raise RuntimeError(f"prefetching {self.arrays[0].cache.root} failed: {exc}") from exc
             cached = self.cached(refresh=True)
-            if len(cached) >= want and self._windows(cached)[0].sum() > 0:
+            if len(cached) >= want and self._table(cached).total > 0:
                 return True
             if finished():
                 return False
@@ -335,6 +350,43 @@ class ShardPool:
             elif time.monotonic() - since > stall:
                 return False
             time.sleep(0.05)
+
+
+class _WindowTable:
+    """Window counts per owner shard (by its position in the box's shard list) and, per owner, the
+    sub-boxes of window starts: a window is found from its number among all of them."""
+
+    def __init__(self, n: int):
+        self.cached = frozenset()
+        self.counts = np.zeros(n, dtype=np.int64)
+        self.windows: dict = {}
+        self._cumulative = None
+
+    def set(self, position: int, windows: list):
+        self.windows[position] = windows
+        self.counts[position] = sum(count for _, count in windows)
+        self._cumulative = None
+
+    @property
+    def total(self) -> int:
+        return int(self._cumsum()[-1]) if len(self.counts) else 0
+
+    def _cumsum(self):
+        if self._cumulative is None:  # once per change of the cached set, in C
+            self._cumulative = np.cumsum(self.counts)
+        return self._cumulative
+
+    def locate(self, number: int) -> tuple:
+        """The start of window `number` (0 <= number < total)."""
+        cumulative = self._cumsum()
+        position = int(np.searchsorted(cumulative, number, side="right"))
+        number -= int(cumulative[position - 1]) if position else 0
+        for box, count in self.windows[position]:
+            if number < count:
+                offsets = np.unravel_index(number, [s1 - s0 + 1 for s0, s1 in box])
+                return tuple(s0 + int(o) for (s0, _), o in zip(box, offsets))
+            number -= count
+        raise AssertionError("window number past its owner's count")
 
 
 class Prefetcher:

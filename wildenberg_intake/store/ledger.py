@@ -245,6 +245,15 @@ _LEDGERS: dict = {}
 _LEDGERS_LOCK = threading.Lock()
 
 
+def _after_fork():
+    global _LEDGERS_LOCK
+    _LEDGERS_LOCK = threading.Lock()  # a parent's thread may have held it; its views are not ours
+    _LEDGERS.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def ledger_for(root) -> Ledger:
     """This process's ledger of the store at `root` (shared by every object of the process)."""
     key = (str(root), os.getpid())

@@ -44,20 +44,26 @@ FILE_MODE = 0o666  # every file the package makes: the umask decides (a group ca
 # the parent's locks for the child's whole life, and the next taker would wait for ever. The child
 # holds none of them (the threads that did are not in it): it closes its copies.
 _LOCK_FDS: set = set()
+# Opening a descriptor and registering it are one step for fork: a fork between the two would give
+# the child a copy it does not know to close (seen: a loader worker forked while I/O threads took
+# the ledger's lock kept it for its whole life). Forks wait for this lock.
+_FDS_LOCK = threading.Lock()
 
 
 def open_lock_fd(path, flags: int, mode: int = FILE_MODE) -> int:
     """os.open for a descriptor that will hold an flock (closed in forked children); close it with
     `close_lock_fd`."""
-    fd = os.open(path, flags, mode)
-    _LOCK_FDS.add(fd)
+    with _FDS_LOCK:
+        fd = os.open(path, flags, mode)
+        _LOCK_FDS.add(fd)
     return fd
 
 
 def close_lock_fd(fd: int):
     """Close a descriptor of `open_lock_fd` (releasing its flock)."""
-    _LOCK_FDS.discard(fd)
-    os.close(fd)
+    with _FDS_LOCK:
+        _LOCK_FDS.discard(fd)
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -228,17 +234,19 @@ _HEARTBEAT = _Heartbeat()
 
 
 def _after_fork():
-    global _HEARTBEAT
+    global _HEARTBEAT, _FDS_LOCK
     for fd in list(_LOCK_FDS):
         try:
             os.close(fd)
         except OSError:
             pass
     _LOCK_FDS.clear()
+    _FDS_LOCK = threading.Lock()
     _HEARTBEAT = _Heartbeat()  # a child holds none of its parent's locks, nor its thread
 
 
-os.register_at_fork(after_in_child=_after_fork)
+os.register_at_fork(before=lambda: _FDS_LOCK.acquire(), after_in_parent=lambda: _FDS_LOCK.release(),
+                    after_in_child=_after_fork)
 
 
 @contextlib.contextmanager
