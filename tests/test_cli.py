@@ -348,3 +348,32 @@ def test_verify_lock_names_damaged_shards_and_an_empty_cache_gets_the_fetch_comm
     assert code == 0 and "fetched again 1 damaged shards (labels/psd)" in out, err
     code, out, err = run(capsys, "verify", "--lock", str(lock), "--cache-dir", str(tmp_path / "a"), *base)
     assert code == 0 and "p14_psd: matches the lock" in out, err
+
+
+def test_du_shows_each_arrays_shards_and_bytes_as_on_disk_and_verify_takes_every_path_form(server, tmp_path, capsys,
+                                                                                         monkeypatch):
+    cache_dir = tmp_path / "cache"
+    code, out, err = run(capsys, "fetch", "p14_psd", "--base-url", server.base_url, "--cache-dir", str(cache_dir),
+                         "--quiet")
+    assert code == 0, err
+    store = StoreCache.at(next((cache_dir / "wildenberg2023").iterdir()))
+    code, out, _ = run(capsys, "du", str(cache_dir))
+    assert code == 0
+    for name in store.arrays():
+        files = [store.shard_file(name, i) for i in store.done_shards(name)]
+        on_disk = sum(p.stat().st_size for p in files if p.exists())
+        line = next(line for line in out.splitlines() if line.split()[:1] == [name])
+        assert line.split()[1] == str(len(files)), line
+        assert f"{on_disk / 1e6:.1f} MB" in line or f"{on_disk / 1e3:.1f} kB" in line or f"{on_disk} B" in line, line
+    code, _, err = run(capsys, "du", str(tmp_path / "nothing"))
+    assert code == 2 and "is neither a cache folder" in err
+    # verify by every path form: a damaged shard is found from each
+    victim = max((store.shard_file("raw", i) for i in store.done_shards("raw")), key=lambda p: p.stat().st_size)
+    blob = bytearray(victim.read_bytes())
+    blob[100:104] = bytes(b ^ 0xFF for b in blob[100:104])
+    victim.write_bytes(bytes(blob))
+    for cwd, target in ((store.root, "."), (store.root, "data.zarr"), (store.zarr_path, ".."),
+                        (store.root.parent, store.root.name), (tmp_path, str(store.root))):
+        monkeypatch.chdir(cwd)
+        code, out, _ = run(capsys, "verify", target)
+        assert code == 1 and "corrupt" in out, (cwd, target, out)
