@@ -226,11 +226,13 @@ def cmd_mirror(args):
 
 def cmd_serve(args):
     from ..mirror import MirrorServer
-    from ..viewer.view import store_layers
+    from ..viewer.view import recorded_shard_status, store_layers
     if not Path(args.folder, "wildenberg2023").is_dir():
         raise ValueError(f"folder={args.folder!r} holds no wildenberg2023/ folder; allowed: a mirror written by "
                          "`wildenberg-intake mirror`, or a cache folder (cache_dir)")
-    with MirrorServer(args.folder, port=args.port, token=True, origins=args.allow_origin or ()) as server:
+    folder = Path(args.folder).resolve()
+    with MirrorServer(folder, port=args.port, token=True, origins=args.allow_origin or (),
+                      absent=lambda path: recorded_shard_status(folder, path)) as server:
         print(f"serving {args.folder} at {server.base_url} (Ctrl-C to stop); use base_url={server.base_url}",
               flush=True)
         print("  the token in these URLs keeps other web pages from using the server; browser viewers of "

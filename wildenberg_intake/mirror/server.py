@@ -90,6 +90,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif fault == "outage":
             after = server.faults.retry_after
             return self._empty(server.faults.outage_status, {"Retry-After": f"{after:g}"} if after is not None else None)
+        if target is None and server.absent is not None:
+            try:
+                status = server.absent(path)
+            except Exception as e:  # noqa: BLE001  (the viewer sees a server error, the console why)
+                print(f"wildenberg-intake: {path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                status = 503
+            if status == 200:
+                target, gzipped = self._resolve()
+            if target is None:
+                return self._empty(503 if status == 200 else status)
         if target is None:
             return self._empty(404)
         status, headers = 200, {}
@@ -314,13 +324,17 @@ class MirrorServer:
     """
 
     def __init__(self, root, latency: float = 0.0, port: int = 0, faults: Faults | None = None,
-                 bandwidth: float = 0.0, before=None, token: str | bool | None = None, origins=()):
+                 bandwidth: float = 0.0, before=None, token: str | bool | None = None, origins=(), absent=None):
         self.root = Path(root).resolve()
         self.latency = float(latency)
         self.bandwidth = float(bandwidth)  # bytes per second per response; 0 for unlimited
         self.faults = faults
         self.port = int(port)
         self.before = before  # called with each request's path before it is answered (in the request's thread)
+        # Called with the path of a request whose file is absent: the status to answer instead of 404
+        # (a shard a store records is damage: 503, never the zeros a viewer draws for 404), or 200
+        # when it made the file meanwhile (it is then served).
+        self.absent = absent
         # A server that other web pages in the user's browser must not drive (`serve`, `view`): every
         # URL carries an unguessable token (True: made here), the Host must be the server's own
         # address, and CORS answers only `origins` (e.g. the viewer's own page). None: an open
@@ -346,6 +360,7 @@ class MirrorServer:
         self._server.bandwidth = self.bandwidth
         self._server.faults = self.faults
         self._server.before = self.before
+        self._server.absent = self.absent
         self._server.token = self.token
         self._server.origins = self.origins  # the same set: `allow_origin` adds to it while serving
         self._server.refused = 0

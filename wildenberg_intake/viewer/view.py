@@ -64,6 +64,22 @@ class LazyShards:
                 for k in range(1, ov.levels + 1):
                     self.overview_levels[(store, group, k)] = _tile_maker(ov, name, k)
 
+    def absent(self, path: str) -> int:
+        """A shard's file is absent when the server came to send it (evicted after it was made, or
+        deleted): made again (200: send it now); 503 if it still is not there; 404 for the rest."""
+        match = _SHARD.match(path)
+        arr = None if match is None else self.arrays.get((match["store"], match["array"]))
+        if arr is None:
+            return 404
+        index = (int(match["z"]), int(match["y"]), int(match["x"]))
+        if not all(0 <= i < -(-n // s) for i, n, s in zip(index, arr.shape, SHARDS)):
+            return 404
+        record = arr.cache.record(arr.name, index)
+        if record is not None and record.get("sha256") is None:
+            return 404  # an all-zero shard: zarr writes no file, and a 404 is read as its fill value
+        arr.ensure(index)
+        return 200
+
     def __call__(self, path: str):
         match = _SHARD.match(path)
         if match is not None:
@@ -76,6 +92,22 @@ class LazyShards:
             make = self.overview_levels.get((match["store"], match["group"], int(match["level"])))
             if make is not None:
                 make((int(match["z"]), int(match["y"]), int(match["x"])))
+
+
+def recorded_shard_status(folder, path: str) -> int:
+    """For `serve`: the status of a request for an absent file. 503 when it is a shard a store under
+    `folder` records as written (its file deleted or evicted: damage to report, never zeros); 404
+    otherwise (a shard never fetched, or one that is all zeros: no file, as zarr writes none)."""
+    from ..store.cache import StoreCache, array_name
+    match = _SHARD.match(path)
+    if match is None:
+        return 404
+    try:
+        name = array_name(match["array"])
+    except ValueError:
+        return 404
+    record = StoreCache(folder, match["store"]).record(name, (int(match["z"]), int(match["y"]), int(match["x"])))
+    return 503 if record is not None and record.get("sha256") is not None else 404
 
 
 def _shard_maker(arr):
@@ -126,7 +158,8 @@ class View:
         self.hook = LazyShards(sources, connections, self.overviews.values())
         # A token in every URL, CORS for the viewer's page only, the Host checked: no other page in
         # the user's browser can make this server fetch data.
-        self.server = MirrorServer(roots.pop(), port=port, before=self.hook, token=True).start()
+        self.server = MirrorServer(roots.pop(), port=port, before=self.hook, token=True,
+                                   absent=self.hook.absent).start()
         neuroglancer.set_server_bind_address("127.0.0.1", bind_port=viewer_port)
         self.viewer = neuroglancer.Viewer()
         from urllib.parse import urlparse
