@@ -15,7 +15,7 @@ import time
 import numpy as np
 from numcodecs import Blosc
 
-from wildenberg_intake.store.cache import CHUNKS, CODECS, LABEL_CODEC, shuffle_of
+from wildenberg_intake.store.format import CHUNKS, CODECS, LABEL_CODEC, shuffle_of
 from wildenberg_intake.mirror import build_mirror
 
 SHUFFLES = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}

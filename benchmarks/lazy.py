@@ -118,7 +118,7 @@ def run_case(kind, base, cache, box, window, steady):
 def to_dask_probe(base, cache, server):
     """to_dask() on the whole box, then one 64 x 512 x 512 window against its minimum of requests."""
     import wildenberg_intake
-    from wildenberg_intake.store.cache import shard_box
+    from wildenberg_intake.store.layout import shard_box
     from wildenberg_intake.store.lazy import shards_touching
 
     def chunk_requests():

@@ -36,7 +36,7 @@ os.environ.setdefault("WILDENBERG_INTAKE_TUNE_MALLOC", "1")
 box = json.loads(box)
 if kind == "tensorstore":
     import intake, numpy as np, tensorstore as ts, wildenberg_intake, zarr
-    from wildenberg_intake.store.cache import CHUNKS, CODECS, SHARDS, shuffle_of
+    from wildenberg_intake.store.format import CHUNKS, CODECS, SHARDS, shuffle_of
     from wildenberg_intake.source.layers import http_url
     cat = intake.open_catalog(wildenberg_intake.catalog_path())
 elif kind == "reference":
@@ -146,7 +146,7 @@ def cpu_floor(mirror_root, plan, label_name, codec, cores, repeats=3):
     shards, no hashing, no file writes: those are the pipeline's overhead, which the floor must not
     hide. Returns CPU seconds (decode, downsample, encode level 0, encode levels >= 1)."""
     import numcodecs.blosc
-    from wildenberg_intake.store.cache import CHUNKS, LABEL_CODEC, blosc_codec
+    from wildenberg_intake.store.format import CHUNKS, LABEL_CODEC, blosc_codec
     from wildenberg_intake.store.downsample import downsample
     from wildenberg_intake.store.plan import pyramid_levels
     from wildenberg_intake.source.layers import place

@@ -34,7 +34,7 @@ from scale import full_extent_mirror  # noqa: E402
 
 from wildenberg_intake.drivers import entry_source  # noqa: E402
 from wildenberg_intake.mirror import MirrorServer, build_mirror  # noqa: E402
-from wildenberg_intake.store.cache import SHARDS  # noqa: E402
+from wildenberg_intake.store.format import SHARDS
 
 
 def browser():

@@ -61,7 +61,7 @@ if mode == "dask":
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
     client = Client(cluster)
 src = cat.p105_synapses(base_url=base, cache_dir=cache, bbox_nm=box, progress=False, client=client)
-from wildenberg_intake.store.cache import shard_grid
+from wildenberg_intake.store.layout import shard_grid
 shards = len(shard_grid(src.plan.arrays["raw"].shape))
 t = time.perf_counter()
 table = src.read()
@@ -80,7 +80,7 @@ from wildenberg_intake.store.engine import materialise
 base, cache, box, pyramid = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4] == "pyramid"
 cat = intake.open_catalog(wildenberg_intake.catalog_path())
 src = cat.p105_psd(base_url=base, cache_dir=cache, bbox_nm=box, progress=False)
-from wildenberg_intake.store.cache import shard_grid
+from wildenberg_intake.store.layout import shard_grid
 shards = len(shard_grid(src.plan.arrays["raw"].shape)) + len(shard_grid(src.plan.arrays["labels/psd"].shape))
 t = time.perf_counter()
 materialise(src.plan, pyramid=pyramid, progress=False)
@@ -130,7 +130,7 @@ def main():
             src = cat.p105_psd(base_url=server.base_url, cache_dir=str(tmp / "cache"), progress=False)
             s, n, _ = timed(server, src.discover)
             rows.append(("discover (info files, shapes)", s, n))
-            from wildenberg_intake.store.cache import shard_grid
+            from wildenberg_intake.store.layout import shard_grid
             shape = src.plan.arrays["raw"].shape
             print(f"default box: raw {shape}, {len(shard_grid(shape))} output shards per array\n")
             s, n, ds = timed(server, src.to_dask)

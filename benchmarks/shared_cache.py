@@ -176,7 +176,7 @@ def main():
                 fds = max(fds, event.get("fds", 0))
         damaged = {name: e for name, e in StoreCache.at(store.root).verify().items() if e["missing"] or e["corrupt"]}
         from wildenberg_intake.store.reader import ShardedArrayReader
-        from wildenberg_intake.store.cache import array_path
+        from wildenberg_intake.store.layout import array_path
         equal = True
         for name, channel, mip in (("raw", "em_aligned", 1), ("labels/psd", "psd_autoseg", 0),
                                    ("labels/vesicle_cloud", "vesicle_autoseg", 0)):

@@ -69,7 +69,7 @@ def child(mode: str, base_url: str, cache_dir: str, bbox: list, workers: int) ->
     from wildenberg_intake.analysis.synapses import SynapseTable, _run, _window
     from wildenberg_intake.analysis.components import blocks
     from wildenberg_intake.drivers import entry_source
-    from wildenberg_intake.store.cache import SHARDS
+    from wildenberg_intake.store.format import SHARDS
     src = entry_source("p14_synapses", base_url=base_url, cache_dir=cache_dir, bbox_nm=bbox, progress=False)
     options = {"workers": workers, **MODES[mode]}
     table = SynapseTable(src.plan, progress=False, **options)

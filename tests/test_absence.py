@@ -11,7 +11,8 @@ import pytest
 import zarr
 
 from wildenberg_intake.mirror import MirrorServer
-from wildenberg_intake.store.cache import DamagedShard, StoreCache, array_path, shard_box
+from wildenberg_intake.store.layout import array_path, shard_box
+from wildenberg_intake.store.cache import DamagedShard, StoreCache
 from wildenberg_intake.store.engine import cache_for
 from wildenberg_intake.store.reader import ShardedArrayReader
 

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import zarr
 
-from wildenberg_intake.store.cache import CHUNKS, SHARDS, StoreCache, compressors, encode_shard, shard_box, shard_grid
+from wildenberg_intake.store.format import CHUNKS, SHARDS, compressors, encode_shard
+from wildenberg_intake.store.layout import shard_box, shard_grid
+from wildenberg_intake.store.cache import StoreCache
 
 
 @pytest.mark.parametrize("dtype,is_label,codec", [("uint8", False, "zstd1"), ("uint8", True, "zstd3"),
@@ -40,7 +42,9 @@ def test_encode_shard_equals_zarr_python(dtype, is_label, codec, tmp_path):
 def test_fast_reader_equals_zarr_on_random_windows(tmp_path):
     """The package's reader over a store written shard by shard with its records, against the
     data and against zarr-python reading the same files."""
-    from wildenberg_intake.store.cache import StoreCache, array_path, encode_shard, shard_grid, shard_box
+    from wildenberg_intake.store.format import encode_shard
+    from wildenberg_intake.store.layout import array_path, shard_box, shard_grid
+    from wildenberg_intake.store.cache import StoreCache
     from wildenberg_intake.store.reader import ShardedArrayReader
     rng = np.random.default_rng(1)
     shape = (150, 600, 530)
@@ -95,7 +99,7 @@ def test_shard_buffer_is_zeroed_unless_the_chunks_tile_the_shard():
                                                   ("uint32", True, "zstd3"), ("uint64", True, "zstd6")])
 def test_array_and_group_metadata_equal_zarr_pythons(dtype, is_label, codec, tmp_path):
     import json
-    from wildenberg_intake.store.cache import array_metadata, group_metadata
+    from wildenberg_intake.store.layout import array_metadata, group_metadata
     attributes = {"source_url": "x", "nested": {"a": [1, 2]}}
     zarr.create_array(store=str(tmp_path / "a"), shape=(80, 700, 530), chunks=CHUNKS, shards=SHARDS, dtype=dtype,
                       fill_value=0, compressors=compressors(is_label, codec), dimension_names=("z", "y", "x"),
@@ -111,7 +115,7 @@ def test_array_and_group_metadata_equal_zarr_pythons(dtype, is_label, codec, tmp
 @pytest.mark.parametrize("shape", [(2, 4, 4), (1, 1, 1), (3, 5, 2), (8, 8, 8), (4, 1)])
 def test_morton_order_is_zarrs(shape):
     from zarr.core.indexing import morton_order_iter
-    from wildenberg_intake.store.cache import morton_order
+    from wildenberg_intake.store.format import morton_order
     assert morton_order(shape) == [tuple(int(c) for c in coords) for coords in morton_order_iter(shape)]
 
 
@@ -166,7 +170,7 @@ def test_content_digest_equals_sha256_of_the_voxels_whatever_slabs_are_zeros():
     """Slabs said to be zeros are counted, not hashed, yet the digest is the sha256 of every byte
     in order: all zeros (of a size over the 1 MB zero buffer), zeros before, after and between data."""
     import hashlib
-    from wildenberg_intake.store.cache import ContentDigest
+    from wildenberg_intake.store.format import ContentDigest
     rng = np.random.default_rng(3)
     data = rng.integers(0, 255, size=(4, 300, 500)).astype(np.uint8)
     zeros = np.zeros((3, 700, 600), np.uint32)  # 5 MB

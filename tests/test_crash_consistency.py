@@ -17,7 +17,8 @@ import numpy as np
 
 import intake
 import wildenberg_intake
-from wildenberg_intake.store.cache import StoreCache, shard_grid
+from wildenberg_intake.store.layout import shard_grid
+from wildenberg_intake.store.cache import StoreCache
 from wildenberg_intake.store.files import file_sha256
 from wildenberg_intake.mirror import MirrorServer
 
@@ -117,7 +118,7 @@ def _source(base, cache_dir):
 
 def _inner_chunk(shard_file: Path, coords) -> bytes | None:
     """The stored bytes of inner chunk `coords` of a shard file (None: not stored)."""
-    from wildenberg_intake.store.cache import CHUNKS, SHARDS
+    from wildenberg_intake.store.format import CHUNKS, SHARDS
     per = tuple(s // c for s, c in zip(SHARDS, CHUNKS))
     data = shard_file.read_bytes() if shard_file.exists() else b""
     if not data:
@@ -129,7 +130,7 @@ def _inner_chunk(shard_file: Path, coords) -> bytes | None:
 
 def _never_taken_as_complete_with_damage(cache: StoreCache, clean: StoreCache):
     import json
-    from wildenberg_intake.store.cache import array_path
+    from wildenberg_intake.store.layout import array_path
     from wildenberg_intake.store.staging import QuarterStage
     for name in clean.arrays():
         meta = cache.zarr_path / array_path(name) / "zarr.json"

@@ -268,7 +268,7 @@ def test_verify_finds_and_repair_restores_deleted_and_truncated_shards(big, cata
     # Exactly the damaged shards' source chunks were fetched again, each once.
     expected = set()
     for name, index in (("raw", (0, 0, 1)), ("labels/psd", (0, 1, 0))):
-        from wildenberg_intake.store.cache import shard_box
+        from wildenberg_intake.store.layout import shard_box
         arr, layer = src.plan.arrays[name], src.plan.layers[name]
         start, stop = shard_box(index, arr.shape)
         expected |= {f"{layer.url.split('127.0.0.1')[1].split('/', 1)[1]}/{layer.info.scale_key}/"

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wildenberg_intake.store.cache import SHARDS, StoreCache, shard_box
+from wildenberg_intake.store.format import SHARDS
+from wildenberg_intake.store.layout import shard_box
+from wildenberg_intake.store.cache import StoreCache
 from wildenberg_intake.store.files import file_sha256
 from wildenberg_intake.store.liveness import close_lock_fd
 from wildenberg_intake.store.lazy import parse_size, shards_touching

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("torch_em")
 
 from wildenberg_intake import training  # noqa: E402
-from wildenberg_intake.store.cache import StoreCache  # noqa: E402
+from wildenberg_intake.store.cache import StoreCache
 from wildenberg_intake.mirror import MirrorServer  # noqa: E402
 
 from tests_helpers import locate as _locate  # noqa: E402
@@ -158,7 +158,7 @@ def test_disk_budget_holds_while_training(wide, tmp_path):
 def _independent_window_count(lo, hi, patch, cached) -> int:
     """Windows of `patch` inside [lo, hi) whose every shard is in `cached`: per axis the starts grouped
     by the (first, last) shard their window spans, then every combination checked."""
-    from wildenberg_intake.store.cache import SHARDS
+    from wildenberg_intake.store.format import SHARDS
     axes = []
     for a, b, p, n in zip(lo, hi, patch, SHARDS):
         starts = np.arange(a, b - p + 1)
@@ -173,7 +173,7 @@ def _independent_window_count(lo, hi, patch, cached) -> int:
 
 
 def test_the_window_table_follows_shards_cached_and_evicted_and_numbers_every_window_once():
-    from wildenberg_intake.store.cache import SHARDS
+    from wildenberg_intake.store.format import SHARDS
     from wildenberg_intake.store.lazy import ShardPool
     lo, hi, patch = (100, 300, 200), (300, 1300, 1400), (16, 300, 256)
     pool = ShardPool([], lo, hi, patch)

@@ -5,7 +5,7 @@ import urllib.error
 import urllib.request
 
 from wildenberg_intake.mirror import MirrorServer
-from wildenberg_intake.store.cache import array_path
+from wildenberg_intake.store.layout import array_path
 from wildenberg_intake.store.engine import cache_for
 from wildenberg_intake.viewer.view import LazyShards, recorded_shard_status
 

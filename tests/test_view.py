@@ -169,7 +169,7 @@ def test_view_command_prints_the_page_and_serves_shards_made_on_request(mirror, 
     import sys
     import urllib.request
     import zarr
-    from wildenberg_intake.store.cache import SHARDS
+    from wildenberg_intake.store.format import SHARDS
     exe = [sys.executable, "-m", "wildenberg_intake.cli.main"]
     proc = subprocess.Popen(exe + ["view", "p14_psd", "--base-url", server.base_url, "--cache-dir", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

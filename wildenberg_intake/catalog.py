@@ -207,7 +207,7 @@ def check_base_url(value, default: str) -> str:
 
 def check_codec(value) -> str:
     """The raw EM codec: a name from cache.CODECS; empty for the default (zstd1)."""
-    from .store.cache import CODECS
+    from .store.format import CODECS
     value = _parse(value)
     if value in (None, "", []):
         return "zstd1"

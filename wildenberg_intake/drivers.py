@@ -35,7 +35,7 @@ def entry_source(name: str, **parameters):
 
 def cache_state(plan: StorePlan, names) -> dict:
     """How much of each array is cached: shards recorded / total and bytes of their files on disk."""
-    from .store.cache import shard_grid
+    from .store.layout import shard_grid
     cache = cache_for(plan)
     out = {}
     for name in names:

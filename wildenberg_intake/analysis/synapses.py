@@ -37,7 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..catalog import check_count
-from ..store.cache import SHARDS
+from ..store.format import SHARDS
 from ..store.files import durable_write, make_dirs
 from ..store.liveness import remove_if_dead, try_lock
 from ..store.engine import DEFAULT_CONNECTIONS, DEFAULT_WORKERS, cache_for

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cache import CHUNKS, check_crc32c, encode_chunks
+from .format import CHUNKS, check_crc32c, encode_chunks
 
 
 def _blocks(block: np.ndarray):

@@ -19,7 +19,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..catalog import check_count
-from .cache import SHARDS, StoreCache, array_path, ome_multiscale, shard_box, shard_grid
+from .format import SHARDS
+from .layout import array_path, ome_multiscale, shard_box, shard_grid
+from .cache import StoreCache
 from .plan import ArraySource, StorePlan, pyramid_levels, split_level
 from .pyramid import LevelWriter, parents_of
 from .resources import default_workers

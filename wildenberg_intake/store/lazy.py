@@ -24,7 +24,9 @@ import time
 
 import numpy as np
 
-from .cache import SHARDS, DamagedShard, StoreCache, array_path, shard_box, shard_grid
+from .format import SHARDS
+from .layout import array_path, shard_box, shard_grid
+from .cache import DamagedShard, StoreCache
 from .liveness import close_lock_fd
 from .engine import DEFAULT_CONNECTIONS, DEFAULT_WORKERS, prepare, writer_for
 from .ledger import parse_shard_key, shard_key

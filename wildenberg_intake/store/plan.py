@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cache import LABEL_CODEC, LAYOUT, LAYOUT_VERSION
+from .format import LABEL_CODEC, LAYOUT, LAYOUT_VERSION
 from typing import TYPE_CHECKING
 from ..source.layers import Layer, LayerInfo
 from ..source.transfer import Fetcher, RetryPolicy
@@ -95,7 +95,7 @@ class LevelSource:
 
 def pyramid_levels(shape) -> int:
     """Levels above 0 of an array of `shape`: x and y halved until the level fits one output shard."""
-    from .cache import SHARDS
+    from .format import SHARDS
     levels, (_, y, x) = 0, shape
     while y > SHARDS[1] or x > SHARDS[2]:
         y, x, levels = -(-y // 2), -(-x // 2), levels + 1

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cache import CHUNKS, SHARDS, ContentDigest, array_path, assemble_shard, blosc_codec, shard_box
+from .format import CHUNKS, ContentDigest, SHARDS, assemble_shard, blosc_codec
+from .layout import array_path, shard_box
 from .downsample import decode_into, quarter_chunks
 from .liveness import close_lock_fd
 from .plan import LevelSource, StorePlan, pyramid_levels, split_level

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import DamagedShard, StoreCache, array_name, check_crc32c
+from .format import check_crc32c
+from .layout import array_name
+from .cache import DamagedShard, StoreCache
 
 DEFAULT_CACHE_MB = 256
 

@@ -28,7 +28,9 @@ import warnings
 
 import numpy as np
 
-from .cache import CHUNKS, SHARDS, ContentDigest, StoreCache, assemble_shard, encode_chunks, shard_box
+from .format import CHUNKS, ContentDigest, SHARDS, assemble_shard, encode_chunks
+from .layout import shard_box
+from .cache import StoreCache
 from .downsample import quarter_chunks
 from .plan import StorePlan, pyramid_levels
 from .staging import ChunkStage, QuarterStage

@@ -21,7 +21,7 @@ import time
 import zlib
 from pathlib import Path
 
-from .cache import check_crc32c
+from .format import check_crc32c
 from .files import durable_write, make_dirs
 from .ledger import Ledger, ledger_for
 from .liveness import try_lock

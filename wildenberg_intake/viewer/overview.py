@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from ..source.layers import Layer, place
-from ..store.cache import array_metadata, array_path, encode_chunk, group_metadata, ome_multiscale
+from ..store.format import encode_chunk
+from ..store.layout import array_metadata, array_path, group_metadata, ome_multiscale
 from ..store.files import durable_write, make_dirs
 from ..store.downsample import downsample_mode
 from ..store.engine import cache_for

@@ -17,7 +17,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..store.cache import SHARDS, array_path
+from ..store.format import SHARDS
+from ..store.layout import array_path
 from ..store.engine import cache_for
 from ..store.lazy import ReadThroughArray
 
@@ -98,7 +99,8 @@ def recorded_shard_status(folder, path: str) -> int:
     """For `serve`: the status of a request for an absent file. 503 when it is a shard a store under
     `folder` records as written (its file deleted or evicted: damage to report, never zeros); 404
     otherwise (a shard never fetched, or one that is all zeros: no file, as zarr writes none)."""
-    from ..store.cache import StoreCache, array_name
+    from ..store.layout import array_name
+    from ..store.cache import StoreCache
     match = _SHARD.match(path)
     if match is None:
         return 404
