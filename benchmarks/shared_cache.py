@@ -60,9 +60,9 @@ while time.time() < deadline:
         except Exception as e:  # an outage longer than the patience: the next pass resumes
             log.write(json.dumps({"error": f"{type(e).__name__}: {e}"[:200]}) + "\n")
             continue
-        store = cache_for(src.plan)
-        done = sorted(store.done_shards("raw"))
-        store.invalidate("raw", rng.sample(done, min(2, len(done))))
+        store, label = cache_for(src.plan), "labels/" + role.split("-", 1)[1]
+        done = sorted(store.done_shards(label))  # its own label: a repair of what it fetched
+        store.invalidate(label, rng.sample(done, min(2, len(done))))
         log.write(json.dumps({"op": "fetch"}) + "\n")
     elif role.startswith("lazy"):
         src = cat.p14_psd(base_url=base, cache_dir=cache_dir, progress=False, bbox_nm=box, cache_limit=int(limit))
@@ -86,6 +86,13 @@ while time.time() < deadline:
                                                                  for e in report.values())}) + "\n")
         time.sleep(1)
 """
+
+
+def _size(path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # removed since it was listed
+        return 0
 
 
 def main():
@@ -133,7 +140,7 @@ def main():
                 time.sleep(0.25)
                 kept = [p for folder in (lazy_store.zarr_path, lazy_store.root / "staging") if folder.exists()
                         for p in folder.rglob("*") if p.is_file() and not p.name.endswith((".lock", ".json"))]
-                peak = max(peak, sum(p.stat().st_size for p in kept if p.exists()))
+                peak = max(peak, sum(_size(p) for p in kept))
                 if outage_at and time.time() > outage_at:
                     faults.outage_seconds, faults.outage_after, outage_at = 30, 0, None
                     print("outage: the server answers 503 for 30 s")
@@ -161,14 +168,14 @@ def main():
             for entry in ("p14_psd", "p14_vesicle_cloud"):
                 getattr(catalog, entry)(base_url=base, cache_dir=str(cache_dir), progress=False).materialise()
             next_run = time.monotonic() - started
-        full = catalog.p14_psd(base_url=base, cache_dir=str(cache_dir), progress=False)
-        store = cache_for(full.plan)
+            full = catalog.p14_psd(base_url=base, cache_dir=str(cache_dir), progress=False)
+            store = cache_for(full.plan)
         ops, errors, bad, fds, seen_damaged = Counter(), Counter(), 0, 0, 0
         for log in (tmp / "ops").iterdir():
             for line in log.read_text().splitlines():
                 event = json.loads(line)
                 if "error" in event:
-                    errors[event["error"].split(":")[0]] += 1
+                    errors[event["error"][:120]] += 1
                     continue
                 ops[event["op"]] += 1
                 bad += len(event.get("bad", ()))
@@ -196,9 +203,16 @@ def main():
         print(f"the users' next run (fetch of both entries): {next_run:.1f} s")
         print(f"verify after it: {'clean' if not damaged else damaged}; fetched store equal to the mirror: {equal}")
         print(f"lazy patches different from the mirror: {bad}; most descriptors in a lazy reader: {fds}")
+        writers = sum(r.startswith("lazy") for r in roles)
         print(f"lazy store peak on disk (shards + staged): {peak / 1e6:.1f} MB, limit {limit / 1e6:.1f} MB "
-              f"+ one shard per process {len(roles) * shard / 1e6:.1f} MB: "
-              f"{'within' if peak <= limit + len(roles) * shard else 'OVER'}")
+              f"+ one shard per process writing there ({writers}) {writers * shard / 1e6:.1f} MB: "
+              f"{'within' if peak <= limit + writers * shard else 'OVER'}")
+        on_disk = Counter()
+        for path in lazy_store.root.rglob("*"):
+            if path.is_file():
+                rel = path.relative_to(lazy_store.root).parts
+                on_disk["/".join(rel[:3] if rel[0] == "data.zarr" else rel[:2])] += _size(path)
+        print(f"lazy store at the end: ledger {lazy_store.ledger.by_kind()}; on disk {dict(on_disk)}")
         print(f"leftover locks or staged files in the fetched store: {len(leftovers)}; free shard-lock files "
               f"killed writers left in the lazy store (never completes; taken over when next needed): {lazy_locks}")
         print(f"shards verify saw missing or corrupt while the others ran (evicted between its record read and "

@@ -148,6 +148,8 @@ class ReadThroughArray:
     def writer(self):
         if self._writer is None:
             self._writer = writer_for(self.plan, self.name, self.connections)
+            if self.cache_limit is not None:
+                self._writer.stage_shared = False  # staged chunks would outgrow the budget mid-shard
         return self._writer
 
     @property
@@ -218,7 +220,10 @@ class ReadThroughArray:
         starts, stops = window(key, self.shape)
         touched = shards_touching(starts, stops)
         missing = [index for index in touched if not self.cache.is_done(self.name, index)]
-        if len(missing) > 1:  # fetched side by side, not one after another
+        # Fetched side by side, not one after another, unless a budget cannot hold them all at once
+        # (then shard by shard below: at most one shard in flight over the budget per process).
+        fits = self.cache_limit is None or len(missing) * self._estimate() <= self.cache_limit // 2
+        if len(missing) > 1 and fits:
             with cf.ThreadPoolExecutor(min(len(missing), DEFAULT_WORKERS), thread_name_prefix="wildenberg-read") as pool:
                 list(pool.map(self.ensure, missing))
         out = np.empty(tuple(b - a for a, b in zip(starts, stops)), dtype=self.dtype)

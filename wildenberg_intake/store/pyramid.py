@@ -59,6 +59,15 @@ class LevelWriter(ShardTask):
         self.next_name = f"{base}@{level + 1}"
 
     @property
+    def stage_shared(self) -> bool:
+        """Whether the fetched array below stages the source chunks other shards need (`ShardWriter`)."""
+        return self.parent.stage_shared
+
+    @stage_shared.setter
+    def stage_shared(self, value: bool):
+        self.parent.stage_shared = value
+
+    @property
     def layer(self):  # the fetched array's layer (its fetcher is the run's)
         return self.parent.layer
 

@@ -172,6 +172,10 @@ class ShardWriter(ShardTask):
         self.src = plan.arrays[name]
         # Make and stage each shard's quarter of pyramid level 1 while its voxels are in memory.
         self.stage_quarters = stage_quarters and pyramid_levels(self.src.shape) >= 1
+        # Whether source chunks that other shards need too are staged for them (fetched once). Under a
+        # disk budget (lazy reads with cache_limit) they are not: they would pile up beyond it while a
+        # shard is written, and the shards that need them may never be read; they are fetched again.
+        self.stage_shared = True
         self._io, self._io_pid = None, os.getpid()
         # Chunks of this array held inflated at once by the I/O threads (BODY_BYTES of them).
         chunk_bytes = int(np.prod(self.src.layer.chunk_zyx)) * np.dtype(self.src.dtype).itemsize
@@ -272,7 +276,8 @@ class ShardWriter(ShardTask):
             # stage (fetched once, then read back from disk: the page cache, while it is in use).
             cuts = [g_start[0] + z0 for z0, _ in slabs[1:]]
             shared = [grid for grid in layer.info.chunks_in(g_start, g_stop)
-                      if len(self.shards_of_chunk(grid)) > 1 or _spans(layer.info.chunk_box(grid), cuts)]
+                      if (self.stage_shared and len(self.shards_of_chunk(grid)) > 1)
+                      or _spans(layer.info.chunk_box(grid), cuts)]
             missing, encoded, digest = set(), {}, ContentDigest()
             quarter = {} if self.stage_quarters else None
             for slab in slabs:
@@ -288,7 +293,7 @@ class ShardWriter(ShardTask):
                                        f"{e.strerror or e}. The store is incomplete; free space or fix the "
                                        "folder and run again to resume.") from e
         for grid in shared:  # a few record look-ups, not a listing of every record
-            if all(cache.is_done(self.name, s) for s in self.shards_of_chunk(grid)):
+            if not self.stage_shared or all(cache.is_done(self.name, s) for s in self.shards_of_chunk(grid)):
                 self.stage.release(grid)
         _trim()
         return int(np.prod(shape)) * np.dtype(src.dtype).itemsize
