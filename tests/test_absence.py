@@ -229,3 +229,18 @@ def test_two_processes_adding_different_labels_both_end_up_listed(tmp_path):
         assert p.exitcode == 0
     listed = zarr.open_group(str(cache.zarr_path / "labels"), mode="r").attrs["ome"]["labels"]
     assert listed == ["psd", "vesicle_cloud"]
+
+
+def test_recomputing_a_content_checksum_refuses_a_recorded_shard_whose_file_is_gone(wide_server, catalog, tmp_path):
+    """A lock's `--recompute` reads through the package's reader: a deleted shard is damage, not
+    zeros hashed into a checksum (zarr-python reads it as the fill value)."""
+    from wildenberg_intake.store.integrity import recompute_content_checksum
+    src = catalog.p14_psd(base_url=wide_server.base_url, cache_dir=str(tmp_path), progress=False)
+    src.materialise()
+    cache = cache_for(src.plan)
+    name = "labels/psd"
+    assert recompute_content_checksum(cache, name) == cache.content_checksum(name, src.plan.arrays[name].shape)
+    index = next(i for i in sorted(cache.done_shards(name)) if cache.record(name, i)["sha256"])
+    cache.shard_file(name, index).unlink()
+    with pytest.raises(DamagedShard, match=r"shard \(%d, %d, %d\) is damaged" % index):
+        recompute_content_checksum(cache, name)

@@ -90,10 +90,11 @@ def check_plan(entry: str, pinned: dict, plan):
 def check_content(entry: str, pinned: dict, source, recompute: bool = False) -> dict:
     """Compare the cached arrays' voxel checksums with the lock; raise LockMismatch if any differs."""
     from .store.engine import cache_for
+    from .store.integrity import recompute_content_checksum
     cache = cache_for(source.plan)
     found = {}
     for key, array in _arrays(source.plan).items():
-        found[key] = (cache.recompute_content_checksum(array.name) if recompute
+        found[key] = (recompute_content_checksum(cache, array.name) if recompute
                       else cache.content_checksum(array.name, array.shape))
         if found[key] != pinned["content_sha256"][key]:
             raise LockMismatch(f"{entry}: {key} in {cache.zarr_path / array.name} does not hold the locked bytes "

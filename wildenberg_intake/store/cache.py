@@ -25,10 +25,8 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
-
 from .format import LABEL_CODEC
-from .layout import array_metadata, array_path, group_metadata, shard_box, shard_grid
+from .layout import array_metadata, array_path, group_metadata, shard_grid
 from .files import durable_write, file_sha256, make_dirs, remove_leftovers
 from .ledger import Ledger, ledger_for, shard_key
 from .liveness import close_lock_fd, file_lock, open_lock_fd, owning, try_lock
@@ -342,17 +340,6 @@ class StoreCache:
             if rec is None or not rec.get("content_sha256"):
                 raise RuntimeError(f"{self.zarr_path / name}: shard {index} has no content record; is it complete?")
             hashes.append(rec["content_sha256"])
-        return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
-
-    def recompute_content_checksum(self, name: str) -> str:
-        """The same checksum computed from the voxels on disk now (reads the whole array, shard by shard)."""
-        import zarr
-        arr = zarr.open_array(str(self.zarr_path), path=array_path(name), mode="r", zarr_format=3)
-        hashes = []
-        for index in shard_grid(arr.shape):
-            start, stop = shard_box(index, arr.shape)
-            block = np.ascontiguousarray(arr[tuple(slice(a, b) for a, b in zip(start, stop))])
-            hashes.append(hashlib.sha256(block.tobytes()).hexdigest())
         return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
 
     # -- integrity --------------------------------------------------------------------------------
