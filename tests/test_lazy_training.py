@@ -193,3 +193,23 @@ def test_the_window_table_follows_shards_cached_and_evicted_and_numbers_every_wi
                 assert all(a <= s <= b - p for s, a, b, p in zip(start, lo, hi, patch))
                 spans = [range(s // n, (s + p - 1) // n + 1) for s, p, n in zip(start, patch, SHARDS)]
                 assert all(shard in cached for shard in itertools.product(*spans))
+
+
+def test_a_dataset_type_the_package_cannot_read_through_is_refused_for_a_lazy_store(wide, tmp_path, monkeypatch):
+    """torch-em returning another dataset type (its own zarr-python reads) would read a lazy store's
+    unfetched shards as zeros: refused with the type named, before any patch."""
+    import torch_em
+
+    class OtherDataset(torch_em.data.SegmentationDataset):
+        pass
+    real = torch_em.default_segmentation_dataset
+
+    def other(*args, **kwargs):
+        ds = real(*args, **kwargs)
+        for inner in getattr(ds, "datasets", [ds]):
+            inner.__class__ = OtherDataset
+        return ds
+    monkeypatch.setattr(torch_em, "default_segmentation_dataset", other)
+    with MirrorServer(wide.root) as server:
+        with pytest.raises(TypeError, match=r"torch-em built a OtherDataset, whose reads the package cannot replace"):
+            _lazy(server, tmp_path, workers=1)
