@@ -193,3 +193,22 @@ def test_the_ledger_ignores_a_line_cut_by_a_power_loss(tmp_path, kind):
     fresh = Ledger(tmp_path)
     fresh.refresh()
     assert fresh.total == 100 and len(fresh.entries) == 1
+
+
+def test_a_store_this_process_cannot_write_gets_its_ledger_in_memory(tmp_path, monkeypatch):
+    """A store of an older version (no ledger) on a read-only mount: the view is built from the
+    records in memory, once; nothing is written and nothing raises."""
+    import errno
+    from wildenberg_intake.store import ledger as ledger_module
+    cache = StoreCache(tmp_path, "p14-test")
+    (cache.root / "data.zarr").mkdir(parents=True)
+    for i in range(5):
+        _write(cache, i)
+    cache.ledger.path.unlink()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(ledger_module, "durable_write", read_only)
+    view = Ledger(cache.root)
+    assert view.shards("raw") == cache.done_shards("raw") and view.total == 5 * SHARD_BYTES
+    assert not view.path.exists()

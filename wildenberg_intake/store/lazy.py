@@ -169,11 +169,12 @@ class ReadThroughArray:
         index = tuple(index)
         ledger = self.cache.ledger
         if self.cache.is_done(self.name, index):  # one stat; writing nothing keeps a complete store read-only
-            ledger.refresh()
-            if not ledger.has("shard", shard_key(self.name, index)):  # its writer was killed before its line
-                record = self.cache.record(self.name, index)
-                if record is not None:
-                    ledger.add("shard", shard_key(self.name, index), record.get("bytes", 0))
+            if self.cache_limit is not None:  # the budget counts it: a writer killed before its line left it out
+                ledger.refresh()
+                if not ledger.has("shard", shard_key(self.name, index)):
+                    record = self.cache.record(self.name, index)
+                    if record is not None:
+                        ledger.add("shard", shard_key(self.name, index), record.get("bytes", 0))
             return 0
         # The same shard of the store's other arrays (raw and labels of one window) is kept.
         if self._keep_names is None:
@@ -310,10 +311,10 @@ class ShardPool:
                 out.append(([(s0, s1) for _, s0, s1 in combo], int(np.prod([s1 - s0 + 1 for _, s0, s1 in combo]))))
         return out
 
-    def _table(self, cached: frozenset) -> "_WindowTable":
-        """The windows of `cached`, updated from the last table by the shards that changed: O(1) per
-        shard cached or evicted, not O(shards)."""
-        kind = "anywhere" if cached is self._all else "cached"
+    def _table(self, cached: frozenset, kind: str = "cached") -> "_WindowTable":
+        """The windows of `cached`, updated from the last table of `kind` ("cached": the shards cached
+        now; "anywhere": every shard of the box) by the shards that changed: O(1) per shard cached or
+        evicted, not O(shards)."""
         table = self._tables.get(kind)
         if table is None:
             table = self._tables[kind] = _WindowTable(len(self.shards))
@@ -333,7 +334,7 @@ class ShardPool:
         """A window (tuple of slices in the array's coordinates) of cached shards, or None if none is;
         `anywhere`: of any shards of the box (to be read through the cache). Uniform over the windows:
         one integer drawn among all of them, located by the owners' cumulative counts."""
-        table = self._table(self._all if anywhere else self.cached())
+        table = self._table(self._all, "anywhere") if anywhere else self._table(self.cached())
         starts = table.locate(int(rng.integers(0, table.total))) if table.total else None
         return None if starts is None else tuple(slice(s, s + p) for s, p in zip(starts, self.patch))
 

@@ -21,6 +21,7 @@ added when it is next read.
 from __future__ import annotations
 
 import contextlib
+import errno
 import heapq
 import json
 import os
@@ -70,6 +71,8 @@ class Ledger:
         """Apply the lines appended since this process last looked (one stat when there are none).
         `locked`: the caller holds the ledger lock (an flock: taking it again would wait on itself)."""
         with self._mutex:
+            if self._file == "memory":
+                return  # a store this process cannot write: its view was built once, nothing appends
             try:
                 st = os.stat(self.path)
             except FileNotFoundError:
@@ -160,37 +163,52 @@ class Ledger:
         self.refresh(locked=True)
 
     def _rebuild(self, locked: bool):
-        """Write the ledger from the store's records and staging folder (it was absent)."""
-        with contextlib.nullcontext() if locked else file_lock(self.lock_path):
-            if self.path.exists():  # rebuilt by another process meanwhile
+        """Write the ledger from the store's records and staging folder (it was absent). A store this
+        process cannot write (a read-only mount of a store of an older version) gets the same view
+        in memory only."""
+        try:
+            with contextlib.nullcontext() if locked else file_lock(self.lock_path):
+                if self.path.exists():  # rebuilt by another process meanwhile
+                    self.refresh(locked=True)
+                    return
+                lines = self._scan()
+                os.makedirs(self.root, exist_ok=True)
+                durable_write(self.path, "".join(lines).encode())
                 self.refresh(locked=True)
-                return
-            lines = []
-            progress = self.root / "progress"
-            if progress.is_dir():
-                for record in progress.rglob("*"):
-                    if not _RECORD.fullmatch(record.name):
-                        continue
+        except OSError as e:
+            if isinstance(e, FileNotFoundError) or e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            self._reset()
+            for line in self._scan():
+                self._apply(line)
+            self._file = "memory"
+
+    def _scan(self) -> list:
+        """The ledger's lines for what the store's folder holds now (records and staged files)."""
+        lines = []
+        progress = self.root / "progress"
+        if progress.is_dir():
+            for record in progress.rglob("*"):
+                if not _RECORD.fullmatch(record.name):
+                    continue
+                try:
+                    size = json.loads(record.read_text()).get("bytes", 0)
+                    when = record.stat().st_mtime
+                except (OSError, ValueError):
+                    continue
+                name = str(record.parent.relative_to(progress))
+                lines.append(f"+ shard {shard_key(name, record.name.split('.'))} {size} {when:.6f}\n")
+        staging = self.root / "staging"
+        if staging.is_dir():
+            for path in staging.rglob("*"):
+                if path.is_file() and not path.name.startswith(".") and not path.name.endswith(".lock") \
+                        and "tables" not in path.relative_to(staging).parts[:1]:
                     try:
-                        size = json.loads(record.read_text()).get("bytes", 0)
-                        when = record.stat().st_mtime
-                    except (OSError, ValueError):
+                        st = path.stat()
+                    except FileNotFoundError:
                         continue
-                    name = str(record.parent.relative_to(progress))
-                    lines.append(f"+ shard {shard_key(name, record.name.split('.'))} {size} {when:.6f}\n")
-            staging = self.root / "staging"
-            if staging.is_dir():
-                for path in staging.rglob("*"):
-                    if path.is_file() and not path.name.startswith(".") and not path.name.endswith(".lock") \
-                            and "tables" not in path.relative_to(staging).parts[:1]:
-                        try:
-                            st = path.stat()
-                        except FileNotFoundError:
-                            continue
-                        lines.append(f"+ staged {path.relative_to(self.root)} {st.st_size} {st.st_mtime:.6f}\n")
-            os.makedirs(self.root, exist_ok=True)
-            durable_write(self.path, "".join(lines).encode())
-            self.refresh(locked=True)
+                    lines.append(f"+ staged {path.relative_to(self.root)} {st.st_size} {st.st_mtime:.6f}\n")
+        return lines
 
     def remove_under(self, prefix: str):
         """Note every staged file under `prefix` (a path under the store) removed: a folder deleted whole."""
