@@ -73,7 +73,7 @@ class LazyShards:
         if arr is None:
             return 404
         index = (int(match["z"]), int(match["y"]), int(match["x"]))
-        if not all(0 <= i < -(-n // s) for i, n, s in zip(index, arr.shape, SHARDS)):
+        if not _in_grid(arr, index):
             return 404
         record = arr.cache.record(arr.name, index)
         if record is not None and record.get("sha256") is None:
@@ -112,9 +112,14 @@ def recorded_shard_status(folder, path: str) -> int:
     return 503 if record is not None and record.get("sha256") is not None else 404
 
 
+def _in_grid(arr, index) -> bool:
+    """Whether `index` is a shard of read-through array `arr`."""
+    return all(0 <= i < -(-n // s) for i, n, s in zip(index, arr.shape, SHARDS))
+
+
 def _shard_maker(arr):
     def make(index):
-        if all(0 <= i < -(-n // s) for i, n, s in zip(index, arr.shape, SHARDS)):
+        if _in_grid(arr, index):
             arr.ensure(index)
     return make
 
