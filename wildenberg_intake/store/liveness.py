@@ -112,13 +112,14 @@ class Held:
     def __init__(self, path: Path, fd: int, token: str):
         self.path, self.fd, self.token = path, fd, token
         self.released = False
+        self.pid = os.getpid()  # a forked child closed its copy of `fd`: the number may be another file's
 
     def __repr__(self):
         return f"Held({str(self.path)!r}, {self.token!r})"
 
     def release(self):
         """Remove the lock file (if it is still this holder's) and drop the flock. Idempotent."""
-        if self.released:
+        if self.released or os.getpid() != self.pid:
             return
         self.released = True
         _HEARTBEAT.remove(self)
