@@ -59,3 +59,55 @@ def test_view_sends_the_right_bytes_for_a_shard_evicted_between_its_check_and_it
         cache.shard_file(name, index).unlink()  # deleted behind the store's back: recorded, no file
         with MirrorServer(cache_dir, token=True, before=hook, absent=hook.absent) as server:
             assert _get(_shard_url(server, cache, name, index))[0] == 503
+
+
+def test_a_store_fetched_through_one_server_is_found_complete_through_a_restarted_one(mirror, catalog, tmp_path):
+    """A store's name derives from what the source serves, not from its address: `serve` restarted
+    with a new token and port (or the same copy on another node) finds the store, zero requests."""
+    cache_dir = str(tmp_path / "cache")
+    with MirrorServer(mirror.root, token=True) as first:
+        src = catalog.p105_psd(base_url=first.base_url, cache_dir=cache_dir, progress=False)
+        want = src.read()
+        assert first.requests_under("/wildenberg2023/mouse_v1_l4_p105/em/") > 0
+        first_url = first.url
+    with MirrorServer(mirror.root, token=True) as second:
+        assert second.token != first.token and second.url != first_url
+        again = catalog.p105_psd(base_url=second.base_url, cache_dir=cache_dir, progress=False)
+        assert again.discover()["metadata"]["cached"] is True
+        got = again.read()
+        chunk_requests = [p for p in second.requests if not p.endswith("/info")]
+        assert chunk_requests == []
+    assert cache_for(again.plan).root == cache_for(src.plan).root
+    for key in ("raw", "labels"):
+        assert (got[key].values == want[key].values).all()
+    assert len(list((tmp_path / "cache" / "wildenberg2023").iterdir())) == 1
+
+
+def test_a_different_dataset_at_the_same_address_gets_a_store_of_its_own(mirror, wide, catalog, tmp_path):
+    """The store key hashes the layers' info files: another dataset behind the same URL path is not
+    taken for the cached one."""
+    cache_dir = str(tmp_path / "cache")
+    with MirrorServer(mirror.root) as a:
+        one = cache_for(catalog.p14_psd(base_url=a.base_url, cache_dir=cache_dir, progress=False).plan)
+    with MirrorServer(wide.root) as b:
+        other = cache_for(catalog.p14_psd(base_url=b.base_url, cache_dir=cache_dir, progress=False).plan)
+    assert one.root != other.root
+
+
+def test_a_store_an_earlier_version_named_by_its_url_is_still_found(mirror, catalog, tmp_path):
+    import os
+    cache_dir = str(tmp_path / "cache")
+    with MirrorServer(mirror.root) as server:
+        src = catalog.p105_psd(base_url=server.base_url, cache_dir=cache_dir, progress=False)
+        want = src.read()
+        new = cache_for(src.plan).root
+        legacy = new.parent / src.plan.legacy_name
+        assert legacy != new
+        os.rename(new, legacy)  # as an earlier version named it
+        again = catalog.p105_psd(base_url=server.base_url, cache_dir=cache_dir, progress=False)
+        assert cache_for(again.plan).root == legacy
+        before = server.requests
+        got = again.read()
+        assert server.requests - before == {}  # nothing fetched again: read from the legacy store
+    assert (got["raw"].values == want["raw"].values).all()
+    assert (got["labels"].values == want["labels"].values).all()

@@ -50,13 +50,13 @@ def writer_for(plan: StorePlan, name: str, connections: int = DEFAULT_CONNECTION
     return ShardWriter(plan, name, connections, stage_quarters)
 
 
-def store_attributes(plan: StorePlan) -> dict:
+def store_attributes(plan: StorePlan, store_name: str) -> dict:
     """Root attributes of a store: what it is and where it came from."""
     req = plan.request
     return {"ome": {"version": "0.5", "multiscales": [ome_multiscale("raw", ome_levels(plan, "raw"))]},
             "experiment": req.experiment, "bossdb_experiment": req.bossdb_experiment,
             "bbox_nm": list(plan.bbox_nm), "em_mip": req.em_mip, "seg_mip": req.seg_mip,
-            "em_url": req.em_url, "citation": req.citation, "wildenberg_intake_store": plan.name}
+            "em_url": req.em_url, "citation": req.citation, "wildenberg_intake_store": store_name}
 
 
 def array_attributes(src) -> dict:
@@ -112,7 +112,7 @@ def prepare(plan: StorePlan, names) -> StoreCache:
         return cache
     names = [n for name in names for n in _with_lower_levels(name)]  # a level is made from those below
     try:
-        cache.initialise(plan.key(), store_attributes(plan))
+        cache.initialise(plan.key(), store_attributes(plan, cache.root.name))
         for name in names:
             src = plan.source(name)
             if not cache.is_complete(name):

@@ -46,8 +46,15 @@ SLAB_BYTES = 64 * 2**20
 
 
 def cache_for(plan: StorePlan) -> StoreCache:
-    """The cache folder of the store `plan` describes."""
-    return StoreCache(plan.request.cache_dir, plan.name)
+    """The cache folder of the store `plan` describes: named by what the source serves, so a
+    restarted server (new port or token) or another route to the same data finds it; a store an
+    earlier version named by its URL is used where it exists and no newer one does."""
+    cache = StoreCache(plan.request.cache_dir, plan.name)
+    if not cache.root.exists():
+        legacy = StoreCache(plan.request.cache_dir, plan.legacy_name)
+        if (legacy.root / "source.json").is_file():
+            return legacy
+    return cache
 
 
 def finish_array(cache: StoreCache, name: str, shape) -> list:
