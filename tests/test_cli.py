@@ -373,8 +373,22 @@ def test_du_shows_each_arrays_shards_and_bytes_as_on_disk_and_verify_takes_every
     blob = bytearray(victim.read_bytes())
     blob[100:104] = bytes(b ^ 0xFF for b in blob[100:104])
     victim.write_bytes(bytes(blob))
+    index = next(i for i in store.done_shards("raw") if store.shard_file("raw", i) == victim)
+    n_arrays = len(store.arrays())
+    n_shards = sum(len(store.done_shards(n)) for n in store.arrays())
     for cwd, target in ((store.root, "."), (store.root, "data.zarr"), (store.zarr_path, ".."),
-                        (store.root.parent, store.root.name), (tmp_path, str(store.root))):
+                        (store.root.parent, store.root.name), (tmp_path, str(store.root)),
+                        (store.zarr_path, "raw/zarr.json"), (store.root, "progress")):
         monkeypatch.chdir(cwd)
         code, out, _ = run(capsys, "verify", target)
-        assert code == 1 and "corrupt" in out, (cwd, target, out)
+        assert code == 1 and f"raw: complete; corrupt [{index}]" in out, (cwd, target, out)
+        assert f"checked {n_shards} recorded shards of {n_arrays} arrays; 1 arrays damaged" in out, out
+    # nothing checked is no pass: a folder that holds no store, a store with no arrays yet
+    (tmp_path / "plain").mkdir()
+    code, _, err = run(capsys, "verify", str(tmp_path / "plain"))
+    assert code == 2 and f"path={str(tmp_path / 'plain')!r} is not in a wildenberg-intake store" in err, err
+    bare = cache_dir / "wildenberg2023" / "bare"
+    (bare / "data.zarr").mkdir(parents=True)
+    (bare / "data.zarr" / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group"}))
+    code, _, err = run(capsys, "verify", str(bare))
+    assert code == 2 and f"store {bare} holds no arrays yet; nothing to verify" in err, err

@@ -123,12 +123,19 @@ def cmd_verify(args):
     else:
         raise ValueError(f"{args.target!r} is neither a store folder (no such path) nor a catalog entry; "
                          f"allowed: a path <cache_dir>/wildenberg2023/<store>, its data.zarr, or one of {entry_names()}")
-    for name, entry in cache.verify().items():
+    report = cache.verify()
+    if not report:  # nothing checked is not a pass
+        raise ValueError(f"store {cache.root} holds no arrays yet; nothing to verify (fetch an entry into it first)")
+    checked = 0
+    for name, entry in report.items():
         state = "complete" if entry["complete"] else f"incomplete ({len(entry['unfetched'])} shards not fetched yet)"
         problems = [f"missing {entry['missing']}"] * bool(entry["missing"]) + \
                    [f"corrupt {entry['corrupt']}"] * bool(entry["corrupt"])
         bad += bool(problems)
+        checked += entry["checked"]
         print(f"{name}: {state}; " + ("; ".join(problems) if problems else "every recorded shard is intact"))
+    print(f"{cache.root}: checked {checked} recorded shards of {len(report)} arrays; "
+          + (f"{bad} arrays damaged" if bad else "all intact"))
     return EXIT_MISMATCH if bad else 0
 
 

@@ -173,13 +173,13 @@ class StoreCache:
 
     @classmethod
     def at(cls, path) -> "StoreCache":
-        """The store whose folder (or whose data.zarr) is `path`."""
+        """The store whose folder is `path` or holds it (its data.zarr, an array, a file inside)."""
         path = Path(path).resolve()  # `.`, `data.zarr`, `../p105-...`: the store's name is its folder's
-        root = path.parent if path.name == "data.zarr" else path
-        if not (root / "data.zarr" / "zarr.json").is_file():
-            raise ValueError(f"path={str(path)!r} is not a wildenberg-intake store; allowed: a folder "
-                             "<cache_dir>/wildenberg2023/<store> or its data.zarr")
-        return cls(root.parent.parent, root.name)
+        for root in (path, *path.parents):
+            if (root / "data.zarr" / "zarr.json").is_file() and root.parent.name == "wildenberg2023":
+                return cls(root.parent.parent, root.name)
+        raise ValueError(f"path={str(path)!r} is not in a wildenberg-intake store; allowed: a folder "
+                         "<cache_dir>/wildenberg2023/<store>, its data.zarr or anything inside them")
 
     def arrays(self) -> list[str]:
         """Names of the arrays the store holds: raw, labels/<label>, and their pyramid levels (`@<k>`)."""
@@ -346,7 +346,8 @@ class StoreCache:
     def verify(self) -> dict:
         """Reread every shard and compare it with its record.
 
-        Returns {array: {"complete": bool, "missing": [shard], "corrupt": [shard], "unfetched": [shard]}}:
+        Returns {array: {"complete": bool, "missing": [shard], "corrupt": [shard], "unfetched": [shard],
+        "checked": recorded shards compared}}:
         missing = recorded but its file is gone; corrupt = its bytes differ from the record;
         unfetched = not recorded yet (a run that has not finished).
         """
@@ -354,12 +355,13 @@ class StoreCache:
         report = {}
         for name in self.arrays():
             shape = zarr.open_array(str(self.zarr_path), path=array_path(name), mode="r", zarr_format=3).shape
-            entry = {"complete": self.is_complete(name), "missing": [], "corrupt": [], "unfetched": []}
+            entry = {"complete": self.is_complete(name), "missing": [], "corrupt": [], "unfetched": [], "checked": 0}
             for index in shard_grid(shape):
                 rec = self.record(name, index)
                 if rec is None:
                     entry["unfetched"].append(index)
                     continue
+                entry["checked"] += 1
                 actual = file_sha256(self.shard_file(name, index))
                 if actual == rec["sha256"]:
                     continue
