@@ -31,6 +31,11 @@ from .files import durable_write, file_sha256, make_dirs, remove_leftovers
 from .ledger import Ledger, ledger_for, shard_key
 from .liveness import close_lock_fd, file_lock, open_lock_fd, owning, try_lock
 
+# What the root's `wildenberg_intake.complete_arrays` tells readers other than this package.
+COMPLETE_MEANING = ("arrays (paths in this zarr store) holding every shard; any other array may hold shards not "
+                    "fetched yet, which zarr-python, napari and neuroglancer read as the fill value 0. Read a "
+                    "partial store through wildenberg-intake (to_dask, lazy=True), `wildenberg-intake serve`, "
+                    "or after `wildenberg-intake fetch`.")
 _RECORD = re.compile(r"\d+\.\d+\.\d+")  # a shard record's file name: i.j.k
 
 
@@ -276,7 +281,7 @@ class StoreCache:
             if os.fstat(fd).st_nlink == 0:
                 return False  # evicted by another process meanwhile
             with self.array_lock(name):
-                (self.progress / name / "COMPLETE").unlink(missing_ok=True)
+                self._forget_complete(name)
                 self.record_path(name, index).unlink(missing_ok=True)
             self.shard_file(name, index).unlink(missing_ok=True)
             self.ledger.remove("shard", shard_key(name, index))
@@ -301,12 +306,6 @@ class StoreCache:
         attributes and return them."""
         self._require_every_shard(name, shape)
         empty = sorted({c for i in shard_grid(shape) for c in (self.record(name, i) or {}).get("missing_chunks", [])})
-        meta_path = self.zarr_path / array_path(name) / "zarr.json"
-        meta = json.loads(meta_path.read_text())
-        meta.setdefault("attributes", {})["missing_source_chunks"] = {
-            "count": len(empty), "chunks": empty,
-            "meaning": "source chunks the server answered 404 for; stored as zeros (empty, not unfetched)"}
-        durable_write(meta_path, json.dumps(meta, indent=2).encode())
         # Temporary files of writes cut short by a kill: every shard is recorded now, and a lazy
         # reader may be writing a record's last use right now (its file is locked).
         folder = self.zarr_path / array_path(name)
@@ -323,7 +322,34 @@ class StoreCache:
         with self.array_lock(name):  # no shard is evicted between this last scan and COMPLETE
             self._require_every_shard(name, shape)
             durable_write(self.progress / name / "COMPLETE", b"")
+            self._note_complete(name, True, {"missing_source_chunks": {
+                "count": len(empty), "chunks": empty,
+                "meaning": "source chunks the server answered 404 for; stored as zeros (empty, not unfetched)"}})
         return empty
+
+    def _forget_complete(self, name: str):
+        """Unmark array `name` complete (under its array lock): its metadata first, then COMPLETE, so
+        that what other readers see never claims more than COMPLETE does."""
+        if (self.progress / name / "COMPLETE").exists():
+            self._note_complete(name, False)
+        (self.progress / name / "COMPLETE").unlink(missing_ok=True)
+
+    def _note_complete(self, name: str, complete: bool, attributes: dict | None = None):
+        """Say in the zarr metadata, for readers other than this package, whether array `name` is
+        complete: its own attribute `wildenberg_intake_complete`, and the root's list
+        `wildenberg_intake.complete_arrays` (array paths). An array not complete may hold shards not
+        fetched yet, which zarr-python, napari and neuroglancer read as zeros."""
+        meta_path = self.zarr_path / array_path(name) / "zarr.json"
+        meta = json.loads(meta_path.read_text())
+        meta.setdefault("attributes", {}).update({**(attributes or {}), "wildenberg_intake_complete": complete})
+        durable_write(meta_path, json.dumps(meta, indent=2).encode())
+        with file_lock(self.root / "locks" / "attributes.lock"):  # arrays of one store change it at once
+            root_path = self.zarr_path / "zarr.json"
+            root = json.loads(root_path.read_text())
+            note = root.setdefault("attributes", {}).setdefault("wildenberg_intake", {})
+            listed = set(note.get("complete_arrays", [])) - {array_path(name)} | ({array_path(name)} if complete else set())
+            note.update({"complete_arrays": sorted(listed), "meaning": COMPLETE_MEANING})
+            durable_write(root_path, json.dumps(root, indent=2).encode())
 
     def _require_every_shard(self, name: str, shape):
         missing = set(shard_grid(shape)) - self.done_shards(name)
@@ -404,7 +430,7 @@ class StoreCache:
         running meanwhile never writes COMPLETE over a shard forgotten here."""
         shards = list(shards)
         with self.array_lock(name):
-            (self.progress / name / "COMPLETE").unlink(missing_ok=True)
+            self._forget_complete(name)
             for index in shards:
                 self.record_path(name, index).unlink(missing_ok=True)
         for index in shards:

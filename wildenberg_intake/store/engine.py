@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..catalog import check_count
 from .format import SHARDS
 from .layout import array_path, ome_multiscale, shard_box, shard_grid
-from .cache import StoreCache
+from .cache import COMPLETE_MEANING, StoreCache
 from .plan import ArraySource, StorePlan, pyramid_levels, split_level
 from .pyramid import LevelWriter, parents_of
 from .resources import default_workers
@@ -56,7 +56,8 @@ def store_attributes(plan: StorePlan, store_name: str) -> dict:
     return {"ome": {"version": "0.5", "multiscales": [ome_multiscale("raw", ome_levels(plan, "raw"))]},
             "experiment": req.experiment, "bossdb_experiment": req.bossdb_experiment,
             "bbox_nm": list(plan.bbox_nm), "em_mip": req.em_mip, "seg_mip": req.seg_mip,
-            "em_url": req.em_url, "citation": req.citation, "wildenberg_intake_store": store_name}
+            "em_url": req.em_url, "citation": req.citation, "wildenberg_intake_store": store_name,
+            "wildenberg_intake": {"complete_arrays": [], "meaning": COMPLETE_MEANING}}
 
 
 def array_attributes(src) -> dict:
@@ -69,7 +70,7 @@ def array_attributes(src) -> dict:
         res = src.resolution_zyx
         out = {"downsampled_from": src.base.name, "level": src.level,
                "downsampling": "mode of 2 x 2 in y, x" if src.is_label else "mean of 2 x 2 in y, x"}
-    return {**out, "resolution_nm_zyx": list(res), "origin_nm_zyx": list(src.origin_nm_zyx),
+    return {**out, "wildenberg_intake_complete": False, "resolution_nm_zyx": list(res), "origin_nm_zyx": list(src.origin_nm_zyx),
             "voxel_0_centre_nm_zyx": [o + r / 2 for o, r in zip(src.origin_nm_zyx, res)]}
 
 
@@ -110,7 +111,12 @@ def prepare(plan: StorePlan, names) -> StoreCache:
     cache = cache_for(plan)
     if all(cache.is_complete(n) for n in names):
         return cache
-    names = [n for name in names for n in _with_lower_levels(name)]  # a level is made from those below
+    # Every array the OME-Zarr metadata declares exists from the moment it is declared (metadata
+    # only, shards to come), so zarr-python, napari, tensorstore and neuroglancer open a partly
+    # fetched store without error: the root image declares raw and all its levels, a label's
+    # group all of that label's.
+    bases = dict.fromkeys(["raw"] + [split_level(n)[0] for n in names])
+    names = plan.with_levels(bases)
     try:
         cache.initialise(plan.key(), store_attributes(plan, cache.root.name))
         for name in names:
@@ -121,11 +127,6 @@ def prepare(plan: StorePlan, names) -> StoreCache:
     except OSError as e:
         raise OSError(e.errno, f"cannot write the cache folder {cache.root}: {e.strerror or e}") from e
     return cache
-
-
-def _with_lower_levels(name: str) -> list[str]:
-    base, _, level = name.partition("@")
-    return [base] + [f"{base}@{k}" for k in range(1, int(level or 0) + 1)]
 
 
 def _check_fits(cache: StoreCache, plan: StorePlan, names, cache_limit: int):
