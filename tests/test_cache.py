@@ -78,7 +78,7 @@ def test_shard_buffer_is_zeroed_unless_the_chunks_tile_the_shard():
     from wildenberg_intake.store.shards import shard_buffer as _shard_buffer, _voxels_covered
     from wildenberg_intake.source.layers import LayerInfo
     info = LayerInfo(url="http://x", mip=0, swap_xy=False, dtype="uint8", encoding="raw", resolution_zyx=(40, 12, 12),
-                     offset_zyx=(3, 5, 7), size_zyx=(20, 30, 40), chunk_zyx=(8, 16, 16), n_mips=1, info_sha256="")
+                     offset_zyx=(3, 5, 7), size_zyx=(20, 30, 40), chunk_zyx=(8, 16, 16), mips=(0,), info_sha256="")
     start, stop = np.array([4, 6, 8]), np.array([21, 33, 45])  # inside the layer, cutting through chunks
     grids = info.chunks_in(start, stop)
     assert _voxels_covered(info, grids, start, stop) == int(np.prod(stop - start))

@@ -190,6 +190,25 @@ def test_mirror_commands_synthetic_and_a_copied_box(server, mirror, tmp_path, ca
     # Without a box, the copy's own box is read (what it holds, no more).
     whole = entry_source("p14_psd", base_url=base, cache_dir=str(tmp_path / "c"), progress=False)
     assert whole.plan.arrays["raw"].shape[1:] >= copied["raw"].shape[1:]
+    # Other readers see exactly the copy: its info lists only the copied scale (the source's kept beside).
+    from cloudvolume import CloudVolume
+    em = copy / "wildenberg2023" / "mouse_v1_l4_p14" / "em_aligned"
+    source_info = json.loads((em / "source_info.json").read_text())
+    assert len(source_info["scales"]) > 1 and len(json.loads((em / "info").read_text())["scales"]) == 1
+    held = CloudVolume(f"precomputed://file://{em}", mip=0, fill_missing=False, progress=False)
+    assert list(held.resolution) == source_info["scales"][1]["resolution"]
+    for mip in (1, 2):  # the source's other mips: an error, not zeros
+        with pytest.raises(Exception, match=r"(?i)mip|scale"):
+            CloudVolume(f"precomputed://file://{em}", mip=mip, fill_missing=False, progress=False)[:, :, :]
+    raw = entry_source("p14_psd", base_url=base, cache_dir=str(tmp_path / "c"), bbox_nm=bbox).plan.arrays["raw"]
+    (z0, y0, x0), (nz, ny, nx) = raw.start_zyx, raw.shape
+    block = np.asarray(held[x0:x0 + nx, y0:y0 + ny, z0:z0 + nz])[..., 0].transpose(2, 1, 0)
+    np.testing.assert_array_equal(block, original["raw"].values)  # cloud-volume reads the copy's voxels
+    # preview of the copy uses what it holds
+    png = tmp_path / "copy.png"
+    code, out, err = run(capsys, "preview", "p14_psd", "--base-url", base, "--cache-dir", str(tmp_path / "c"),
+                         "--z", "1", "-o", str(png), "--max-size", "64")
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", err
 
 
 def test_a_killed_box_copy_resumes_to_the_files_of_an_uninterrupted_one(mirror, tmp_path):

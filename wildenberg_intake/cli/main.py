@@ -76,7 +76,7 @@ def cmd_describe(args):
            "layers": {name: {"url": l.url, "mip": l.info.mip, "encoding": l.info.encoding, "dtype": l.info.dtype,
                              "resolution_nm_zyx": l.info.resolution_zyx, "voxel_offset_zyx": l.info.offset_zyx,
                              "size_zyx": l.info.size_zyx, "chunk_zyx": l.info.chunk_zyx,
-                             "sharded": l.info.sharding is not None, "mips": l.info.n_mips,
+                             "sharded": l.info.sharding is not None, "mips": list(l.info.mips),
                              "info_sha256": l.info.info_sha256}
                       for name, l in src.plan.layers.items()}}
     print(json.dumps(out, indent=2, default=list))

@@ -217,9 +217,6 @@ def build_mirror(root, shape_xyz=(300, 260, 20), experiments=("p105", "p14"),
     return mirror
 
 
-COPY_KEY = "wildenberg_intake_copy"  # in a box copy's info files: what the copy holds
-
-
 def copy_box(source_base_url: str, output, entry: str, bbox_nm=None, workers: int = 8, progress: bool = False) -> int:
     """Copy the chunks of a box of one entry's experiment (EM and every label layer, at the entry's
     default mips) from any precomputed source into a BossDB-layout folder that `MirrorServer` or a
@@ -234,9 +231,11 @@ def copy_box(source_base_url: str, output, entry: str, bbox_nm=None, workers: in
     removed), and the info files are written last, so an unfinished copy cannot be read. Returns the chunks copied (present upstream).
     """
     import concurrent.futures as cf
+    import copy as copy_module
     import json
     from tqdm.auto import tqdm
     from ..drivers import entry_source
+    from ..source.layers import COPY_KEY, held_scales
     from ..store.files import durable_write, make_dirs
     params = {"base_url": source_base_url}
     if bbox_nm is not None:
@@ -256,17 +255,21 @@ def copy_box(source_base_url: str, output, entry: str, bbox_nm=None, workers: in
         boxes = [layer.info.chunk_box(g) for g in grids]
         lo = np.min([b[0] for b in boxes], axis=0)
         hi = np.max([b[1] for b in boxes], axis=0)
-        info = layer.info_dict
-        scale = info["scales"][layer.info.mip]
+        original = layer.info_dict
+        info = copy_module.deepcopy(original)
+        scale = dict(held_scales(info))[layer.info.mip]
+        info["scales"] = [scale]  # only what the copy holds: other readers see exactly the copy
         scale.pop("sharding", None)
         scale["voxel_offset"] = [int(v) for v in layer.info_axes(lo)]
         scale["size"] = [int(v) for v in layer.info_axes(hi - lo)]
         x0, x1, y0, y1, z0, z1 = plan.bbox_nm
         info[COPY_KEY] = {"source": layer.url, "entry": entry, "mips": [layer.info.mip],
                           "bbox_nm": [x0, x1, y0, y1, z0, z1],
-                          "meaning": "a box copy made by `wildenberg-intake mirror --source`: only these mips, "
-                                     "only this extent"}
+                          "meaning": "a box copy made by `wildenberg-intake mirror --source`: only these mips "
+                                     "(its scales, in this order), only this extent; the source's info file is "
+                                     "kept beside as source_info.json"}
         infos[out_root / channel / "info"] = info
+        infos[out_root / channel / "source_info.json"] = original
 
     def copy(task) -> int:
         layer, folder, grid = task
@@ -289,6 +292,7 @@ def copy_box(source_base_url: str, output, entry: str, bbox_nm=None, workers: in
     for folder in {task[1] for task in tasks}:
         for stale in folder.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
-    for path, info in infos.items():  # last: a copy without its info files is not a layer yet
+    for path, info in sorted(infos.items(), key=lambda item: item[0].name == "info"):
+        # last, `info` after the rest: a copy without its info files is not a layer yet
         durable_write(path, json.dumps(info, indent=1).encode())
     return copied

@@ -51,7 +51,7 @@ class LayerInfo:
     offset_zyx: tuple  # voxels
     size_zyx: tuple  # voxels
     chunk_zyx: tuple  # voxels
-    n_mips: int
+    mips: tuple  # the mips the layer holds (a box copy: the source mips it copied)
     info_sha256: str  # hash of the whole info file, canonical JSON
     scale_key: str = ""
     sharding: dict | None = field(default=None, compare=False)
@@ -110,6 +110,20 @@ def _ints(url, mip, name, value, n=3):
         raise LayerError(f"layer {url}: scale {mip} {name} {value!r} is not {n} integers") from None
 
 
+COPY_KEY = "wildenberg_intake_copy"  # in a box copy's info files: what the copy holds
+
+
+def held_scales(info: dict) -> list[tuple[int, dict]]:
+    """(mip, scale) of every scale an info file holds. A box copy's info lists only the scales it
+    copied, so that cloud-volume and neuroglancer see exactly what it holds; the package still
+    numbers each by its source mip (the copy's `mips`), as the catalog's em_mip and seg_mip do."""
+    scales = info["scales"]
+    copy = info.get(COPY_KEY)
+    if isinstance(copy, dict) and isinstance(copy.get("mips"), list) and len(copy["mips"]) == len(scales):
+        return list(zip(copy["mips"], scales))
+    return list(enumerate(scales))  # a source, or a copy made before 0.x that kept every scale
+
+
 def parse_info(url: str, info: dict, mip: int, swap_xy: bool, param: str = "mip") -> LayerInfo:
     """Validate an info file and describe mip `mip`; errors name the layer and the bad field."""
     if not isinstance(info, dict):
@@ -126,14 +140,15 @@ def parse_info(url: str, info: dict, mip: int, swap_xy: bool, param: str = "mip"
         raise LayerError(f"layer {url}: data_type {dtype!r} is not supported; allowed: {SUPPORTED_DTYPES}")
     if n_channels != 1:
         raise LayerError(f"layer {url}: num_channels={n_channels}; only single-channel layers are supported")
-    if not 0 <= mip < len(scales):
-        raise ValueError(f"{param}={mip} does not exist for layer {url}; allowed: {list(range(len(scales)))}")
-    copy = info.get("wildenberg_intake_copy")
+    copy = info.get(COPY_KEY)
     if isinstance(copy, dict) and mip not in copy.get("mips", []):
         raise ValueError(f"{param}={mip}: layer {url} is a box copy of {copy.get('source')} that holds mip "
                          f"{copy.get('mips')} only (box {copy.get('bbox_nm')} nm); copy mip {mip} too "
                          "(`wildenberg-intake mirror --source ...`), or read the source")
-    scale = scales[mip]
+    held = dict(held_scales(info))
+    if mip not in held:
+        raise ValueError(f"{param}={mip} does not exist for layer {url}; allowed: {sorted(held)}")
+    scale = held[mip]
     if not isinstance(scale, dict):
         raise LayerError(f"layer {url}: scale {mip} is not a JSON object")
     for key in ("resolution", "voxel_offset", "size", "encoding", "chunk_sizes", "key"):
@@ -174,7 +189,7 @@ def parse_info(url: str, info: dict, mip: int, swap_xy: bool, param: str = "mip"
         return tuple(v[order[a]] for a in (2, 1, 0))
     return LayerInfo(url=url, mip=mip, swap_xy=swap_xy, dtype=dtype, encoding=encoding,
                      resolution_zyx=zyx(res), offset_zyx=zyx(off), size_zyx=zyx(size), chunk_zyx=zyx(chunk),
-                     n_mips=len(scales), info_sha256=_canonical_sha256(info), scale_key=str(scale["key"]),
+                     mips=tuple(held), info_sha256=_canonical_sha256(info), scale_key=str(scale["key"]),
                      sharding=sharding, cseg_block_size=block)
 
 

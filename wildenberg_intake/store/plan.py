@@ -16,7 +16,7 @@ import numpy as np
 
 from .format import LABEL_CODEC, LAYOUT, LAYOUT_VERSION
 from typing import TYPE_CHECKING
-from ..source.layers import Layer, LayerInfo
+from ..source.layers import COPY_KEY, Layer, LayerInfo
 from ..source.transfer import Fetcher, RetryPolicy
 
 if TYPE_CHECKING:  # the store layer does not import the catalog layer above it
@@ -192,7 +192,7 @@ def plan_store(request: Request, policy: RetryPolicy | None = None) -> StorePlan
         extents = {name: _fmt_extent(l.info) for name, l in layers.items()}
         raise ValueError(f"bbox_nm={list(request.bbox_nm)!r} lies outside the volume: it does not overlap the "
                          f"extent shared by all layers of {request.experiment} (nm, x0 x1 y0 y1 z0 z1): {extents}")
-    copies = [l for l in layers.values() if "wildenberg_intake_copy" in l.info_dict]
+    copies = [l for l in layers.values() if COPY_KEY in l.info_dict]
     if copies and request.bbox_given:  # a box copy holds its box only: beyond it is missing, not empty
         want_lo, want_hi = np.array([z0, y0, x0], dtype=float), np.array([z1, y1, x1], dtype=float)
         if np.any(want_lo < lo) or np.any(want_hi > hi):

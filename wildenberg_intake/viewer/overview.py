@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..source.layers import Layer, place
+from ..source.layers import Layer, held_scales, place
 from ..store.format import encode_chunk
 from ..store.layout import array_metadata, array_path, group_metadata, ome_multiscale
 from ..store.files import durable_write, make_dirs
@@ -55,7 +55,7 @@ def overview_em_mip(plan, level: int) -> int:
     label_res = plan.arrays[plan.label_name].layer.resolution_zyx
     pixel = label_res[2] * 2 ** level
     best, best_res = None, 0.0
-    for mip, scale in enumerate(plan.layers["raw"].info_dict["scales"]):
+    for mip, scale in held_scales(plan.layers["raw"].info_dict):  # a box copy: the mips it holds
         res = [float(r) for r in scale["resolution"]]  # x, y, z (an axis swap keeps x = y here)
         if res[2] == label_res[0] and max(res[:2]) <= pixel and max(res[:2]) > best_res:
             best, best_res = mip, max(res[:2])
