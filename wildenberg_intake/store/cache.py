@@ -321,16 +321,22 @@ class StoreCache:
                 pass
         with self.array_lock(name):  # no shard is evicted between this last scan and COMPLETE
             self._require_every_shard(name, shape)
-            durable_write(self.progress / name / "COMPLETE", b"")
+            # The metadata before COMPLETE: a kill between them leaves an array whose every shard is
+            # recorded (so the note is true) and that the next run marks complete again.
             self._note_complete(name, True, {"missing_source_chunks": {
                 "count": len(empty), "chunks": empty,
                 "meaning": "source chunks the server answered 404 for; stored as zeros (empty, not unfetched)"}})
+            durable_write(self.progress / name / "COMPLETE", b"")
         return empty
 
     def _forget_complete(self, name: str):
         """Unmark array `name` complete (under its array lock): its metadata first, then COMPLETE, so
-        that what other readers see never claims more than COMPLETE does."""
-        if (self.progress / name / "COMPLETE").exists():
+        that what other readers see never claims more than the records hold."""
+        try:
+            meta = json.loads((self.zarr_path / array_path(name) / "zarr.json").read_text())
+        except FileNotFoundError:
+            meta = {}
+        if meta.get("attributes", {}).get("wildenberg_intake_complete"):
             self._note_complete(name, False)
         (self.progress / name / "COMPLETE").unlink(missing_ok=True)
 
