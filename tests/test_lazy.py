@@ -327,3 +327,26 @@ def test_a_child_forked_while_a_thread_holds_a_lock_does_not_keep_it(tmp_path):
             os.close(fd)
     finally:
         os.waitpid(child, 0)
+
+
+def test_a_shard_recorded_by_a_writer_killed_before_its_ledger_line_still_lets_the_array_complete(wide, catalog,
+                                                                                                   tmp_path):
+    """A kill between a shard's record and its ledger line: the next lazy reads count the shard
+    when they find it recorded, so the array is marked complete once every shard is (it was never
+    marked before: the ledger's count stayed one short)."""
+    from wildenberg_intake.store.engine import cache_for
+    with MirrorServer(wide.root) as server:
+        src = catalog.p14_psd(base_url=server.base_url, cache_dir=str(tmp_path), progress=False)
+        src.to_dask()["raw"][0:2, 0:10, 0:10].values  # shard (0, 0, 0)
+        cache = cache_for(src.plan)
+        log = cache.root / "ledger.log"
+        lines = log.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if " shard raw:0.0.0 " not in line]
+        assert len(kept) == len(lines) - 1
+        log.write_text("".join(kept))  # as if its writer was killed before appending its line
+        # Another process reads everything lazily (this one's ledger view already counted the shard).
+        rerun = _spawn(server.base_url, tmp_path, "0:1100", tmp_path / "x.npy")
+        out, err = rerun.communicate(timeout=300)
+        assert rerun.returncode == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), _expected(wide, "psd_autoseg"))
+    assert cache.is_complete("raw") and cache.is_complete("labels/psd")

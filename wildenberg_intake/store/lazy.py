@@ -169,12 +169,15 @@ class ReadThroughArray:
         index = tuple(index)
         ledger = self.cache.ledger
         if self.cache.is_done(self.name, index):  # one stat; writing nothing keeps a complete store read-only
-            if self.cache_limit is not None:  # the budget counts it: a writer killed before its line left it out
+            # The budget and the completion check count it: a writer killed between its record and
+            # its ledger line left it out (then the array would never be marked complete).
+            if self.cache_limit is not None or not self.cache.is_complete(self.name):
                 ledger.refresh()
                 if not ledger.has("shard", shard_key(self.name, index)):
                     record = self.cache.record(self.name, index)
                     if record is not None:
                         ledger.add("shard", shard_key(self.name, index), record.get("bytes", 0))
+                        self._finish_if_whole()
             return 0
         # The same shard of the store's other arrays (raw and labels of one window) is kept.
         if self._keep_names is None:
@@ -186,12 +189,16 @@ class ReadThroughArray:
         if written:
             if self.cache_limit is not None:
                 enforce_limit(self.cache, self.cache_limit, keep)
-            with _FINISHING:  # threads of one process finishing the last shards at once mark it once
-                # The ledger's count first (no listing per shard); mark_complete then checks the records.
-                if ledger.counts[self.name] >= self.total_shards and not self.cache.is_complete(self.name) \
-                        and len(self.cache.done_shards(self.name)) == self.total_shards:
-                    self.writer.finish()
+            self._finish_if_whole()
         return written
+
+    def _finish_if_whole(self):
+        """Mark the array complete once every shard is recorded."""
+        with _FINISHING:  # threads of one process finishing the last shards at once mark it once
+            # The ledger's count first (no listing per shard); mark_complete then checks the records.
+            if self.cache.ledger.counts[self.name] >= self.total_shards and not self.cache.is_complete(self.name) \
+                    and len(self.cache.done_shards(self.name)) == self.total_shards:
+                self.writer.finish()
 
     def _estimate(self) -> int:
         """Bytes a new shard of this array will likely take: the largest of its shards the ledger
