@@ -203,13 +203,16 @@ class StoreCache:
                     out += [f"labels/{p.name}"] + levels(f"labels/{p.name}")
         return out
 
-    def mark_done(self, name: str, index, file_hash: str | None, content_sha256: str, missing_chunks=()) -> dict:
+    def mark_done(self, name: str, index, file_hash: str | None, content_sha256: str, missing_chunks=(),
+                  foreground: dict | None = None) -> dict:
         """Record shard `index` of `name` as written: the sha256 of its file as `write_shard` returned it
-        (None: no file), of its voxels (C order, uncompressed), and the source chunks the server
-        answered 404 for (read as zeros)."""
+        (None: no file), of its voxels (C order, uncompressed), the source chunks the server
+        answered 404 for (read as zeros), and for a label its foreground index (foreground.py)."""
         path = self.shard_file(name, index)
         record = {"sha256": file_hash, "bytes": 0, "index_crc32c": None,
                   "content_sha256": content_sha256, "missing_chunks": sorted(missing_chunks)}
+        if foreground is not None:
+            record["foreground"] = foreground
         if file_hash is not None:
             with open(path, "rb") as f:
                 record["bytes"] = os.fstat(f.fileno()).st_size

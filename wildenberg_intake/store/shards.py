@@ -32,6 +32,7 @@ from .format import CHUNKS, ContentDigest, SHARDS, assemble_shard, encode_chunks
 from .layout import shard_box
 from .cache import StoreCache
 from .downsample import quarter_chunks
+from .foreground import ShardCounts
 from .plan import StorePlan, pyramid_levels
 from .staging import ChunkStage, QuarterStage
 from ..source.layers import Layer, place
@@ -287,14 +288,16 @@ class ShardWriter(ShardTask):
                       or _spans(layer.info.chunk_box(grid), cuts)]
             missing, encoded, digest = set(), {}, ContentDigest()
             quarter = {} if self.stage_quarters else None
+            counts = ShardCounts(shape) if src.is_label else None  # the foreground index, on the way
             for slab in slabs:
-                missing |= self._assemble(index, slab, g_start, g_stop, shared, encoded, digest, quarter)
+                missing |= self._assemble(index, slab, g_start, g_stop, shared, encoded, digest, quarter, counts)
             try:
                 if quarter is not None:  # staged before the shard is recorded: a recorded shard's quarter exists
                     QuarterStage(cache.root, f"{self.name}@1").put(index, quarter)
                 written = cache.write_shard(self.name, index, assemble_shard(encoded))
                 # Recorded only after the shard's bytes are in place.
-                cache.mark_done(self.name, index, written, digest.hexdigest(), missing)
+                cache.mark_done(self.name, index, written, digest.hexdigest(), missing,
+                                foreground=counts.record() if counts is not None else None)
             except OSError as e:
                 raise OSError(e.errno, f"writing shard {index} of {self.name} under {cache.root} failed: "
                                        f"{e.strerror or e}. The store is incomplete; free space or fix the "
@@ -305,10 +308,12 @@ class ShardWriter(ShardTask):
         _trim()
         return int(np.prod(shape)) * np.dtype(src.dtype).itemsize
 
-    def _assemble(self, index, slab, g_start, g_stop, shared, encoded: dict, digest, quarter: dict | None) -> set:
+    def _assemble(self, index, slab, g_start, g_stop, shared, encoded: dict, digest, quarter: dict | None,
+                  counts: ShardCounts | None = None) -> set:
         """Fetch, decode and place the chunks of z-slab `slab` of shard `index`, then encode its inner
         chunks into `encoded`, its voxels into `digest` and, unless `quarter` is None, its quarter of
-        the next level into `quarter`. Returns the names of the chunks the server lacks."""
+        the next level into `quarter`, and count its foreground into `counts` (labels). Returns the
+        names of the chunks the server lacks."""
         layer, src = self.layer, self.src
         z0, z1 = slab
         s_start = (g_start[0] + z0, g_start[1], g_start[2])
@@ -341,6 +346,8 @@ class ShardWriter(ShardTask):
         zeros = len(missing) == len(grids)
         digest.update(out, zeros)  # slabs split the shard along z: in order they are its C-order bytes
         if not zeros:
+            if counts is not None:
+                counts.add(out, z0)
             encoded.update(encode_chunks(out, src.codec, src.is_label, first=(z0 // CHUNKS[0], 0, 0)))
             if quarter is not None:
                 quarter.update(quarter_chunks(out, index, z0 // CHUNKS[0], src.is_label, src.codec))

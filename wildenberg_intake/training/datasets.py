@@ -110,11 +110,50 @@ def _attach_readers(ds):
 
 
 class CachedStoreDataset(SegmentationDataset):
-    """A torch-em SegmentationDataset that reads its windows with the cache's fast reader."""
+    """A torch-em SegmentationDataset that reads its windows with the cache's fast reader.
+
+    With `min_foreground` (see `get_dataset`), a patch's origin is proposed from the store's
+    foreground index (`sampling.ForegroundProposals`) and accepted by its exact foreground count:
+    the same distribution as torch-em's rejection sampling, without reading the background."""
+
+    _foreground = None  # ForegroundProposals, or None
+    _foreground_weight = 1.0
+    _proposing = False
+    _rng = None
 
     def __setstate__(self, state):  # loader workers (spawned) reopen their arrays
         super().__setstate__(state)
         _attach_readers(self)
+
+    def _generator(self) -> np.random.Generator:
+        # Seeded from numpy's global state, which torch-em seeds and draws its own boxes from; made
+        # anew in each process (a forked loader worker would repeat its parent's draws otherwise).
+        if self._rng is None or self._rng[0] != os.getpid():
+            self._rng = (os.getpid(), np.random.default_rng(np.random.randint(2**31, size=4)))
+        return self._rng[1]
+
+    def _sample_bounding_box(self):
+        if not self._proposing:
+            return super()._sample_bounding_box()
+        fg = self._foreground
+        origin = fg.propose(self._generator())
+        return tuple(slice(o - lo, o - lo + p) for o, lo, p in zip(origin, fg.box[0], self.sample_shape))
+
+    def _get_desired_raw_and_labels(self):
+        fg = self._foreground
+        if fg is None or (self._foreground_weight < 1 and self._generator().random() >= self._foreground_weight):
+            return super()._get_desired_raw_and_labels()  # uniform over the whole box, as torch-em draws
+        self._proposing = True
+        try:
+            for _ in range(self.max_sampling_attempts + 1):
+                raw, labels = super()._get_desired_raw_and_labels()
+                if fg.accepts(labels, self._with_label_channels):
+                    return raw, labels
+        finally:
+            self._proposing = False
+        raise RuntimeError(f"no patch with more than {fg.min_fraction} foreground in {self.max_sampling_attempts} "
+                           f"proposals from the foreground index ({fg.candidates} candidate origins, at most "
+                           f"{fg.largest_fraction} foreground): lower min_foreground")
 
 
 class LazyStoreDataset(CachedStoreDataset):
@@ -173,20 +212,21 @@ class LazyStoreDataset(CachedStoreDataset):
                      for w, sl in zip(window, self.roi or [slice(0, None)] * len(window)))
 
 
-def _fast(ds, label_paths=None, lazy=None):
+def _fast(ds, label_paths=None, lazy=None, foreground=None):
     """Swap torch-em's zarr-python reads for the fast reader, in this process and in loader workers;
     with `label_paths` (per label, one path per volume), the target has one channel per label.
-    lazy: (options, per-source (plan, label array names)) to read through the cache instead."""
+    lazy: (options, per-source (plan, label array names)) to read through the cache instead.
+    foreground: (options, per-source (source, label array names)) to propose patches from the index."""
     inner = list(ds.datasets) if hasattr(ds, "datasets") else [ds]
     for i, d in enumerate(inner):
         if type(d) is not SegmentationDataset:
-            if lazy is not None or label_paths is not None:
+            if lazy is not None or label_paths is not None or foreground is not None:
                 # Its own zarr-python reads would take a lazy store's unfetched shards for zeros (or
                 # give one label where several were asked for): refused, not left alone.
                 raise TypeError(f"torch-em built a {type(d).__name__}, whose reads the package cannot replace; "
-                                "lazy=True and several labels need torch-em's SegmentationDataset (the default "
-                                "of default_segmentation_dataset); allowed: lazy=False with one label for other "
-                                "dataset types")
+                                "lazy=True, several labels and min_foreground need torch-em's SegmentationDataset "
+                                "(the default of default_segmentation_dataset); allowed: lazy=False with one label "
+                                "and no min_foreground for other dataset types")
             continue  # a complete store read by a dataset type we do not know: its own reads are exact
         # torch-em builds its SegmentationDataset itself (default_segmentation_dataset has no
         # dataset-class hook): the subclass is put on the built object rather than copying torch-em's
@@ -202,11 +242,64 @@ def _fast(ds, label_paths=None, lazy=None):
             d.__class__ = LazyStoreDataset
             d._lazy = {**options, "plan": plan, "labels": labels, "index": i}
         _attach_readers(d)
+        if foreground is not None:
+            options, sources = foreground
+            d._foreground = _proposals(d, *sources[i], **options)
+            d._foreground_weight = options["weight"]
         if lazy is not None:
             from ..store.lazy import Prefetcher
             d.prefetcher = Prefetcher(d._pool.arrays, d._pool.shards, seed=options["seed"] + 1000003 * i,
                                       workers=options["prefetch_workers"], first=d._pool.owners).start()
     return ds
+
+
+def _proposals(d, source, label_names, min_foreground, split, weight):
+    """The foreground proposals of dataset `d` over `source`'s labels `label_names`; a store
+    written before the foreground index is indexed first (once)."""
+    from ..store.engine import cache_for
+    from ..store.foreground import array_counts, index_array
+    from .sampling import ForegroundProposals
+    cache, plan = cache_for(source.plan), source.plan
+    shape = plan.arrays[label_names[0]].shape
+    counts = []
+    for name in label_names:
+        found, known = array_counts(cache, name, shape)
+        if not known.all():
+            index_array(cache, name, shape, progress=source.progress)
+            found, known = array_counts(cache, name, shape)
+        counts.append(found)
+    roi = d.roi if d.roi is not None else tuple(slice(0, n) for n in shape)
+    box = (tuple(sl.indices(n)[0] for sl, n in zip(roi, shape)), tuple(sl.indices(n)[1] for sl, n in zip(roi, shape)))
+    fractions = list(min_foreground) if isinstance(min_foreground, (list, tuple)) else [min_foreground] * len(label_names)
+    fg = ForegroundProposals(counts, shape, box, tuple(d.sample_shape), fractions)
+    if fg.candidates == 0:
+        entry = f"{source.request.experiment}_{source.request.label}"
+        shown = min_foreground[0] if len(set(min_foreground)) == 1 else min_foreground
+        raise ValueError(f"min_foreground={shown!r}: no {tuple(d.sample_shape)} patch of {entry}"
+                         f"{f' ({split} split)' if split else ''} can hold that much foreground; the most any "
+                         f"holds is at most {[round(f, 6) for f in fg.largest_fraction]} (per label, from the "
+                         "store's foreground index). Lower min_foreground, or choose a smaller patch_shape")
+    return fg
+
+
+def _check_foreground(min_foreground, sampler, weight, n_labels: int):
+    """Check get_dataset's foreground keywords; returns the fractions (None: no foreground sampling)."""
+    if min_foreground is None:
+        if isinstance(sampler, str):
+            raise ValueError(f"sampler={sampler!r} needs min_foreground; allowed: a callable (torch-em's "
+                             "sampler=), or min_foreground=<fraction> with sampler 'foreground' or 'rejection'")
+        return None
+    values = list(min_foreground) if isinstance(min_foreground, (list, tuple)) else [min_foreground]
+    if len(values) not in (1, n_labels) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in values):
+        raise ValueError(f"min_foreground={min_foreground!r} is not valid; allowed: a fraction in [0, 1), or one "
+                         f"per label ({n_labels})")
+    if not (sampler is None or isinstance(sampler, str) and sampler in ("foreground", "rejection") or callable(sampler)):
+        raise ValueError(f"sampler={sampler!r} is not valid; allowed: 'foreground' (the index proposes, the "
+                         "exact count accepts), 'rejection' (torch-em's MinForegroundSampler), or a callable")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+        raise ValueError(f"foreground_weight={weight!r} is not valid; allowed: a fraction in [0, 1]")
+    return values * (n_labels // len(values))
 
 
 def _check_warmup(value):
@@ -220,7 +313,9 @@ def _check_warmup(value):
 def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] = None,
                 offsets: Optional[List[List[int]]] = None, boundaries: bool = False, binary: bool = False,
                 labels: Optional[Sequence[str]] = None, download: bool = True, lazy: bool = False,
-                warmup: Union[int, float] = 1, seed: int = 0, lazy_timeout: float = 60.0, **kwargs) -> Dataset:
+                warmup: Union[int, float] = 1, seed: int = 0, lazy_timeout: float = 60.0,
+                min_foreground: Union[float, Sequence[float], None] = None, sampler=None,
+                foreground_weight: float = 1.0, **kwargs) -> Dataset:
     """A torch-em segmentation dataset over one or more catalog entries.
 
     sources: entry names ("p105_psd"), catalog sources, a catalog, or a list of them. Entry
@@ -242,6 +337,19 @@ def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] =
         holds no window and the prefetcher is done, e.g. under a small `cache_limit`).
         `cache_limit` (e.g. "50GB") bounds the store's disk use, evicting least recently used shards.
     warmup: shards to wait for before the first patch: a count, or a fraction of the box's shards.
+    min_foreground: keep only patches with more than this fraction of non-zero label voxels (as
+        torch-em's `MinForegroundSampler(min_fraction)`); with `labels`, one fraction per label (or
+        one for all), every channel must exceed its own. The default `sampler="foreground"` draws
+        patch origins uniformly among those whose foreground *upper bound* (from the store's
+        foreground index, made while the shards were written) exceeds the threshold, reads the
+        patch and accepts it by its exact count: the **same distribution as rejection sampling**
+        over the whole box (uniform over the acceptable patches), without reading the background.
+        A threshold no patch can meet is an error here, naming the largest fraction the index
+        allows, not after 500 reads. `sampler="rejection"`: torch-em's MinForegroundSampler
+        itself (for comparison). A callable `sampler` is torch-em's: it is applied on top.
+        Not with lazy=True yet.
+    foreground_weight: the fraction of patches drawn with `min_foreground`; the others are drawn
+        uniformly from the whole box, untested (for training that also needs background).
     kwargs: everything else goes to `torch_em.default_segmentation_dataset`.
     """
     import torch_em
@@ -262,6 +370,17 @@ def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] =
     if (offsets is not None or boundaries or binary) and kinds != {"instance"}:
         raise ValueError("offsets, boundaries and binary apply to instance labels (saturated) only; "
                          f"these sources have {sorted(kinds)} labels")
+    fractions = _check_foreground(min_foreground, sampler, foreground_weight, len(labels) if labels else 1)
+    if fractions is not None and lazy:
+        raise ValueError("min_foreground with lazy=True is not supported yet; allowed: lazy=False (the store is "
+                         "fetched first), or lazy=True without min_foreground")
+    if callable(sampler):
+        kwargs["sampler"] = sampler
+    elif sampler == "rejection":
+        if len(set(fractions)) > 1:
+            raise ValueError(f"sampler='rejection' takes one min_foreground for every channel; got {min_foreground!r}")
+        from torch_em.data import MinForegroundSampler
+        kwargs["sampler"] = MinForegroundSampler(min_fraction=fractions[0])
     if labels is not None:
         labels = list(labels)
         unknown = [l for l in labels if l not in LABELS]
@@ -307,7 +426,12 @@ def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] =
                    "prefetch_workers": srcs[0].workers}
         label_names = [f"labels/{l}" for l in labels] if labels is not None else None
         lazy_sources = (options, [(s.plan, label_names or [s.plan.label_name]) for s in srcs])
-    return _fast(ds, label_paths if labels is not None else None, lazy_sources)
+    foreground = None
+    if fractions is not None and sampler in (None, "foreground") or callable(sampler) and fractions is not None:
+        names = [f"labels/{l}" for l in labels] if labels is not None else None
+        foreground = ({"min_foreground": fractions, "split": split, "weight": float(foreground_weight)},
+                      [(s, names or [s.plan.label_name]) for s in srcs])
+    return _fast(ds, label_paths if labels is not None else None, lazy_sources, foreground)
 
 
 def get_loader(sources, patch_shape: Tuple[int, ...], batch_size: int, **kwargs) -> DataLoader:
@@ -317,7 +441,7 @@ def get_loader(sources, patch_shape: Tuple[int, ...], batch_size: int, **kwargs)
     from torch_em.data.datasets import util
     ds_kwargs, loader_kwargs = util.split_kwargs(torch_em.default_segmentation_dataset, **kwargs)
     for key in ("split", "offsets", "boundaries", "binary", "labels", "download", "lazy", "warmup", "seed",
-                "lazy_timeout", *ENTRY_PARAMETERS):
+                "lazy_timeout", "min_foreground", "sampler", "foreground_weight", *ENTRY_PARAMETERS):
         if key in loader_kwargs:
             ds_kwargs[key] = loader_kwargs.pop(key)
     ds = get_dataset(sources, patch_shape, **ds_kwargs)

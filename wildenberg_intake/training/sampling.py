@@ -1,0 +1,115 @@
+"""Patches with foreground, found from the store's foreground index instead of by reading background.
+
+torch-em's way to train on sparse targets is rejection: draw a patch origin uniformly, read the
+patch, keep it if its foreground fraction exceeds `min_fraction`, else draw again. The same
+distribution (uniform over the acceptable origins) comes from drawing origins uniformly among
+those whose foreground *upper bound* exceeds the threshold, and accepting by the exact count:
+every acceptable origin is among them (its count is at most its bound), each is proposed with the
+same probability, and the exact test removes the rest. The bound of an origin is the sum of the
+index's counts over the blocks its patch overlaps (a summed-area table over the block grid); it is
+the same for every origin of a cell (origins whose patches overlap the same blocks), so proposals
+draw a cell by its number of origins, then an origin inside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..store.foreground import BLOCK
+
+
+def _axis_cells(lo: int, hi: int, patch: int, block: int):
+    """Origins [lo, hi) cut where the first or last block a patch of `patch` voxels overlaps
+    changes: (start of each cell, its origins, its first block, one past its last block)."""
+    cuts = {lo, hi}
+    for edge in range(lo - lo % block, hi + patch + block, block):
+        for o in (edge, edge - patch):
+            if lo < o < hi:
+                cuts.add(o)
+    starts = np.array(sorted(cuts), dtype=np.int64)
+    first = starts[:-1] // block
+    last = (starts[:-1] + patch - 1) // block + 1
+    return starts[:-1], np.diff(starts), first, last
+
+
+@dataclass
+class ForegroundProposals:
+    """Origins of patches that may hold more than `min_fraction` foreground in every channel.
+
+    counts: one block grid of counts per label channel (index.array_counts); shape: the label's;
+    box: (start, stop) voxels the patches lie in (a split's ROI); patch: the patch shape. Origins
+    are drawn as torch-em draws them (uniform in [start, stop - patch) per axis; `start` where the
+    patch does not fit), restricted to those whose bound exceeds the threshold in every channel.
+    """
+
+    counts: list
+    shape: tuple
+    box: tuple
+    patch: tuple
+    min_fraction: list
+    proposed: int = 0
+    accepted: int = 0
+    voxels_read: int = 0
+    _cells: tuple = field(default=None, repr=False)
+
+    def __post_init__(self):
+        start, stop = self.box
+        axes, sizes = [], []
+        for a, (lo, hi, p, b) in enumerate(zip(start, stop, self.patch, BLOCK)):
+            n = hi - lo
+            fit = min(p, n)  # a patch larger than the box is read clipped (torch-em pads it)
+            last = lo + max(n - p, 1)  # torch-em: randint(0, n - p), or 0 where n - p <= 0
+            axes.append(_axis_cells(lo, last, fit, b))
+            sizes.append(fit)
+        self.patch_voxels = int(np.prod(sizes))
+        self.largest_fraction = []
+        ok = None
+        for counts, fraction in zip(self.counts, self.min_fraction):
+            bound = _bounds(np.asarray(counts, dtype=np.int64), axes)
+            self.largest_fraction.append(float(bound.max()) / self.patch_voxels if bound.size else 0.0)
+            meets = bound > fraction * self.patch_voxels
+            ok = meets if ok is None else ok & meets
+        where = np.flatnonzero(ok)
+        weights = np.ones(len(where), dtype=np.int64)
+        grid = tuple(len(ax[0]) for ax in axes)
+        for a, cell in enumerate(np.unravel_index(where, grid)):
+            weights *= axes[a][1][cell]
+        self._cells = (axes, grid, where, np.cumsum(weights))
+
+    @property
+    def candidates(self) -> int:
+        """Origins proposed from: a superset of the acceptable ones."""
+        cum = self._cells[3]
+        return int(cum[-1]) if len(cum) else 0
+
+    def propose(self, rng) -> tuple:
+        """A patch origin (global voxels), uniform over the candidates."""
+        axes, grid, where, cum = self._cells
+        k = int(np.searchsorted(cum, rng.integers(cum[-1]), side="right"))
+        cell = np.unravel_index(where[k], grid)
+        origin = tuple(int(axes[a][0][c] + rng.integers(axes[a][1][c])) for a, c in enumerate(cell))
+        self.proposed += 1
+        return origin
+
+    def accepts(self, labels: np.ndarray, channels: bool) -> bool:
+        """The exact test (torch-em's MinForegroundSampler): more than `min_fraction` non-zero voxels,
+        in every channel where `channels` (the first axis)."""
+        self.voxels_read += labels.size
+        planes = labels if channels else labels[None]
+        ok = all(np.count_nonzero(p) > f * p.size for p, f in zip(planes, self.min_fraction))
+        self.accepted += ok
+        return ok
+
+
+def _bounds(counts: np.ndarray, axes) -> np.ndarray:
+    """For every cell of `axes`, the sum of `counts` over the blocks its patches overlap."""
+    table = np.zeros(tuple(n + 1 for n in counts.shape), dtype=np.int64)  # summed-area table
+    table[1:, 1:, 1:] = counts.cumsum(0).cumsum(1).cumsum(2)
+    (_, _, fz, lz), (_, _, fy, ly), (_, _, fx, lx) = axes
+    fz, lz = np.minimum(fz, counts.shape[0])[:, None, None], np.minimum(lz, counts.shape[0])[:, None, None]
+    fy, ly = np.minimum(fy, counts.shape[1])[None, :, None], np.minimum(ly, counts.shape[1])[None, :, None]
+    fx, lx = np.minimum(fx, counts.shape[2])[None, None, :], np.minimum(lx, counts.shape[2])[None, None, :]
+    return (table[lz, ly, lx] - table[fz, ly, lx] - table[lz, fy, lx] - table[lz, ly, fx]
+            + table[fz, fy, lx] + table[fz, ly, fx] + table[lz, fy, fx] - table[fz, fy, fx])
