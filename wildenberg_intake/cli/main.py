@@ -1,5 +1,5 @@
-"""Command line: `wildenberg-intake list | describe | fetch | verify | lock | preview | view | synapses | mirror |
-serve | demo`.
+"""Command line: `wildenberg-intake list | describe | fetch | verify | index | du | lock | preview | view |
+synapses | mirror | serve | demo`.
 
 Every command has --help. A user's mistake (a bad value, an unknown entry, an unreachable server)
 prints one line on stderr and exits 2; only bugs show a traceback.
@@ -137,6 +137,22 @@ def cmd_verify(args):
     print(f"{cache.root}: checked {checked} recorded shards of {len(report)} arrays; "
           + (f"{bad} arrays damaged" if bad else "all intact"))
     return EXIT_MISMATCH if bad else 0
+
+
+def cmd_index(args):
+    """Index each entry's cached label shards that lack the foreground index (never fetches)."""
+    from ..store.engine import cache_for
+    from ..store.foreground import index_array
+    for name in args.entries:
+        src = _source(name, args, voxels=True, progress=False)
+        cache, label = cache_for(src.plan), src.plan.label_name
+        if not cache.done_shards(label):
+            raise ValueError(f"{name}: nothing cached at {cache.root} for {label}; fetch it first "
+                             f"(`wildenberg-intake fetch {name}`)")
+        done = index_array(cache, label, src.plan.arrays[label].shape, progress=not args.quiet)
+        print(f"{name}: indexed {done} shards of {label} in {cache.root} "
+              f"({len(cache.done_shards(label))} recorded; the others had their index)")
+    return 0
 
 
 def cmd_du(args):
@@ -330,6 +346,12 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--lock", help="a lock file from `wildenberg-intake lock`")
     _param_args(v)
     v.set_defaults(run=cmd_verify)
+
+    ix = sub.add_parser("index", help="add the foreground index (non-zero voxels per block, for sampling patches "
+                                      "with synapses) to a store written before it; reads the cached labels once")
+    _entry_args(ix)
+    ix.add_argument("--quiet", action="store_true", help="no progress bar")
+    ix.set_defaults(run=cmd_index)
 
     du = sub.add_parser("du", help="bytes each store of a cache keeps: shards by array, staged files, the rest")
     du.add_argument("folder", metavar="CACHE|STORE", help="the cache folder (cache_dir) or one store folder")

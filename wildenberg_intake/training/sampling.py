@@ -25,7 +25,7 @@ def _axis_cells(lo: int, hi: int, patch: int, block: int):
     changes: (start of each cell, its origins, its first block, one past its last block)."""
     cuts = {lo, hi}
     for edge in range(lo - lo % block, hi + patch + block, block):
-        for o in (edge, edge - patch):
+        for o in (edge, edge - patch + 1):  # the first block starts at `edge`; the last one does at the second
             if lo < o < hi:
                 cuts.add(o)
     starts = np.array(sorted(cuts), dtype=np.int64)
