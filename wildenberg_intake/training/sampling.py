@@ -64,18 +64,23 @@ class ForegroundProposals:
             axes.append(_axis_cells(lo, last, fit, b))
             sizes.append(fit)
         self.patch_voxels = int(np.prod(sizes))
-        self.largest_fraction = []
-        ok = None
-        for counts, fraction in zip(self.counts, self.min_fraction):
-            bound = _bounds(np.asarray(counts, dtype=np.int64), axes)
-            self.largest_fraction.append(float(bound.max()) / self.patch_voxels if bound.size else 0.0)
-            meets = bound > fraction * self.patch_voxels
-            ok = meets if ok is None else ok & meets
-        where = np.flatnonzero(ok)
-        weights = np.ones(len(where), dtype=np.int64)
         grid = tuple(len(ax[0]) for ax in axes)
-        for a, cell in enumerate(np.unravel_index(where, grid)):
-            weights *= axes[a][1][cell]
+        tables = [_summed_area(np.asarray(c, dtype=np.int64)) for c in self.counts]
+        largest, where, weights = [0] * len(tables), [], []
+        step = max(1, 2**22 // max(grid[1] * grid[2], 1))  # cells bounded a few million at a time
+        for z0 in range(0, grid[0], step):
+            ok = None
+            for c, (table, fraction) in enumerate(zip(tables, self.min_fraction)):
+                bound = _bounds(table, axes, slice(z0, z0 + step))
+                largest[c] = max(largest[c], int(bound.max()))
+                meets = bound > fraction * self.patch_voxels
+                ok = meets if ok is None else ok & meets
+            cz, cy, cx = np.nonzero(ok)  # only the candidate cells are kept
+            where.append(np.ravel_multi_index((cz + z0, cy, cx), grid))
+            weights.append(axes[0][1][cz + z0] * axes[1][1][cy] * axes[2][1][cx])
+        self.largest_fraction = [v / self.patch_voxels for v in largest]
+        where = np.concatenate(where) if where else np.zeros(0, dtype=np.int64)
+        weights = np.concatenate(weights) if weights else np.zeros(0, dtype=np.int64)
         self._cells = (axes, grid, where, np.cumsum(weights))
 
     @property
@@ -103,13 +108,19 @@ class ForegroundProposals:
         return ok
 
 
-def _bounds(counts: np.ndarray, axes) -> np.ndarray:
-    """For every cell of `axes`, the sum of `counts` over the blocks its patches overlap."""
-    table = np.zeros(tuple(n + 1 for n in counts.shape), dtype=np.int64)  # summed-area table
+def _summed_area(counts: np.ndarray) -> np.ndarray:
+    table = np.zeros(tuple(n + 1 for n in counts.shape), dtype=np.int64)
     table[1:, 1:, 1:] = counts.cumsum(0).cumsum(1).cumsum(2)
+    return table
+
+
+def _bounds(table: np.ndarray, axes, zs: slice) -> np.ndarray:
+    """For the cells of `axes` (z cells `zs`), the sum of the counts over the blocks their patches
+    overlap, from the summed-area `table` of the counts."""
+    n = [s - 1 for s in table.shape]
     (_, _, fz, lz), (_, _, fy, ly), (_, _, fx, lx) = axes
-    fz, lz = np.minimum(fz, counts.shape[0])[:, None, None], np.minimum(lz, counts.shape[0])[:, None, None]
-    fy, ly = np.minimum(fy, counts.shape[1])[None, :, None], np.minimum(ly, counts.shape[1])[None, :, None]
-    fx, lx = np.minimum(fx, counts.shape[2])[None, None, :], np.minimum(lx, counts.shape[2])[None, None, :]
+    fz, lz = np.minimum(fz[zs], n[0])[:, None, None], np.minimum(lz[zs], n[0])[:, None, None]
+    fy, ly = np.minimum(fy, n[1])[None, :, None], np.minimum(ly, n[1])[None, :, None]
+    fx, lx = np.minimum(fx, n[2])[None, None, :], np.minimum(lx, n[2])[None, None, :]
     return (table[lz, ly, lx] - table[fz, ly, lx] - table[lz, fy, lx] - table[lz, ly, fx]
             + table[fz, fy, lx] + table[fz, ly, fx] + table[lz, fy, fx] - table[fz, fy, fx])
