@@ -100,31 +100,36 @@ def index_array(cache, name: str, shape, progress: bool = True) -> int:
     store written before the index), reading each once through the package's reader; the record's
     mtime (its last use, which eviction orders by) is kept. Returns the shards indexed."""
     from tqdm.auto import tqdm
-    from .files import durable_write
     from .layout import array_path
-    from .liveness import close_lock_fd
     from .reader import ShardedArrayReader
     todo = [i for i in sorted(cache.done_shards(name)) if record_counts(cache.record(name, i), np.subtract(
         *shard_box(i, shape)[::-1])) is None]
     reader = ShardedArrayReader(cache.zarr_path / array_path(name))
-    done = 0
-    for index in tqdm(todo, unit="shard", disable=not progress, desc=f"index {name}"):
-        fd = cache.hold(name, index)  # not evicted while it is read and its record rewritten
-        if fd is None:
-            continue
-        try:
-            start, stop = shard_box(index, shape)
-            counts = ShardCounts(np.subtract(stop, start))
-            for z0 in range(start[0], stop[0], SHARDS[0] // 2):
-                z1 = min(z0 + SHARDS[0] // 2, stop[0])
-                counts.add(reader[z0:z1, start[1]:stop[1], start[2]:stop[2]], z0 - start[0])
-            path = cache.record_path(name, index)
-            record = json.loads(path.read_text())
-            stat = os.stat(path)
-            record["foreground"] = counts.record()
-            durable_write(path, json.dumps(record).encode())
-            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-            done += 1
-        finally:
-            close_lock_fd(fd)
-    return done
+    return sum(index_shard(cache, name, index, shape, reader) is not None
+               for index in tqdm(todo, unit="shard", disable=not progress, desc=f"index {name}"))
+
+
+def index_shard(cache, name: str, index, shape, reader) -> np.ndarray | None:
+    """Count recorded shard `index` of label array `name` through `reader` (the package's
+    ShardedArrayReader of the array) and add the counts to its record, keeping the record's mtime.
+    Returns them (None: the shard is not recorded, or was evicted meanwhile)."""
+    from .files import durable_write
+    from .liveness import close_lock_fd
+    fd = cache.hold(name, index)  # not evicted while it is read and its record rewritten
+    if fd is None:
+        return None
+    try:
+        start, stop = shard_box(index, shape)
+        counts = ShardCounts(np.subtract(stop, start))
+        for z0 in range(start[0], stop[0], SHARDS[0] // 2):
+            z1 = min(z0 + SHARDS[0] // 2, stop[0])
+            counts.add(reader[z0:z1, start[1]:stop[1], start[2]:stop[2]], z0 - start[0])
+        path = cache.record_path(name, index)
+        record = json.loads(path.read_text())
+        stat = os.stat(path)
+        record["foreground"] = counts.record()
+        durable_write(path, json.dumps(record).encode())
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        return counts.counts
+    finally:
+        close_lock_fd(fd)

@@ -119,7 +119,7 @@ class CachedStoreDataset(SegmentationDataset):
     _foreground = None  # ForegroundProposals, or None
     _foreground_weight = 1.0
     _proposing = False
-    _rng = None
+    _fg_rng = None
 
     def __setstate__(self, state):  # loader workers (spawned) reopen their arrays
         super().__setstate__(state)
@@ -128,9 +128,9 @@ class CachedStoreDataset(SegmentationDataset):
     def _generator(self) -> np.random.Generator:
         # Seeded from numpy's global state, which torch-em seeds and draws its own boxes from; made
         # anew in each process (a forked loader worker would repeat its parent's draws otherwise).
-        if self._rng is None or self._rng[0] != os.getpid():
-            self._rng = (os.getpid(), np.random.default_rng(np.random.randint(2**31, size=4)))
-        return self._rng[1]
+        if self._fg_rng is None or self._fg_rng[0] != os.getpid():
+            self._fg_rng = (os.getpid(), np.random.default_rng(np.random.randint(2**31, size=4)))
+        return self._fg_rng[1]
 
     def _sample_bounding_box(self):
         if not self._proposing:
@@ -139,16 +139,23 @@ class CachedStoreDataset(SegmentationDataset):
         origin = fg.propose(self._generator())
         return tuple(slice(o - lo, o - lo + p) for o, lo, p in zip(origin, fg.box[0], self.sample_shape))
 
+    def _more_foreground(self) -> bool:
+        """Whether more candidates can come after max_sampling_attempts rejections (lazy: more shards)."""
+        return False
+
     def _get_desired_raw_and_labels(self):
         fg = self._foreground
         if fg is None or (self._foreground_weight < 1 and self._generator().random() >= self._foreground_weight):
             return super()._get_desired_raw_and_labels()  # uniform over the whole box, as torch-em draws
         self._proposing = True
         try:
-            for _ in range(self.max_sampling_attempts + 1):
-                raw, labels = super()._get_desired_raw_and_labels()
-                if fg.accepts(labels, self._with_label_channels):
-                    return raw, labels
+            while True:
+                for _ in range(self.max_sampling_attempts + 1):
+                    raw, labels = super()._get_desired_raw_and_labels()
+                    if fg.accepts(labels, self._with_label_channels):
+                        return raw, labels
+                if not self._more_foreground():
+                    break
         finally:
             self._proposing = False
         raise RuntimeError(f"no patch with more than {fg.min_fraction} foreground in {self.max_sampling_attempts} "
@@ -195,12 +202,18 @@ class LazyStoreDataset(CachedStoreDataset):
                          error=(lambda: prefetcher.error) if prefetcher is not None else (lambda: None),
                          finished=(lambda: not prefetcher.running) if prefetcher is not None else (lambda: False))
 
+    def _generator(self) -> np.random.Generator:
+        return self._draw_rng()  # proposals too: the same seed, torch seed and cache state, the same patches
+
     def _sample_bounding_box(self):
         if not getattr(self, "_warm", False):
             self.wait()
             self._warm = True
         if self.prefetcher is not None and self.prefetcher.error is not None:
             self.wait()  # raises it
+        if self._proposing:
+            self._refresh_foreground()
+            return super()._sample_bounding_box()
         rng = self._draw_rng()
         window = self._pool.sample(rng)
         if window is None and self.prefetcher is not None and self.prefetcher.running:
@@ -210,6 +223,30 @@ class LazyStoreDataset(CachedStoreDataset):
             window = self._pool.sample(rng, anywhere=True)
         return tuple(slice(w.start - sl.start, w.stop - sl.start)
                      for w, sl in zip(window, self.roi or [slice(0, None)] * len(window)))
+
+
+    def _more_foreground(self) -> bool:
+        # The few shards cached so far may hold only rare acceptable patches: wait for the next one.
+        prefetcher = self.prefetcher
+        if prefetcher is None or not prefetcher.running:
+            return False
+        self.wait(len(self._foreground.seen) + 1)
+        return True
+
+    def _refresh_foreground(self):
+        """Proposals over the shards cached now; with none yet, wait for the prefetcher to cache more."""
+        fg = self._foreground
+        while not fg.refresh(self._pool.cached()).candidates:
+            prefetcher = self.prefetcher
+            if prefetcher is None or not prefetcher.running:
+                if fg.refresh(self._pool.cached(refresh=True), force=True).candidates:
+                    return
+                raise ValueError(f"min_foreground={fg.min_fraction}: no patch of the {len(fg.seen)} cached shards "
+                                 f"of {self._lazy['plan'].request.experiment} can hold that much foreground (the "
+                                 f"most any holds: at most {[round(f, 6) for f in fg.largest_fraction]}), and no "
+                                 "more shards are coming; lower min_foreground")
+            self.wait(len(fg.seen) + 1)
+            fg.refresh(self._pool.cached(refresh=True), force=True)
 
 
 def _fast(ds, label_paths=None, lazy=None, foreground=None):
@@ -243,9 +280,9 @@ def _fast(ds, label_paths=None, lazy=None, foreground=None):
             d._lazy = {**options, "plan": plan, "labels": labels, "index": i}
         _attach_readers(d)
         if foreground is not None:
-            options, sources = foreground
-            d._foreground = _proposals(d, *sources[i], **options)
-            d._foreground_weight = options["weight"]
+            fg_options, fg_sources = foreground
+            d._foreground = _proposals(d, *fg_sources[i], **fg_options, lazy=lazy is not None)
+            d._foreground_weight = fg_options["weight"]
         if lazy is not None:
             from ..store.lazy import Prefetcher
             d.prefetcher = Prefetcher(d._pool.arrays, d._pool.shards, seed=options["seed"] + 1000003 * i,
@@ -253,14 +290,19 @@ def _fast(ds, label_paths=None, lazy=None, foreground=None):
     return ds
 
 
-def _proposals(d, source, label_names, min_foreground, split, weight):
+def _proposals(d, source, label_names, min_foreground, split, weight, lazy=False):
     """The foreground proposals of dataset `d` over `source`'s labels `label_names`; a store
-    written before the foreground index is indexed first (once)."""
+    written before the foreground index is indexed first (once). lazy: over the shards cached
+    as patches are drawn (checked then: nothing is cached yet)."""
     from ..store.engine import cache_for
     from ..store.foreground import array_counts, index_array
-    from .sampling import ForegroundProposals
+    from .sampling import CachedForeground, ForegroundProposals
     cache, plan = cache_for(source.plan), source.plan
     shape = plan.arrays[label_names[0]].shape
+    roi = d.roi if d.roi is not None else tuple(slice(0, n) for n in shape)
+    box = (tuple(sl.indices(n)[0] for sl, n in zip(roi, shape)), tuple(sl.indices(n)[1] for sl, n in zip(roi, shape)))
+    if lazy:
+        return CachedForeground(cache, label_names, shape, box, tuple(d.sample_shape), min_foreground)
     counts = []
     for name in label_names:
         found, known = array_counts(cache, name, shape)
@@ -268,8 +310,6 @@ def _proposals(d, source, label_names, min_foreground, split, weight):
             index_array(cache, name, shape, progress=source.progress)
             found, known = array_counts(cache, name, shape)
         counts.append(found)
-    roi = d.roi if d.roi is not None else tuple(slice(0, n) for n in shape)
-    box = (tuple(sl.indices(n)[0] for sl, n in zip(roi, shape)), tuple(sl.indices(n)[1] for sl, n in zip(roi, shape)))
     fractions = list(min_foreground) if isinstance(min_foreground, (list, tuple)) else [min_foreground] * len(label_names)
     fg = ForegroundProposals(counts, shape, box, tuple(d.sample_shape), fractions)
     if fg.candidates == 0:
@@ -347,7 +387,7 @@ def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] =
         A threshold no patch can meet is an error here, naming the largest fraction the index
         allows, not after 500 reads. `sampler="rejection"`: torch-em's MinForegroundSampler
         itself (for comparison). A callable `sampler` is torch-em's: it is applied on top.
-        Not with lazy=True yet.
+        With lazy=True, origins are proposed among the shards cached so far (as lazy windows are).
     foreground_weight: the fraction of patches drawn with `min_foreground`; the others are drawn
         uniformly from the whole box, untested (for training that also needs background).
     kwargs: everything else goes to `torch_em.default_segmentation_dataset`.
@@ -371,9 +411,6 @@ def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] =
         raise ValueError("offsets, boundaries and binary apply to instance labels (saturated) only; "
                          f"these sources have {sorted(kinds)} labels")
     fractions = _check_foreground(min_foreground, sampler, foreground_weight, len(labels) if labels else 1)
-    if fractions is not None and lazy:
-        raise ValueError("min_foreground with lazy=True is not supported yet; allowed: lazy=False (the store is "
-                         "fetched first), or lazy=True without min_foreground")
     if callable(sampler):
         kwargs["sampler"] = sampler
     elif sampler == "rejection":

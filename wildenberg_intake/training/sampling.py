@@ -49,6 +49,7 @@ class ForegroundProposals:
     box: tuple
     patch: tuple
     min_fraction: list
+    known: np.ndarray | None = None  # blocks whose counts are known (lazy: cached shards); None: all
     proposed: int = 0
     accepted: int = 0
     voxels_read: int = 0
@@ -66,6 +67,8 @@ class ForegroundProposals:
         self.patch_voxels = int(np.prod(sizes))
         grid = tuple(len(ax[0]) for ax in axes)
         tables = [_summed_area(np.asarray(c, dtype=np.int64)) for c in self.counts]
+        # A patch over a block whose count is not known (a shard not cached yet) is no candidate.
+        unknown = None if self.known is None else _summed_area((~self.known).astype(np.int64))
         largest, where, weights = [0] * len(tables), [], []
         step = max(1, 2**22 // max(grid[1] * grid[2], 1))  # cells bounded a few million at a time
         for z0 in range(0, grid[0], step):
@@ -75,6 +78,8 @@ class ForegroundProposals:
                 largest[c] = max(largest[c], int(bound.max()))
                 meets = bound > fraction * self.patch_voxels
                 ok = meets if ok is None else ok & meets
+            if unknown is not None:
+                ok &= _bounds(unknown, axes, slice(z0, z0 + step)) == 0
             cz, cy, cx = np.nonzero(ok)  # only the candidate cells are kept
             where.append(np.ravel_multi_index((cz + z0, cy, cx), grid))
             weights.append(axes[0][1][cz + z0] * axes[1][1][cy] * axes[2][1][cx])
@@ -124,3 +129,84 @@ def _bounds(table: np.ndarray, axes, zs: slice) -> np.ndarray:
     fx, lx = np.minimum(fx, n[2])[None, None, :], np.minimum(lx, n[2])[None, None, :]
     return (table[lz, ly, lx] - table[fz, ly, lx] - table[lz, fy, lx] - table[lz, ly, fx]
             + table[fz, fy, lx] + table[fz, ly, fx] + table[lz, fy, fx] - table[fz, fy, fx])
+
+
+class CachedForeground:
+    """Foreground proposals over the shards cached so far, for a dataset over a store filled while
+    it is used (lazy=True): the counts of each newly cached shard are read from its record, those
+    of an evicted one dropped, and the proposals remade when the cached set changed (at most once
+    per `refresh_seconds` while candidates exist). Uniform over the acceptable patches that lie in
+    cached shards, as the lazy pool is uniform over the windows that do."""
+
+    def __init__(self, cache, names, shape, box, patch, min_fraction, refresh_seconds: float = 1.0):
+        from ..store.foreground import block_grid
+        self.cache, self.names, self.shape = cache, list(names), tuple(shape)
+        self.box, self.patch, self.min_fraction = box, tuple(patch), list(min_fraction)
+        self.refresh_seconds = refresh_seconds
+        self.counts = [np.zeros(block_grid(shape), dtype=np.int32) for _ in self.names]
+        self.known = np.zeros(block_grid(shape), dtype=bool)
+        self.seen, self.current, self._made = frozenset(), None, 0.0
+        self.proposed = self.accepted = self.voxels_read = 0
+
+    def __getstate__(self):  # a loader worker rebuilds its own from the records
+        state = dict(self.__dict__)
+        state.update(seen=frozenset(), current=None, _made=0.0)
+        return state
+
+    def refresh(self, cached: frozenset, force: bool = False) -> "ForegroundProposals":
+        """The proposals over `cached` shards (indices shared by every array of the dataset)."""
+        import time
+        now = time.monotonic()
+        if self.current is not None and (cached == self.seen or not force and now - self._made < self.refresh_seconds
+                                         and self.current.candidates):
+            return self.current
+        from ..store.foreground import BLOCK as block, record_counts
+        from ..store.layout import shard_box
+        for index in cached - self.seen:
+            start, stop = shard_box(index, self.shape)
+            at = tuple(slice(a // b, -(-c // b)) for a, c, b in zip(start, stop, block))
+            found = [record_counts(self.cache.record(name, index), np.subtract(stop, start)) for name in self.names]
+            if any(f is None for f in found):
+                found = [self._index(name, index) for name in self.names]
+            if any(f is None for f in found):
+                continue  # evicted meanwhile
+            for counts, f in zip(self.counts, found):
+                counts[at] = f
+            self.known[at] = True
+        for index in self.seen - cached:
+            start, stop = shard_box(index, self.shape)
+            at = tuple(slice(a // b, -(-c // b)) for a, c, b in zip(start, stop, block))
+            self.known[at] = False
+            for counts in self.counts:
+                counts[at] = 0
+        self.seen, self._made = cached, now
+        self.current = ForegroundProposals(self.counts, self.shape, self.box, self.patch, self.min_fraction,
+                                           known=self.known)
+        return self.current
+
+    def _index(self, name, index):
+        """Counts of a cached shard whose record has none (written before the index)."""
+        from ..store.foreground import index_shard
+        from ..store.layout import array_path
+        from ..store.reader import ShardedArrayReader
+        reader = ShardedArrayReader(self.cache.zarr_path / array_path(name))
+        return index_shard(self.cache, name, index, self.shape, reader)
+
+    @property
+    def candidates(self) -> int:
+        return self.current.candidates if self.current is not None else 0
+
+    @property
+    def largest_fraction(self) -> list:
+        return self.current.largest_fraction if self.current is not None else [0.0] * len(self.names)
+
+    def propose(self, rng) -> tuple:
+        origin = self.current.propose(rng)
+        self.proposed += 1
+        return origin
+
+    def accepts(self, labels: np.ndarray, channels: bool) -> bool:
+        ok = self.current.accepts(labels, channels)
+        self.voxels_read += labels.size
+        self.accepted += ok
+        return ok
