@@ -232,12 +232,14 @@ def test_a_threshold_no_patch_meets_is_refused_at_construction_naming_the_larges
         get_dataset(["p14_psd"], (8, 128, 128), sampler="foreground", base_url=server.base_url, cache_dir=cache_dir)
 
 
+@pytest.mark.parametrize("lazy", [False, True])
 @pytest.mark.parametrize("context", ["fork", "spawn", "forkserver"])
-def test_loader_workers_under_every_start_method_give_patches_above_the_threshold(wide, psd_store, context):
+def test_loader_workers_under_every_start_method_give_patches_above_the_threshold(wide, psd_store, context, lazy,
+                                                                                   tmp_path):
     server, cache_dir = psd_store
     loader = get_loader(["p14_psd"], (8, 128, 128), batch_size=2, min_foreground=0.01, num_workers=2,
-                        multiprocessing_context=context, base_url=server.base_url, cache_dir=cache_dir,
-                        progress=False)
+                        multiprocessing_context=context, base_url=server.base_url,
+                        cache_dir=str(tmp_path) if lazy else cache_dir, lazy=lazy, progress=False)
     seen = 0
     for _, labels in loader:
         assert all((labels[b] != 0).float().mean() > 0.01 for b in range(labels.shape[0]))
@@ -245,3 +247,34 @@ def test_loader_workers_under_every_start_method_give_patches_above_the_threshol
         if seen == 3:
             break
     assert seen == 3
+
+
+def test_a_lazy_dataset_proposes_only_where_shards_are_cached_and_accepts_by_the_exact_count(wide, catalog, tmp_path):
+    """lazy=True: origins come from the shards cached so far (their records' counts), each patch
+    lies in cached shards and holds more than min_foreground; the counts it used equal the mirror's."""
+    psd = _labels(wide, "psd_autoseg")
+    with MirrorServer(wide.root) as server:
+        np.random.seed(1)
+        ds = get_dataset(["p14_psd"], (8, 128, 128), min_foreground=0.01, lazy=True, base_url=server.base_url,
+                         cache_dir=str(tmp_path), progress=False, warmup=1)
+        inner = ds.datasets[0] if hasattr(ds, "datasets") else ds
+        windows, sample = [], inner._sample_bounding_box
+
+        def recording():
+            bb = sample()
+            windows.append((bb, inner._foreground.seen if inner._proposing else None))
+            return bb
+        inner._sample_bounding_box = recording
+        for i in range(12):
+            _, labels = ds[i]
+            assert (labels.numpy() != 0).mean() > 0.01
+        fg = inner._foreground
+        assert fg.accepted == 12 and fg.proposed == len(windows)
+        for bb, seen in windows:  # inside shards that were cached when it was proposed
+            shards = {(0, j, k) for j in range(bb[1].start // 512, (bb[1].stop - 1) // 512 + 1)
+                      for k in range(bb[2].start // 512, (bb[2].stop - 1) // 512 + 1)}
+            assert shards <= set(seen), (bb, seen)
+        known = fg.known
+        np.testing.assert_array_equal(fg.counts[0][known], _counts(psd)[known])
+        if inner.prefetcher is not None:
+            inner.prefetcher.stop()

@@ -195,7 +195,7 @@ def test_the_window_table_follows_shards_cached_and_evicted_and_numbers_every_wi
                 assert all(shard in cached for shard in itertools.product(*spans))
 
 
-def test_a_dataset_type_the_package_cannot_read_through_is_refused_for_a_lazy_store(wide, tmp_path, monkeypatch):
+def test_a_dataset_type_the_package_cannot_read_through_is_refused(wide, tmp_path, monkeypatch):
     """torch-em returning another dataset type (its own zarr-python reads) would read a lazy store's
     unfetched shards as zeros: refused with the type named, before any patch."""
     import torch_em
@@ -213,3 +213,7 @@ def test_a_dataset_type_the_package_cannot_read_through_is_refused_for_a_lazy_st
     with MirrorServer(wide.root) as server:
         with pytest.raises(TypeError, match=r"torch-em built a OtherDataset, whose reads the package cannot replace"):
             _lazy(server, tmp_path, workers=1)
+        from wildenberg_intake import get_dataset  # a complete store too: never a silent zarr-python read
+        with pytest.raises(TypeError, match=r"torch-em built a OtherDataset, whose reads the package cannot replace"):
+            get_dataset(["p14_psd"], (8, 64, 64), base_url=server.base_url, cache_dir=str(tmp_path / "full"),
+                        progress=False)

@@ -257,14 +257,12 @@ def _fast(ds, label_paths=None, lazy=None, foreground=None):
     inner = list(ds.datasets) if hasattr(ds, "datasets") else [ds]
     for i, d in enumerate(inner):
         if type(d) is not SegmentationDataset:
-            if lazy is not None or label_paths is not None or foreground is not None:
-                # Its own zarr-python reads would take a lazy store's unfetched shards for zeros (or
-                # give one label where several were asked for): refused, not left alone.
-                raise TypeError(f"torch-em built a {type(d).__name__}, whose reads the package cannot replace; "
-                                "lazy=True, several labels and min_foreground need torch-em's SegmentationDataset "
-                                "(the default of default_segmentation_dataset); allowed: lazy=False with one label "
-                                "and no min_foreground for other dataset types")
-            continue  # a complete store read by a dataset type we do not know: its own reads are exact
+            # Its own reads are zarr-python's: a lazy store's unfetched shards would be zeros, a
+            # damaged shard unnoticed, several labels one. Refused, never left alone.
+            raise TypeError(f"torch-em built a {type(d).__name__}, whose reads the package cannot replace; the "
+                            "package reads through torch-em's SegmentationDataset (the default of "
+                            "default_segmentation_dataset for the package's zarr stores); allowed: torch-em "
+                            "versions that build it (pip install 'torch-em>=0.10')")
         # torch-em builds its SegmentationDataset itself (default_segmentation_dataset has no
         # dataset-class hook): the subclass is put on the built object rather than copying torch-em's
         # construction (splits, ROIs, samplers, kwargs) here.
