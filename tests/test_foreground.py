@@ -221,7 +221,7 @@ def test_datasets_with_min_foreground_give_patches_above_it_per_split_and_per_la
 def test_a_threshold_no_patch_meets_is_refused_at_construction_naming_the_largest(wide, psd_store):
     server, cache_dir = psd_store
     with pytest.raises(ValueError, match=r"min_foreground=0\.5: no \(8, 128, 128\) patch of p14_psd \(val split\) "
-                                         r"can hold that much foreground; the most any holds is at most \[0\.0\d+\]"):
+                                         r"can hold that much foreground; the most any holds is at most \{'p14_psd': \[0\.0\d+\]\}"):
         get_dataset(["p14_psd"], (8, 128, 128), min_foreground=0.5, split="val", base_url=server.base_url,
                     cache_dir=cache_dir, progress=False)
     for bad, message in ((1.5, r"min_foreground=1\.5 is not valid; allowed: a fraction in \[0, 1\)"),
@@ -278,3 +278,39 @@ def test_a_lazy_dataset_proposes_only_where_shards_are_cached_and_accepts_by_the
         np.testing.assert_array_equal(fg.counts[0][known], _counts(psd)[known])
         if inner.prefetcher is not None:
             inner.prefetcher.stop()
+
+
+def test_several_entries_are_weighted_by_their_acceptable_patches(mirror, tmp_path):
+    """p105 and p14 together: accepted patches come from each store in proportion to its
+    acceptable patches (enumerated exactly from the mirror), as one rejection sampler over both
+    would give, not in proportion to the stores' sizes."""
+    from conftest import expected_window as window
+    patch, threshold = (8, 64, 64), 0.01
+    acceptable = {}
+    for experiment in ("p105", "p14"):
+        labels = window(mirror, experiment, "psd_autoseg", 0, EVERYTHING, all_layers(experiment))[0]
+        shape = labels.shape
+        _, fractions = _exact_fractions(labels, patch, ((0, 0, 0), shape))
+        acceptable[experiment] = int((fractions > threshold).sum())
+    assert min(acceptable.values()) > 0
+    with MirrorServer(mirror.root) as server:
+        np.random.seed(2)
+        ds = get_dataset(["p105_psd", "p14_psd"], patch, min_foreground=threshold, base_url=server.base_url,
+                         cache_dir=str(tmp_path), progress=False)
+        inner = ds.datasets
+        sources = []
+        for d, experiment in zip(inner, ("p105", "p14")):
+            real = d._foreground_patch
+
+            def tagged(real=real, experiment=experiment):
+                found = real()
+                if found is not None:
+                    sources.append(experiment)
+                return found
+            d._foreground_patch = tagged
+        for i in range(1200):
+            ds[i % len(ds)]
+    counts = [sources.count(e) for e in ("p105", "p14")]
+    total = sum(acceptable.values())
+    expected = [acceptable[e] / total * len(sources) for e in ("p105", "p14")]
+    assert chisquare(counts, expected).pvalue > 1e-3, (counts, expected, acceptable)

@@ -147,20 +147,35 @@ class CachedStoreDataset(SegmentationDataset):
         fg = self._foreground
         if fg is None or (self._foreground_weight < 1 and self._generator().random() >= self._foreground_weight):
             return super()._get_desired_raw_and_labels()  # uniform over the whole box, as torch-em draws
+        # Several entries: each proposal picks a store by its candidate origins, so the accepted
+        # patches are uniform over the acceptable patches of all of them.
+        group = self._foreground_group or [self]
+        rng = self._generator()
+        while True:
+            for _ in range(self.max_sampling_attempts + 1):
+                d = group[0] if len(group) == 1 else group[_pick(rng, [g._candidates() for g in group])]
+                found = d._foreground_patch()
+                if found is not None:
+                    return found
+            if not any([g._more_foreground() for g in group]):
+                break
+        raise RuntimeError(f"no patch with more than {fg.min_fraction} foreground in {self.max_sampling_attempts} "
+                           f"proposals from the foreground index ({sum(g._candidates() for g in group)} candidate "
+                           f"origins, at most {fg.largest_fraction} foreground): lower min_foreground")
+
+    _foreground_group = None  # the datasets of all entries, when there are several
+
+    def _candidates(self) -> int:
+        return self._foreground.candidates
+
+    def _foreground_patch(self):
+        """One proposal of this dataset, read: (raw, labels) if accepted by the exact count, else None."""
         self._proposing = True
         try:
-            while True:
-                for _ in range(self.max_sampling_attempts + 1):
-                    raw, labels = super()._get_desired_raw_and_labels()
-                    if fg.accepts(labels, self._with_label_channels):
-                        return raw, labels
-                if not self._more_foreground():
-                    break
+            raw, labels = SegmentationDataset._get_desired_raw_and_labels(self)
         finally:
             self._proposing = False
-        raise RuntimeError(f"no patch with more than {fg.min_fraction} foreground in {self.max_sampling_attempts} "
-                           f"proposals from the foreground index ({fg.candidates} candidate origins, at most "
-                           f"{fg.largest_fraction} foreground): lower min_foreground")
+        return (raw, labels) if self._foreground.accepts(labels, self._with_label_channels) else None
 
 
 class LazyStoreDataset(CachedStoreDataset):
@@ -225,6 +240,12 @@ class LazyStoreDataset(CachedStoreDataset):
                      for w, sl in zip(window, self.roi or [slice(0, None)] * len(window)))
 
 
+    def _candidates(self) -> int:
+        if not getattr(self, "_warm", False):
+            self.wait()
+            self._warm = True
+        return self._foreground.refresh(self._pool.cached()).candidates
+
     def _more_foreground(self) -> bool:
         # The few shards cached so far may hold only rare acceptable patches: wait for the next one.
         prefetcher = self.prefetcher
@@ -285,7 +306,32 @@ def _fast(ds, label_paths=None, lazy=None, foreground=None):
             from ..store.lazy import Prefetcher
             d.prefetcher = Prefetcher(d._pool.arrays, d._pool.shards, seed=options["seed"] + 1000003 * i,
                                       workers=options["prefetch_workers"], first=d._pool.owners).start()
+    if foreground is not None:
+        _group_foreground(inner, foreground[1], foreground[0]["split"])
     return ds
+
+
+def _pick(rng, weights) -> int:
+    """An index drawn with probability proportional to `weights` (integers)."""
+    cum = np.cumsum(weights)
+    return int(np.searchsorted(cum, rng.integers(cum[-1]), side="right")) if cum[-1] else 0
+
+
+def _group_foreground(inner, sources, split):
+    """Let the datasets of several entries draw foreground patches as one (see `_get_desired_raw_and_labels`);
+    refuse a threshold none of them can meet, naming each entry's largest fraction."""
+    if all(getattr(d, "_lazy", None) is None for d in inner) and not any(d._candidates() for d in inner):
+        fg = inner[0]._foreground
+        shown = fg.min_fraction[0] if len(set(fg.min_fraction)) == 1 else fg.min_fraction
+        largest = {f"{s.request.experiment}_{s.request.label}": [round(f, 6) for f in d._foreground.largest_fraction]
+                   for d, (s, _) in zip(inner, sources)}
+        raise ValueError(f"min_foreground={shown!r}: no {tuple(inner[0].sample_shape)} patch of "
+                         f"{', '.join(largest)}{f' ({split} split)' if split else ''} can hold that much foreground; "
+                         f"the most any holds is at most {largest} (per label, from the store's foreground index). "
+                         "Lower min_foreground, or choose a smaller patch_shape")
+    if len(inner) > 1:
+        for d in inner:
+            d._foreground_group = inner
 
 
 def _proposals(d, source, label_names, min_foreground, split, weight, lazy=False):
@@ -308,16 +354,7 @@ def _proposals(d, source, label_names, min_foreground, split, weight, lazy=False
             index_array(cache, name, shape, progress=source.progress)
             found, known = array_counts(cache, name, shape)
         counts.append(found)
-    fractions = list(min_foreground) if isinstance(min_foreground, (list, tuple)) else [min_foreground] * len(label_names)
-    fg = ForegroundProposals(counts, shape, box, tuple(d.sample_shape), fractions)
-    if fg.candidates == 0:
-        entry = f"{source.request.experiment}_{source.request.label}"
-        shown = min_foreground[0] if len(set(min_foreground)) == 1 else min_foreground
-        raise ValueError(f"min_foreground={shown!r}: no {tuple(d.sample_shape)} patch of {entry}"
-                         f"{f' ({split} split)' if split else ''} can hold that much foreground; the most any "
-                         f"holds is at most {[round(f, 6) for f in fg.largest_fraction]} (per label, from the "
-                         "store's foreground index). Lower min_foreground, or choose a smaller patch_shape")
-    return fg
+    return ForegroundProposals(counts, shape, box, tuple(d.sample_shape), list(min_foreground))
 
 
 def _check_foreground(min_foreground, sampler, weight, n_labels: int):
