@@ -46,6 +46,9 @@ def open_catalog(**parameters):
     entry. Unlike intake's own catalog object it names a misspelled entry and the closest one
     (`cat.p105_pds` -> "entry 'p105_pds' is unknown; allowed: [...]; did you mean 'p105_psd'?")."""
     import intake
+    from .catalog import check_names
+    from .drivers import source_keywords
+    check_names(parameters, source_keywords(), "open_catalog parameter")  # before anything is opened
     return PackageCatalog(intake.open_catalog(catalog_path()), parameters)
 
 

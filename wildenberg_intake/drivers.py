@@ -26,11 +26,21 @@ from .source.transfer import RetryPolicy
 def entry_source(name: str, **parameters):
     """Catalog entry `name` of the packaged catalog, configured with `parameters`."""
     import intake
-    from .catalog import catalog_path
+    from .catalog import catalog_path, unknown_name
     cat = intake.open_catalog(catalog_path())
     if name not in cat:
-        raise ValueError(f"entry {name!r} is unknown; allowed: {list(cat)}")
+        raise ValueError(unknown_name("entry", name, list(cat)))
     return cat[name](**parameters)
+
+
+def source_keywords() -> list[str]:
+    """Every keyword a catalog entry takes: the user parameters and the drivers' options."""
+    options = set(USER_PARAMETERS)
+    for driver in (WildenbergSource, SynapseTableSource):
+        options |= {n for n, p in inspect.signature(driver.__init__).parameters.items()
+                    if p.kind is p.POSITIONAL_OR_KEYWORD and n not in ("self", "dataset", "label", "parameters",
+                                                                        "metadata")}
+    return sorted(options)
 
 
 def cache_state(plan: StorePlan, names) -> dict:

@@ -39,9 +39,14 @@ def block_counts(block: np.ndarray) -> np.ndarray:
     if any(p for _, p in pad):
         nz = np.pad(nz, pad)
     (gz, gy, gx), (bz, by, bx) = block_grid(nz.shape), BLOCK
-    planes = nz.reshape(gz, bz, gy * by, gx * bx).sum(axis=1, dtype=np.uint8)  # <= bz a voxel column
+    stack = nz.reshape(gz, bz, gy * by, gx * bx)
+    planes = stack[:, 0].copy()
+    for k in range(1, bz):  # plane by plane: measured faster than numpy's reduction over the axis
+        planes += stack[:, k]  # <= bz a voxel column
     words = planes.reshape(gz, gy * by, gx, bx).view(np.uint64)  # (..., bx / 8): 8 byte lanes each
-    lanes = words.sum(axis=-1, dtype=np.uint64)  # each byte <= bz * bx / 8 (< 256)
+    lanes = words[..., 0].copy()
+    for k in range(1, bx // 8):
+        lanes += words[..., k]  # each byte <= bz * bx / 8 (< 256)
     if bz * bx < 256:  # the 8 lanes' sum fits a byte: one multiply adds them into the top byte
         rows = (lanes * np.uint64(0x0101010101010101)) >> np.uint64(56)
     else:  # add byte pairs into 16-bit lanes first

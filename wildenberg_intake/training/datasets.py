@@ -26,9 +26,33 @@ from .transforms import fast_label_transforms, fast_transform
 
 EXPERIMENTS = ("p105", "p14")
 # Entry parameters that get_dataset / get_loader pass on to the catalog entries.
-ENTRY_PARAMETERS = ("bbox_nm", "em_mip", "seg_mip", "cache_dir", "base_url", "workers", "progress", "connections",
-                    "cache_limit")
+ENTRY_PARAMETERS = ("bbox_nm", "em_mip", "seg_mip", "cache_dir", "base_url", "raw_codec", "workers", "progress",
+                    "connections", "cache_limit", "retry", "check_hashes", "lock")
+# torch-em's default_segmentation_dataset keywords that get_dataset passes on (the others it sets itself).
+TORCH_EM_DATASET_KEYWORDS = ("label_transform", "label_transform2", "raw_transform", "transform", "dtype",
+                             "label_dtype", "rois", "n_samples", "sampler", "ndim", "is_seg_dataset",
+                             "with_channels", "with_label_channels", "verify_paths", "with_padding", "z_ext",
+                             "pre_label_transform")
+DATASET_KEYWORDS = ("split", "offsets", "boundaries", "binary", "labels", "download", "lazy", "warmup", "seed",
+                    "lazy_timeout", "min_foreground", "sampler", "foreground_weight")
+
+
+def _check_keywords(kwargs: dict, function: str, extra=()):
+    """Refuse a keyword get_dataset / get_loader do not know, with the allowed names and the closest
+    one, before any request or file is made (torch-em would raise only after the box was fetched)."""
+    from ..catalog import check_names
+    check_names(kwargs, [*DATASET_KEYWORDS, *ENTRY_PARAMETERS, *TORCH_EM_DATASET_KEYWORDS, *extra],
+                f"{function} keyword")
 SPLITS = ("train", "val")
+
+
+def _refuse_tables(sources):
+    """A synapse table entry has no voxels to train on: name the label entries instead."""
+    from ..drivers import SynapseTableSource
+    for s in sources:
+        if isinstance(s, SynapseTableSource):
+            raise ValueError(f"sources: {s.request.experiment}_synapses is a synapse table, not a label volume; "
+                             f"allowed: the label entries, e.g. {[f'{s.request.experiment}_{l}' for l in LABELS]}")
 
 
 def resolve_sources(sources, **parameters) -> list:
@@ -430,8 +454,10 @@ def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] =
     import torch_em
     from torch_em.data.datasets import util
 
+    _check_keywords(kwargs, "get_dataset")
     entry_params = {k: kwargs.pop(k) for k in ENTRY_PARAMETERS if k in kwargs}
     srcs = resolve_sources(sources, **entry_params)
+    _refuse_tables(srcs)
     if lazy:
         _check_warmup(warmup)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -509,11 +535,13 @@ def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] =
 def get_loader(sources, patch_shape: Tuple[int, ...], batch_size: int, **kwargs) -> DataLoader:
     """A torch DataLoader over `get_dataset(sources, patch_shape, ...)`; DataLoader keywords
     (num_workers, shuffle, ...) and dataset keywords may be mixed, as in torch-em."""
+    import inspect
     import torch_em
     from torch_em.data.datasets import util
+    loader_keywords = [n for n in inspect.signature(DataLoader).parameters if n not in ("dataset", "batch_size")]
+    _check_keywords(kwargs, "get_loader", loader_keywords)
     ds_kwargs, loader_kwargs = util.split_kwargs(torch_em.default_segmentation_dataset, **kwargs)
-    for key in ("split", "offsets", "boundaries", "binary", "labels", "download", "lazy", "warmup", "seed",
-                "lazy_timeout", "min_foreground", "sampler", "foreground_weight", *ENTRY_PARAMETERS):
+    for key in (*DATASET_KEYWORDS, *ENTRY_PARAMETERS):
         if key in loader_kwargs:
             ds_kwargs[key] = loader_kwargs.pop(key)
     ds = get_dataset(sources, patch_shape, **ds_kwargs)
