@@ -133,3 +133,32 @@ def test_the_cli_and_python_refuse_a_bad_value_with_one_message(argv, python, me
         getattr(catalog, entry)(base_url="http://127.0.0.1:9/nothing", cache_dir=str(tmp_path), **kwargs)
     assert str(info.value) == message
     assert not (tmp_path / "wildenberg2023").exists()
+
+
+def test_unknown_keywords_are_refused_with_the_closest_before_any_request_or_file(server, tmp_path):
+    """get_dataset, get_loader and open_catalog name an unknown keyword, the allowed ones and the
+    closest, before a request is sent or a file written (torch-em would raise after the fetch)."""
+    import wildenberg_intake
+    from wildenberg_intake import get_dataset, get_loader
+    cache = tmp_path / "cache"
+    common = dict(base_url=server.base_url, cache_dir=str(cache), progress=False)
+    before = server.requests
+    cases = [(lambda: get_dataset(["p14_psd"], (8, 64, 64), bbox_mn=[0, 1, 0, 1, 0, 1], **common),
+              r"get_dataset keyword 'bbox_mn' is unknown; allowed: \[.*'bbox_nm'.*\]; did you mean 'bbox_nm'\?"),
+             (lambda: get_loader(["p14_psd"], (8, 64, 64), batch_size=1, num_worker=2, **common),
+              r"get_loader keyword 'num_worker' is unknown; allowed: .*; did you mean 'num_workers'\?"),
+             (lambda: get_dataset(["p14_psd"], (8, 64, 64), min_forground=0.01, **common),
+              r"did you mean 'min_foreground'\?"),
+             (lambda: wildenberg_intake.open_catalog(base_ur=server.base_url),
+              r"open_catalog parameter 'base_ur' is unknown; allowed: .*; did you mean 'base_url'\?")]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert server.requests == before, "nothing may be requested before the keywords are checked"
+    assert not cache.exists(), "nothing may be written before the keywords are checked"
+    # entry options reach the entries (they went to torch-em before)
+    ds = get_dataset(["p14_psd"], (8, 64, 64), raw_codec="zstd3", retry={"attempts": 2}, **common)
+    assert len(ds) > 0
+    with pytest.raises(ValueError, match=r"sources: p14_synapses is a synapse table, not a label volume; allowed: "
+                                         r"the label entries, e.g. \['p14_psd', 'p14_vesicle_cloud', 'p14_saturated'\]"):
+        get_dataset(["p14_synapses"], (8, 64, 64), **common)

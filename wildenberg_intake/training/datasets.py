@@ -545,7 +545,16 @@ def get_loader(sources, patch_shape: Tuple[int, ...], batch_size: int, **kwargs)
         if key in loader_kwargs:
             ds_kwargs[key] = loader_kwargs.pop(key)
     ds = get_dataset(sources, patch_shape, **ds_kwargs)
-    return torch_em.get_data_loader(ds, batch_size=batch_size, **loader_kwargs)
+    return torch_em.get_data_loader(ds, batch_size=batch_size, **_pin_where_useful(loader_kwargs))
+
+
+def _pin_where_useful(loader_kwargs: dict) -> dict:
+    """torch-em pins batches by default; without an accelerator torch warns on every loader that
+    pinning does nothing: pin only where an accelerator is (unless the caller says)."""
+    import torch
+    if "pin_memory" not in loader_kwargs:
+        loader_kwargs = {**loader_kwargs, "pin_memory": torch.cuda.is_available()}
+    return loader_kwargs
 
 
 def label_view(source, download: bool = True, lazy: bool = False) -> str:
@@ -658,4 +667,4 @@ def get_wildenberg_loader(
                                 label_choice=label_choice, bounding_box=bounding_box, em_mip=em_mip,
                                 seg_mip=seg_mip, download=download, offsets=offsets, boundaries=boundaries,
                                 **ds_kwargs)
-    return torch_em.get_data_loader(ds, batch_size=batch_size, **loader_kwargs)
+    return torch_em.get_data_loader(ds, batch_size=batch_size, **_pin_where_useful(loader_kwargs))
