@@ -1,7 +1,7 @@
 # The two commands of the README. Each creates and fills its own virtual environment in .venv:
 # `make demo` installs the core dependencies only; `make test` adds torch, torch-em, dask.distributed,
 # neuroglancer, the test tools and what the benchmarks compare against. The browser test also needs
-# Debian's chromium and chromium-driver (`.ci/run` installs them when run as root).
+# Debian's chromium and chromium-driver: `make test` installs them when run as root.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -27,6 +27,15 @@ demo: $(VENV)/.core
 	$(PY) -m wildenberg_intake.cli.demo
 
 test: $(VENV)/.installed
+	@# The browser test's Debian packages: installed here where we may (root); otherwise those
+	@# tests are skipped with the command that installs them (CI, which runs as root, fails instead).
+	@if ! [ -x /usr/bin/chromium ] || ! [ -x /usr/bin/chromedriver ]; then \
+	    if [ "$$(id -u)" = 0 ]; then \
+	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	    else \
+	        echo "the browser test needs Debian's chromium and chromium-driver: sudo apt-get install chromium chromium-driver"; \
+	    fi; \
+	fi
 	$(PY) -m pytest -q
 
 clean:

@@ -162,3 +162,13 @@ def test_unknown_keywords_are_refused_with_the_closest_before_any_request_or_fil
     with pytest.raises(ValueError, match=r"sources: p14_synapses is a synapse table, not a label volume; allowed: "
                                          r"the label entries, e.g. \['p14_psd', 'p14_vesicle_cloud', 'p14_saturated'\]"):
         get_dataset(["p14_synapses"], (8, 64, 64), **common)
+
+
+def test_intakes_own_catalog_names_a_misspelled_entry_and_the_closest():
+    import intake
+    cat = intake.cat.wildenberg2023
+    with pytest.raises(AttributeError, match=r"entry 'p105_psds' is unknown; allowed: \[.*\]; did you mean 'p105_psd'\?"):
+        cat.p105_psds
+    with pytest.raises(KeyError, match=r"entry 'p14_vesicle' is unknown; .*did you mean 'p14_vesicle_cloud'\?"):
+        cat["p14_vesicle"]
+    assert cat.p105_psd.request.label == "psd"

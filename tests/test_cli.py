@@ -411,3 +411,31 @@ def test_du_shows_each_arrays_shards_and_bytes_as_on_disk_and_verify_takes_every
     (bare / "data.zarr" / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group"}))
     code, _, err = run(capsys, "verify", str(bare))
     assert code == 2 and f"store {bare} holds no arrays yet; nothing to verify" in err, err
+
+
+@pytest.mark.parametrize("max_size", [64, 256])
+def test_a_small_preview_keeps_its_whole_title_inside_the_image(wide, tmp_path, capsys, max_size):
+    """The title shrinks, then wraps, to fit: every fully covered pixel of its text as drawn on an
+    unbounded canvas is in the preview, and none touches the right edge."""
+    from PIL import Image, ImageDraw
+    from wildenberg_intake.mirror import MirrorServer
+    from wildenberg_intake.viewer.preview import TITLE_COLOUR, TITLE_MARGIN, _fit
+    png = tmp_path / "small.png"
+    with MirrorServer(wide.root) as server:
+        code, out, err = run(capsys, "preview", "p14_psd", "--base-url", server.base_url, "--cache-dir",
+                             str(tmp_path), "--z", "1", "-o", str(png), "--max-size", str(max_size))
+    assert code == 0, err
+    image = np.asarray(Image.open(png).convert("RGB"))
+    h, w, _ = image.shape
+    yellow = np.all(image == TITLE_COLOUR, axis=2)
+    assert yellow.any() and not yellow[:, w - TITLE_MARGIN + 2:].any()
+    title = Image.open(png).text["Title"]
+    assert title.startswith("p14 psd z=1")
+    # The same lines on a canvas wide enough: as many fully covered pixels as the preview shows.
+    canvas = Image.new("RGB", (2000, h), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    font, lines = _fit(draw, title, w - 2 * TITLE_MARGIN)
+    step = sum(font.getmetrics()) + 1
+    for i, line in enumerate(lines):
+        draw.text((TITLE_MARGIN, 6 + i * step), line, fill=TITLE_COLOUR, font=font)
+    assert yellow.sum() == np.all(np.asarray(canvas) == TITLE_COLOUR, axis=2).sum()

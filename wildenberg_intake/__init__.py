@@ -31,14 +31,18 @@ def verify(path) -> dict:
 def __getattr__(name):
     # Built on first use so that importing the package stays cheap and intake is not imported
     # while intake itself is loading this package's entry points.
-    if name == "cat":  # intake's own catalog object: what intake's entry point (intake.cat.wildenberg2023) expects
-        import intake
-        return intake.open_catalog(catalog_path())
+    if name == "cat":  # intake's own catalog type: what intake's entry point (intake.cat.wildenberg2023) expects
+        return _intake_catalog()
     # The torch adapter loads torch and torch-em: only when asked for.
     if name in _TRAINING:
         from . import training
         return getattr(training, name)
     raise AttributeError(f"module 'wildenberg_intake' has no attribute {name!r}")
+
+
+def _intake_catalog():
+    from .intake_catalog import WildenbergCatalog  # imports intake: only when asked for
+    return WildenbergCatalog()
 
 
 def open_catalog(**parameters):

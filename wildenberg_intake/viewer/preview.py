@@ -24,7 +24,7 @@ def _scale_bar_um(width_nm: float) -> float:
     return float(10**k)
 
 
-def _font():
+def _font(size: int = 11):
     """(font, the micro sign it can draw): DejaVu Sans, which matplotlib ships and which has µ; PIL's
     default bitmap font has no µ (it drew a box), so without matplotlib the bar reads "um"."""
     from PIL import ImageFont
@@ -32,11 +32,28 @@ def _font():
         import os
         import matplotlib
         path = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
-        return ImageFont.truetype(path, 11), "\u00b5"
+        return ImageFont.truetype(path, size), "\u00b5"
     except (ImportError, OSError):
         return ImageFont.load_default(), "u"
 
 
+def _fit(draw, text: str, width: int):
+    """(font, lines) that draw `text` within `width` pixels: the default size if it fits, else a
+    smaller one (down to 8 px), else wrapped at spaces (a narrow preview keeps its whole title)."""
+    for size in (11, 10, 9, 8):
+        font, _ = _font(size)
+        if draw.textlength(text, font=font) <= width:
+            return font, [text]
+    lines = []
+    for word in text.split(" "):
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return font, lines
+
+
+TITLE_MARGIN, TITLE_COLOUR = 6, (255, 255, 0)
 DEFAULT_MAX_SIZE = 2048
 DEFAULT_MAX_FETCH = 8 * 10**9  # bytes an overview may fetch (uncompressed estimate) before it is refused
 
@@ -128,6 +145,12 @@ def render(source, z: int, output, max_size: int = DEFAULT_MAX_SIZE, max_fetch: 
     draw.text((x0, y0 - 14), f"{um:g} {micro}m", fill=(255, 255, 255), font=font)
     title = f"{source.request.experiment} {source.request.label} z={z}" + (
         f" (overview {res_x:g} nm: EM mip, labels' mode)" if level else "")
-    draw.text((10, 6), title, fill=(255, 255, 0), font=font)
-    image.save(output, format="PNG")
+    title_font, lines = _fit(draw, title, w - 2 * TITLE_MARGIN)
+    line_height = sum(title_font.getmetrics()) + 1
+    for i, line in enumerate(lines):
+        draw.text((TITLE_MARGIN, 6 + i * line_height), line, fill=TITLE_COLOUR, font=title_font)
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    info.add_text("Title", title)  # the whole title, however it was fitted
+    image.save(output, format="PNG", pnginfo=info)
     return level
