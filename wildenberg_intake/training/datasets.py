@@ -271,11 +271,23 @@ class LazyStoreDataset(CachedStoreDataset):
         return self._foreground.refresh(self._pool.cached()).candidates
 
     def _more_foreground(self) -> bool:
-        # The few shards cached so far may hold only rare acceptable patches: wait for the next one.
-        prefetcher = self.prefetcher
-        if prefetcher is None or not prefetcher.running:
+        # The few shards cached so far may hold only rare acceptable patches: wait for the next one,
+        # as long as one can come (the prefetcher runs, here or, for a loader worker, in the process
+        # that made the dataset; nothing new for lazy_timeout seconds ends the wait).
+        fg = self._foreground
+        cached = self._pool.cached(refresh=True)
+        if cached != fg.seen:  # more cached since the proposals were made (they are remade once a second)
+            fg.refresh(cached, force=True)
+            return True
+        if len(cached) >= len(self._pool.shards):
             return False
-        self.wait(len(self._foreground.seen) + 1)
+        prefetcher = self.prefetcher
+        if prefetcher is not None and prefetcher.owner_pid == os.getpid() and not prefetcher.running:
+            return False
+        if not self._pool.wait(len(cached) + 1, self._lazy["timeout"],
+                               error=(lambda: prefetcher.error) if prefetcher is not None else (lambda: None)):
+            return False
+        fg.refresh(self._pool.cached(refresh=True), force=True)
         return True
 
     def _refresh_foreground(self):
