@@ -130,6 +130,7 @@ def main():
     parser.add_argument("--thresholds", type=float, nargs="+", default=(0.001, 0.01, 0.05))
     parser.add_argument("--mirror", type=Path, help="reuse (or write once) a mirror in this folder")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per row (best kept)")
+    parser.add_argument("--index-only", action="store_true", help="the index's cost and size, no sampling")
     args = parser.parse_args()
     import intake
     import wildenberg_intake
@@ -183,6 +184,8 @@ def main():
                       f"on disk, {100 * index_bytes / raw:.4f}% of its {raw / 1e6:.0f} MB uncompressed; counting "
                       f"its shards took {count_s:.3f} CPU s ({100 * count_s / cpu['with']:.1f}% of the "
                       "materialisation's CPU)")
+            if args.index_only:
+                return
             print()
             header = (f"{'label':14s} {'patch':12s} {'min fg':>6s} {'sampler':10s} {'acc/s':>7s} {'acc/s 2w':>8s} "
                       f"{'x':>5s} {'x 2w':>5s} {'Mvox/acc':>8s} {'x fewer':>7s} {'reads/acc':>9s} {'failures':>8s}")
