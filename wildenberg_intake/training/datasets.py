@@ -193,13 +193,20 @@ class CachedStoreDataset(SegmentationDataset):
         return self._foreground.candidates
 
     def _foreground_patch(self):
-        """One proposal of this dataset, read: (raw, labels) if accepted by the exact count, else None."""
+        """One proposal of this dataset: its labels read and counted, its raw read only if accepted
+        (torch-em's `_get_desired_raw_and_labels` reads both first; otherwise the same steps)."""
         self._proposing = True
         try:
-            raw, labels = SegmentationDataset._get_desired_raw_and_labels(self)
+            box = self._sample_bounding_box()
         finally:
             self._proposing = False
-        return (raw, labels) if self._foreground.accepts(labels, self._with_label_channels) else None
+        labels = self.labels[(slice(None),) + box if self._with_label_channels else box]
+        pre_label_transform = getattr(self, "pre_label_transform", None)
+        if pre_label_transform is not None:
+            labels = pre_label_transform(labels)
+        if not self._foreground.accepts(labels, self._with_label_channels):
+            return None
+        return self.raw[(slice(None),) + box if self._with_channels else box], labels
 
 
 class LazyStoreDataset(CachedStoreDataset):
