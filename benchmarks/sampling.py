@@ -13,8 +13,9 @@ reader (the package's dataset, torch-em's default transforms):
 - foreground: the package's `min_foreground` (origins proposed from the foreground index, accepted
   by the exact count).
 Reported: accepted patches per second in one process and through a loader with 2 workers (batches
-of 4, counted after the first), label
-voxels read (and decoded) per accepted patch, proposals per accepted patch, and "max attempts"
+of 4, counted after the first), voxels read and decoded per accepted patch (raw and labels:
+rejection reads both for every patch it tries, the package the labels of every proposal and raw
+only for the accepted ones), patches read per accepted patch, and "max attempts"
 failures (torch-em's RuntimeError after 500 rejections, one process and loader together), each over
 `--seconds` seconds. A threshold no patch can meet is refused by the package when the dataset is made.
 Also the index's size against the label's bytes (on disk and uncompressed).
@@ -105,12 +106,14 @@ while time.perf_counter() - t < seconds:
         failures += 1
 elapsed = time.perf_counter() - t
 voxels = int(np.prod(patch))
-if sampler == "rejection":
+if sampler == "rejection":  # raw and labels of every patch tried
     reads = calls["n"]
-else:
+    voxels_read = 2 * reads * voxels
+else:  # the labels of every proposal, raw of the accepted ones
     reads = inner._foreground.proposed
+    voxels_read = (reads + n) * voxels
 print(json.dumps({"accepted": n, "s": elapsed, "failures": failures, "reads": reads,
-                  "voxels_per_accepted": reads * voxels / max(n, 1), "reads_per_accepted": reads / max(n, 1)}))
+                  "voxels_per_accepted": voxels_read / max(n, 1), "reads_per_accepted": reads / max(n, 1)}))
 """
 
 
