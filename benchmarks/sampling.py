@@ -139,7 +139,6 @@ def main():
     import wildenberg_intake
     from wildenberg_intake.mirror import MirrorServer, build_mirror
     from wildenberg_intake.store.engine import cache_for
-    from wildenberg_intake.store.foreground import record_counts
     cat = intake.open_catalog(wildenberg_intake.catalog_path())
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from scipy.stats import chisquare
 
 from wildenberg_intake import cli, get_dataset, get_loader
