@@ -255,7 +255,10 @@ def test_synapses_command_prints_the_comparison_and_writes_the_table_and_figure(
         assert float(fields[4]) == pytest.approx(whole["psd_volume_um3"].median(), abs=5e-6)
         assert f"{experiment} {table['touches_box_edge'].sum()} of {len(table)}" in printed
     image = Image.open(png)
-    assert image.size[0] > 800 and np.asarray(image.convert("L")).std() > 10
+    grey = np.asarray(image.convert("L"))
+    assert image.size[0] > 800 and grey.std() > 10
+    # Every title inside the figure: nothing drawn in the outer 3 pixels (a cut title touches the edge).
+    assert grey[:, :3].min() == 255 and grey[:, -3:].min() == 255 and grey[:3].min() == 255, "a title is cut"
     # The comparison: the U statistics and the bootstrap intervals, recomputed here independently.
     tables = {e: entry_source(f"{e}_synapses", base_url=server.base_url, cache_dir=str(tmp_path)) for e in ("p105", "p14")}
     sizes = {}

@@ -74,7 +74,7 @@ def plot(tables: dict, path, tests: dict | None = None) -> None:
         ax.set_yscale("log")
         ax.set_ylabel(f"{title} (µm³)")
         if tests and np.isfinite(tests[column][1]):
-            ax.set_title(f"{title} (Mann-Whitney p = {tests[column][1]:.3g})")
+            ax.set_title(f"{title}\n(Mann-Whitney p = {tests[column][1]:.3g})")  # one line overflowed the figure
         else:
             ax.set_title(title)
     fig.suptitle("Synapses not touching the box's faces")
