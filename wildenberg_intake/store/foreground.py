@@ -84,19 +84,28 @@ def record_counts(record: dict | None, shard_shape) -> np.ndarray | None:
     return counts.reshape(grid)
 
 
+def shard_blocks(index, shape) -> tuple:
+    """The slices of the block grid of an array of `shape` that shard `index` covers."""
+    start, stop = shard_box(index, shape)
+    return tuple(slice(a // b, -(-c // b)) for a, c, b in zip(start, stop, BLOCK))
+
+
+def recorded_counts(cache, name: str, index, shape) -> np.ndarray | None:
+    """The counts the record of shard `index` of array `name` (of `shape`) holds, or None."""
+    start, stop = shard_box(index, shape)
+    return record_counts(cache.record(name, index), np.subtract(stop, start))
+
+
 def array_counts(cache, name: str, shape):
     """(counts, known) over the block grid of array `name` of `shape`: the index of every recorded
     shard that has one (int32 counts; `known` marks the blocks of those shards)."""
     counts = np.zeros(block_grid(shape), dtype=np.int32)
     known = np.zeros(block_grid(shape), dtype=bool)
     for index in cache.done_shards(name):
-        start, stop = shard_box(index, shape)
-        shard = record_counts(cache.record(name, index), np.subtract(stop, start))
-        if shard is None:
-            continue
-        at = tuple(slice(a // b, a // b + n) for a, b, n in zip(start, BLOCK, shard.shape))
-        counts[at] = shard
-        known[at] = True
+        shard = recorded_counts(cache, name, index, shape)
+        if shard is not None:
+            counts[shard_blocks(index, shape)] = shard
+            known[shard_blocks(index, shape)] = True
     return counts, known
 
 
@@ -107,19 +116,21 @@ def index_array(cache, name: str, shape, progress: bool = True) -> int:
     from tqdm.auto import tqdm
     from .layout import array_path
     from .reader import ShardedArrayReader
-    todo = [i for i in sorted(cache.done_shards(name)) if record_counts(cache.record(name, i), np.subtract(
-        *shard_box(i, shape)[::-1])) is None]
+    todo = [i for i in sorted(cache.done_shards(name)) if recorded_counts(cache, name, i, shape) is None]
     reader = ShardedArrayReader(cache.zarr_path / array_path(name))
     return sum(index_shard(cache, name, index, shape, reader) is not None
                for index in tqdm(todo, unit="shard", disable=not progress, desc=f"index {name}"))
 
 
-def index_shard(cache, name: str, index, shape, reader) -> np.ndarray | None:
+def index_shard(cache, name: str, index, shape, reader=None) -> np.ndarray | None:
     """Count recorded shard `index` of label array `name` through `reader` (the package's
-    ShardedArrayReader of the array) and add the counts to its record, keeping the record's mtime.
-    Returns them (None: the shard is not recorded, or was evicted meanwhile)."""
+    ShardedArrayReader of the array; made here if None) and add the counts to its record, keeping
+    the record's mtime. Returns them (None: the shard is not recorded, or was evicted meanwhile)."""
     from .files import durable_write
+    from .layout import array_path
     from .liveness import close_lock_fd
+    from .reader import ShardedArrayReader
+    reader = reader or ShardedArrayReader(cache.zarr_path / array_path(name))
     fd = cache.hold(name, index)  # not evicted while it is read and its record rewritten
     if fd is None:
         return None

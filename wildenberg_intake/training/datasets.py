@@ -22,6 +22,7 @@ from torch_em.data import SegmentationDataset
 
 from ..catalog import LABELS, load_catalog_yaml
 from ..drivers import entry_source
+from .sampling import draw
 from .transforms import fast_label_transforms, fast_transform
 
 EXPERIMENTS = ("p105", "p14")
@@ -177,7 +178,7 @@ class CachedStoreDataset(SegmentationDataset):
         rng = self._generator()
         while True:
             for _ in range(self.max_sampling_attempts + 1):
-                d = group[0] if len(group) == 1 else group[_pick(rng, [g._candidates() for g in group])]
+                d = group[0] if len(group) == 1 else group[draw(rng, np.cumsum([g._candidates() for g in group]))]
                 found = d._foreground_patch()
                 if found is not None:
                     return found
@@ -251,10 +252,13 @@ class LazyStoreDataset(CachedStoreDataset):
     def _generator(self) -> np.random.Generator:
         return self._draw_rng()  # proposals too: the same seed, torch seed and cache state, the same patches
 
-    def _sample_bounding_box(self):
+    def _warm_up(self):
         if not getattr(self, "_warm", False):
             self.wait()
             self._warm = True
+
+    def _sample_bounding_box(self):
+        self._warm_up()
         if self.prefetcher is not None and self.prefetcher.error is not None:
             self.wait()  # raises it
         if self._proposing:
@@ -272,9 +276,7 @@ class LazyStoreDataset(CachedStoreDataset):
 
 
     def _candidates(self) -> int:
-        if not getattr(self, "_warm", False):
-            self.wait()
-            self._warm = True
+        self._warm_up()
         return self._foreground.refresh(self._pool.cached()).candidates
 
     def _more_foreground(self) -> bool:
@@ -298,19 +300,14 @@ class LazyStoreDataset(CachedStoreDataset):
         return True
 
     def _refresh_foreground(self):
-        """Proposals over the shards cached now; with none yet, wait for the prefetcher to cache more."""
+        """Proposals over the shards cached now; with none yet, wait for more shards while any can come."""
         fg = self._foreground
         while not fg.refresh(self._pool.cached()).candidates:
-            prefetcher = self.prefetcher
-            if prefetcher is None or not prefetcher.running:
-                if fg.refresh(self._pool.cached(refresh=True), force=True).candidates:
-                    return
+            if not self._more_foreground():
                 raise ValueError(f"min_foreground={fg.min_fraction}: no patch of the {len(fg.seen)} cached shards "
                                  f"of {self._lazy['plan'].request.experiment} can hold that much foreground (the "
                                  f"most any holds: at most {[round(f, 6) for f in fg.largest_fraction]}), and no "
                                  "more shards are coming; lower min_foreground")
-            self.wait(len(fg.seen) + 1)
-            fg.refresh(self._pool.cached(refresh=True), force=True)
 
 
 def _fast(ds, label_paths=None, lazy=None, foreground=None):
@@ -352,12 +349,6 @@ def _fast(ds, label_paths=None, lazy=None, foreground=None):
     if foreground is not None:
         _group_foreground(inner, foreground[1], foreground[0]["split"])
     return ds
-
-
-def _pick(rng, weights) -> int:
-    """An index drawn with probability proportional to `weights` (integers)."""
-    cum = np.cumsum(weights)
-    return int(np.searchsorted(cum, rng.integers(cum[-1]), side="right")) if cum[-1] else 0
 
 
 def _group_foreground(inner, sources, split):
@@ -544,7 +535,7 @@ def get_dataset(sources, patch_shape: Tuple[int, ...], *, split: Optional[str] =
         label_names = [f"labels/{l}" for l in labels] if labels is not None else None
         lazy_sources = (options, [(s.plan, label_names or [s.plan.label_name]) for s in srcs])
     foreground = None
-    if fractions is not None and sampler in (None, "foreground") or callable(sampler) and fractions is not None:
+    if fractions is not None and sampler != "rejection":  # "foreground" (the default) or a callable on top
         names = [f"labels/{l}" for l in labels] if labels is not None else None
         foreground = ({"min_foreground": fractions, "split": split, "weight": float(foreground_weight)},
                       [(s, names or [s.plan.label_name]) for s in srcs])

@@ -20,6 +20,12 @@ import numpy as np
 from ..store.foreground import BLOCK
 
 
+def draw(rng, cumulative) -> int:
+    """An index drawn with probability proportional to the weights whose running sum is
+    `cumulative` (integers; 0 where they are all 0)."""
+    return int(np.searchsorted(cumulative, rng.integers(cumulative[-1]), side="right")) if cumulative[-1] else 0
+
+
 def _axis_cells(lo: int, hi: int, patch: int, block: int):
     """Origins [lo, hi) cut where the first or last block a patch of `patch` voxels overlaps
     changes: (start of each cell, its origins, its first block, one past its last block)."""
@@ -97,8 +103,7 @@ class ForegroundProposals:
     def propose(self, rng) -> tuple:
         """A patch origin (global voxels), uniform over the candidates."""
         axes, grid, where, cum = self._cells
-        k = int(np.searchsorted(cum, rng.integers(cum[-1]), side="right"))
-        cell = np.unravel_index(where[k], grid)
+        cell = np.unravel_index(where[draw(rng, cum)], grid)
         origin = tuple(int(axes[a][0][c] + rng.integers(axes[a][1][c])) for a, c in enumerate(cell))
         self.proposed += 1
         return origin
@@ -160,37 +165,24 @@ class CachedForeground:
         if self.current is not None and (cached == self.seen or not force and now - self._made < self.refresh_seconds
                                          and self.current.candidates):
             return self.current
-        from ..store.foreground import BLOCK as block, record_counts
-        from ..store.layout import shard_box
+        from ..store.foreground import index_shard, recorded_counts, shard_blocks
         for index in cached - self.seen:
-            start, stop = shard_box(index, self.shape)
-            at = tuple(slice(a // b, -(-c // b)) for a, c, b in zip(start, stop, block))
-            found = [record_counts(self.cache.record(name, index), np.subtract(stop, start)) for name in self.names]
-            if any(f is None for f in found):
-                found = [self._index(name, index) for name in self.names]
+            found = [recorded_counts(self.cache, name, index, self.shape) for name in self.names]
+            if any(f is None for f in found):  # a shard written before the index
+                found = [index_shard(self.cache, name, index, self.shape) for name in self.names]
             if any(f is None for f in found):
                 continue  # evicted meanwhile
             for counts, f in zip(self.counts, found):
-                counts[at] = f
-            self.known[at] = True
+                counts[shard_blocks(index, self.shape)] = f
+            self.known[shard_blocks(index, self.shape)] = True
         for index in self.seen - cached:
-            start, stop = shard_box(index, self.shape)
-            at = tuple(slice(a // b, -(-c // b)) for a, c, b in zip(start, stop, block))
-            self.known[at] = False
+            self.known[shard_blocks(index, self.shape)] = False
             for counts in self.counts:
-                counts[at] = 0
+                counts[shard_blocks(index, self.shape)] = 0
         self.seen, self._made = cached, now
         self.current = ForegroundProposals(self.counts, self.shape, self.box, self.patch, self.min_fraction,
                                            known=self.known)
         return self.current
-
-    def _index(self, name, index):
-        """Counts of a cached shard whose record has none (written before the index)."""
-        from ..store.foreground import index_shard
-        from ..store.layout import array_path
-        from ..store.reader import ShardedArrayReader
-        reader = ShardedArrayReader(self.cache.zarr_path / array_path(name))
-        return index_shard(self.cache, name, index, self.shape, reader)
 
     @property
     def candidates(self) -> int:
