@@ -12,7 +12,7 @@ import zarr
 
 from wildenberg_intake.mirror import MirrorServer
 from wildenberg_intake.store.layout import array_path, shard_box
-from wildenberg_intake.store.cache import DamagedShard, StoreCache
+from wildenberg_intake.store.cache import DamagedShard, StoreCache, has_file
 from wildenberg_intake.store.engine import cache_for
 from wildenberg_intake.store.reader import ShardedArrayReader
 
@@ -29,7 +29,7 @@ def wide_server(wide):
 
 def _labelled_shard(cache, name):
     """A recorded shard of `name` that has a file (holds voxels), with the most bytes."""
-    done = [i for i in cache.done_shards(name) if cache.record(name, i)["sha256"]]
+    done = [i for i in cache.done_shards(name) if has_file(cache.record(name, i))]
     return max(done, key=lambda i: cache.record(name, i)["bytes"])
 
 
@@ -73,7 +73,7 @@ def test_truncated_swapped_and_unrecorded_shards_are_damaged(wide_server, catalo
     cache = cache_for(src.plan)
     name = "labels/saturated"
     # a: the largest shard, b: another, smaller one (its file fits in a's recorded size).
-    by_size = sorted((cache.record(name, i)["bytes"], i) for i in cache.done_shards(name) if cache.record(name, i)["sha256"])
+    by_size = sorted((cache.record(name, i)["bytes"], i) for i in cache.done_shards(name) if has_file(cache.record(name, i)))
     b, a = by_size[0][1], by_size[-1][1]
     path = cache.zarr_path / array_path(name)
 
@@ -240,7 +240,7 @@ def test_recomputing_a_content_checksum_refuses_a_recorded_shard_whose_file_is_g
     cache = cache_for(src.plan)
     name = "labels/psd"
     assert recompute_content_checksum(cache, name) == cache.content_checksum(name, src.plan.arrays[name].shape)
-    index = next(i for i in sorted(cache.done_shards(name)) if cache.record(name, i)["sha256"])
+    index = next(i for i in sorted(cache.done_shards(name)) if has_file(cache.record(name, i)))
     cache.shard_file(name, index).unlink()
     with pytest.raises(DamagedShard, match=r"shard \(%d, %d, %d\) is damaged" % index):
         recompute_content_checksum(cache, name)

@@ -24,7 +24,8 @@ SHARD_BYTES = 1000
 def _write(cache: StoreCache, i: int, z: int = 0):
     index = (z, i // 64, i % 64)
     body = np.random.default_rng(i).bytes(SHARD_BYTES - 4)
-    cache.mark_done("raw", index, cache.write_shard("raw", index, [body, b"\0\0\0\0"]), "content")
+    cache.write_shard("raw", index, [body, b"\0\0\0\0"])
+    cache.mark_done("raw", index, "content")
     return index
 
 

@@ -134,7 +134,7 @@ def test_lock_pins_bytes_across_caches_and_refuses_a_changed_info(mirror, tmp_pa
                              bbox_nm=entry["parameters"]["bbox_nm"]) for d in (tmp_path / "a", tmp_path / "b")]
         stores = [Path(s.materialise()) for s in srcs]
         assert stores[0] != stores[1]
-        assert all(recompute_content_checksum(StoreCache.at(s), "raw") == entry["content_sha256"]["raw"] for s in stores)
+        assert all(recompute_content_checksum(StoreCache.at(s), "raw") == entry["content_xxh3"]["raw"] for s in stores)
         # Upstream changes its info file: the lock refuses it.
         info_path = root / "wildenberg2023/mouse_v1_l4_p14/em_aligned/info"
         info = json.loads(info_path.read_text())
@@ -154,13 +154,48 @@ def test_locked_source_refuses_bytes_that_differ(server, tmp_path, capsys):
                        "--cache-dir", str(tmp_path), "--base-url", server.base_url)
     assert code == 0, err
     pinned = json.loads(lock.read_text())
-    pinned["entries"]["p14_psd"]["content_sha256"]["labels"] = "0" * 64
+    pinned["entries"]["p14_psd"]["content_xxh3"]["labels"] = "0" * 32
     lock.write_text(json.dumps(pinned))
     from wildenberg_intake.drivers import entry_source
     src = entry_source("p14_psd", lock=str(lock), base_url=server.base_url, cache_dir=str(tmp_path),
                        bbox_nm=[float(v) for v in BOX], progress=False)
-    with pytest.raises(ValueError, match=r"p14_psd: labels in .* does not hold the locked bytes"):
+    with pytest.raises(ValueError, match=r"p14_psd: labels in .* does not hold the locked bytes \(content_xxh3"):
         src.read()
+
+
+def test_a_lock_made_before_layout_5_pins_sha256_and_still_verifies(server, tmp_path, capsys):
+    """Locks written by older versions pin each array as the sha256 of its shards' voxel sha256s
+    (grid order, one per line): computed here from zarr-python's reading of the store, they verify
+    (from the voxels, which the store no longer digests with sha256), and a different one fails."""
+    import hashlib
+    import zarr
+    from wildenberg_intake.store.format import SHARDS
+    lock = tmp_path / "w.lock"
+    code, _, err = run(capsys, "lock", "p14_psd", "--bbox-nm", *BOX, "-o", str(lock), "--quiet",
+                       "--cache-dir", str(tmp_path), "--base-url", server.base_url)
+    assert code == 0, err
+    pinned = json.loads(lock.read_text())
+    entry = pinned["entries"]["p14_psd"]
+    (store,) = (tmp_path / "wildenberg2023").iterdir()
+    group = zarr.open_group(str(store / "data.zarr"), mode="r")
+    old = {}
+    for key, path in (("raw", "raw"), ("labels", "labels/psd/0")):
+        data = group[path][:]
+        lines = [hashlib.sha256(np.ascontiguousarray(data[i:i + SHARDS[0], j:j + SHARDS[1], k:k + SHARDS[2]])).hexdigest()
+                 for i in range(0, data.shape[0], SHARDS[0]) for j in range(0, data.shape[1], SHARDS[1])
+                 for k in range(0, data.shape[2], SHARDS[2])]
+        old[key] = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    entry["content_sha256"] = old
+    del entry["content_xxh3"]
+    lock.write_text(json.dumps(pinned))
+    code, out, err = run(capsys, "verify", "--lock", str(lock), "--cache-dir", str(tmp_path), "--base-url",
+                         server.base_url)
+    assert code == 0 and out.count("matches the lock") == 1, err
+    entry["content_sha256"]["raw"] = "0" * 64
+    lock.write_text(json.dumps(pinned))
+    code, out, err = run(capsys, "verify", "--lock", str(lock), "--cache-dir", str(tmp_path), "--base-url",
+                         server.base_url)
+    assert code == 1 and "raw in" in err and "(content_sha256 " in err, err
 
 
 def test_mirror_commands_synthetic_and_a_copied_box(server, mirror, tmp_path, capsys):

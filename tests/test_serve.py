@@ -5,6 +5,7 @@ import urllib.error
 import urllib.request
 
 from wildenberg_intake.mirror import MirrorServer
+from wildenberg_intake.store.cache import has_file
 from wildenberg_intake.store.layout import array_path
 from wildenberg_intake.store.engine import cache_for
 from wildenberg_intake.viewer.view import LazyShards, recorded_shard_status
@@ -31,9 +32,9 @@ def test_serve_answers_503_for_a_recorded_shard_whose_file_is_gone_and_404_for_o
         src.materialise()
     cache = cache_for(src.plan)
     name = "labels/psd"
-    index = max((i for i in cache.done_shards(name) if cache.record(name, i)["sha256"]),
+    index = max((i for i in cache.done_shards(name) if has_file(cache.record(name, i))),
                 key=lambda i: cache.record(name, i)["bytes"])
-    kept = sorted(i for i in cache.done_shards(name) if i != index and cache.record(name, i)["sha256"])[0]
+    kept = sorted(i for i in cache.done_shards(name) if i != index and has_file(cache.record(name, i)))[0]
     cache.shard_file(name, index).unlink()  # lost from a complete store
     with MirrorServer(cache_dir, token=True, absent=lambda path: recorded_shard_status(cache_dir, path)) as server:
         assert _get(_shard_url(server, cache, name, index))[0] == 503

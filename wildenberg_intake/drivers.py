@@ -120,8 +120,10 @@ class WildenbergSource(_StoreSource):
     lock file whose pinned info files, box and voxel checksums the data must match,
     `cache_limit` the bytes the store's shards may use on disk in lazy use (an integer or a
     string such as "50GB"; least recently used shards are evicted; None: no limit),
-    `check_hashes` whether reads check each cached shard's sha256 against its record the first
-    time this process reads it (otherwise its size; every inner chunk's crc32c is always checked),
+    `check_hashes` whether reads check every byte of each cached shard the first time this
+    process reads it (its index crc32c against its record, and the crc32c of its index and of every
+    chunk, which cover the whole file; otherwise its size and index, and each chunk as it is
+    decoded),
     and `progress` the progress bars.
     """
 

@@ -6,8 +6,9 @@
 
 A lock records the catalog version, each entry's resolved parameters (requested and clipped box,
 mips, raw codec) and layer URLs, a hash of each layer's info file, and a checksum of each
-materialised array's voxels (independent of compression). The base URL and cache folder are not
-pinned: the same bytes may come from BossDB, a mirror or an offline copy.
+materialised array's voxels (independent of compression: `content_xxh3`; locks made before
+layout 5 pin `content_sha256`, checked by reading the voxels). The base URL and cache folder are
+not pinned: the same bytes may come from BossDB, a mirror or an offline copy.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def entry_lock(name: str, source) -> dict:
         "info_sha256": {k: a.layer.info_sha256 for k, a in arrays.items()},
         "shapes": {k: list(a.shape) for k, a in arrays.items()},
         "dtypes": {k: a.dtype for k, a in arrays.items()},
-        "content_sha256": {k: cache.content_checksum(a.name, a.shape) for k, a in arrays.items()},
+        "content_xxh3": {k: cache.content_checksum(a.name, a.shape) for k, a in arrays.items()},
     }
 
 
@@ -88,17 +89,20 @@ def check_plan(entry: str, pinned: dict, plan):
 
 
 def check_content(entry: str, pinned: dict, source, recompute: bool = False) -> dict:
-    """Compare the cached arrays' voxel checksums with the lock; raise LockMismatch if any differs."""
+    """Compare the cached arrays' voxel checksums with the lock; raise LockMismatch if any differs.
+    A lock made before layout 5 pins sha256 digests, which stores no longer record: those are
+    computed from the voxels (the whole arrays are read)."""
     from .store.engine import cache_for
     from .store.integrity import recompute_content_checksum
     cache = cache_for(source.plan)
+    field, algorithm = ("content_xxh3", "xxh3_128") if "content_xxh3" in pinned else ("content_sha256", "sha256")
     found = {}
     for key, array in _arrays(source.plan).items():
-        found[key] = (recompute_content_checksum(cache, array.name) if recompute
+        found[key] = (recompute_content_checksum(cache, array.name, algorithm) if recompute or algorithm == "sha256"
                       else cache.content_checksum(array.name, array.shape))
-        if found[key] != pinned["content_sha256"][key]:
+        if found[key] != pinned[field][key]:
             raise LockMismatch(f"{entry}: {key} in {cache.zarr_path / array.name} does not hold the locked bytes "
-                               f"(content sha256 {found[key][:12]}..., locked {pinned['content_sha256'][key][:12]}...)")
+                               f"({field} {found[key][:12]}..., locked {pinned[field][key][:12]}...)")
     return found
 
 

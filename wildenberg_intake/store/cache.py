@@ -4,7 +4,8 @@
         source.json                  everything the store's name derives from (readable)
         data.zarr/                   zarr v3 + OME-Zarr 0.5, (z, y, x): the image `raw`, and each label
                                      as an image-label group labels/<label> holding its array `0`
-        progress/<array>/<i>.<j>.<k> one record per shard written: its sha256 and size
+        progress/<array>/<i>.<j>.<k> one record per shard written: its file's size and index crc32c,
+                                     its voxels' digest (level 0), its foreground index (labels)
         progress/<array>/COMPLETE    written only after every shard of the array is recorded
 
 A shard is recorded only after its bytes are on disk, and an array is complete only when every
@@ -25,9 +26,9 @@ import time
 import uuid
 from pathlib import Path
 
-from .format import LABEL_CODEC
+from .format import LABEL_CODEC, shard_file_problem
 from .layout import array_metadata, array_path, group_metadata, shard_grid
-from .files import durable_write, file_sha256, make_dirs, remove_leftovers
+from .files import durable_write, make_dirs, remove_leftovers
 from .ledger import Ledger, ledger_for, shard_key
 from .liveness import close_lock_fd, file_lock, open_lock_fd, owning, try_lock
 
@@ -37,6 +38,17 @@ COMPLETE_MEANING = ("arrays (paths in this zarr store) holding every shard; any 
                     "partial store through wildenberg-intake (to_dask, lazy=True), `wildenberg-intake serve`, "
                     "or after `wildenberg-intake fetch`.")
 _RECORD = re.compile(r"\d+\.\d+\.\d+")  # a shard record's file name: i.j.k
+MISSING_FILE = "its file is missing"
+
+
+def has_file(record: dict) -> bool:
+    """Whether a shard record says the shard has a file (an all-zero shard has none, as in zarr)."""
+    return record.get("index_crc32c") is not None
+
+
+def combine_digests(hexdigests) -> str:
+    """One checksum of an array from its shards' digests in grid order: the sha256 of their lines."""
+    return hashlib.sha256("\n".join(hexdigests).encode()).hexdigest()
 
 
 class DamagedShard(RuntimeError):
@@ -143,22 +155,18 @@ class StoreCache:
     def shard_file(self, name: str, index) -> Path:
         return self.zarr_path / array_path(name) / "c" / Path(*(str(i) for i in index))
 
-    def write_shard(self, name: str, index, parts: list | None) -> str | None:
+    def write_shard(self, name: str, index, parts: list | None):
         """Put an encoded shard (the pieces `assemble_shard` returns) in place whole (renamed from a
-        temporary file); None removes it. Returns the sha256 of what was written (None for no file)."""
+        temporary file); None removes it (an all-zero shard has no file, as zarr writes none)."""
         path = self.shard_file(name, index)
         if parts is None:
             path.unlink(missing_ok=True)
-            return None
+            return
         make_dirs(path.parent)
         # A killed writer of this shard (its write cut between fsync and rename) left its temporary
         # file; lazy stores never complete, so it goes now (a live writer's is locked and kept).
         remove_leftovers(path.parent.glob(f".{path.name}.*.tmp"))
         durable_write(path, *parts)
-        digest = hashlib.sha256()
-        for part in parts:
-            digest.update(part)
-        return digest.hexdigest()
 
     def record_path(self, name: str, index) -> Path:
         """The done record of shard `index` of array `name` (its mtime: when it was last used)."""
@@ -203,21 +211,22 @@ class StoreCache:
                     out += [f"labels/{p.name}"] + levels(f"labels/{p.name}")
         return out
 
-    def mark_done(self, name: str, index, file_hash: str | None, content_sha256: str, missing_chunks=(),
+    def mark_done(self, name: str, index, content: str | None = None, missing_chunks=(),
                   foreground: dict | None = None) -> dict:
-        """Record shard `index` of `name` as written: the sha256 of its file as `write_shard` returned it
-        (None: no file), of its voxels (C order, uncompressed), the source chunks the server
+        """Record shard `index` of `name` as written, after `write_shard`: its file's size and index
+        crc32c (none: an all-zero shard, no file), the CONTENT_DIGEST of its voxels where one is
+        read (level 0: locks, synapse tables; None for pyramid levels), the source chunks the server
         answered 404 for (read as zeros), and for a label its foreground index (foreground.py)."""
-        path = self.shard_file(name, index)
-        record = {"sha256": file_hash, "bytes": 0, "index_crc32c": None,
-                  "content_sha256": content_sha256, "missing_chunks": sorted(missing_chunks)}
+        record = {"bytes": 0, "index_crc32c": None, "content_xxh3": content, "missing_chunks": sorted(missing_chunks)}
         if foreground is not None:
             record["foreground"] = foreground
-        if file_hash is not None:
-            with open(path, "rb") as f:
+        try:
+            with open(self.shard_file(name, index), "rb") as f:
                 record["bytes"] = os.fstat(f.fileno()).st_size
                 f.seek(-4, os.SEEK_END)
                 record["index_crc32c"] = f.read(4).hex()  # the last 4 bytes: the crc32c of the shard's index
+        except FileNotFoundError:
+            pass  # all zeros: no file
         target = self.record_path(name, index)
         make_dirs(target.parent)
         durable_write(target, json.dumps(record).encode())
@@ -368,14 +377,14 @@ class StoreCache:
 
     def content_checksum(self, name: str, shape) -> str:
         """Checksum of an array's voxels, independent of compression: sha256 over its shards'
-        content hashes in grid order (recorded as they were written)."""
+        CONTENT_DIGEST hex digests in grid order (recorded as they were written; level 0 only)."""
         hashes = []
         for index in shard_grid(shape):
             rec = self.record(name, index)
-            if rec is None or not rec.get("content_sha256"):
+            if rec is None or not rec.get("content_xxh3"):
                 raise RuntimeError(f"{self.zarr_path / name}: shard {index} has no content record; is it complete?")
-            hashes.append(rec["content_sha256"])
-        return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+            hashes.append(rec["content_xxh3"])
+        return combine_digests(hashes)
 
     # -- integrity --------------------------------------------------------------------------------
     def verify(self) -> dict:
@@ -397,16 +406,16 @@ class StoreCache:
                     entry["unfetched"].append(index)
                     continue
                 entry["checked"] += 1
-                actual = file_sha256(self.shard_file(name, index))
-                if actual == rec["sha256"]:
-                    continue
-                entry["missing" if actual is None else "corrupt"].append(index)
+                problem = self.check_shard(name, index, hashes=True)
+                if problem is not None:
+                    entry["missing" if problem == MISSING_FILE else "corrupt"].append(index)
             report[name] = entry
         return report
 
     def check_shard(self, name: str, index, hashes: bool = False) -> str | None:
         """What is wrong with recorded shard `index` (None: nothing): its file's size against its
-        record (one stat), and with `hashes` its sha256 too (reads the file)."""
+        record (one stat), and with `hashes` every byte of it (reads the file: its index crc32c
+        against the record's, its index's and each chunk's crc32c, see `shard_file_problem`)."""
         rec = self.record(name, index)
         if rec is None:
             return None
@@ -414,18 +423,24 @@ class StoreCache:
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            return None if rec["sha256"] is None else "its file is missing"
-        if rec["sha256"] is None:
+            return None if not has_file(rec) else MISSING_FILE
+        if not has_file(rec):
             return "a file exists where an all-zero shard was recorded"
         if size != rec["bytes"]:
             return f"{size} bytes on disk, {rec['bytes']} recorded"
-        if hashes and file_sha256(path) != rec["sha256"]:
-            return "its sha256 differs from its record"
+        if hashes:
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                return MISSING_FILE
+            if data[-4:].hex() != rec["index_crc32c"]:
+                return "its index differs from the one recorded (another shard's file?)"
+            return shard_file_problem(data)
         return None
 
     def check_shards(self, name: str, hashes: bool = False):
         """Raise `DamagedShard` for the first recorded shard of `name` whose file differs from its
-        record (sizes: one stat per shard; with `hashes`, sha256 too), naming how many are damaged."""
+        record (sizes: one stat per shard; with `hashes`, every byte too), naming how many are damaged."""
         bad = [(index, problem) for index in sorted(self.done_shards(name))
                if (problem := self.check_shard(name, index, hashes))]
         if bad:

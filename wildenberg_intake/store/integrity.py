@@ -4,22 +4,25 @@ zeros, as zarr-python would."""
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
-from .cache import StoreCache
+from .cache import StoreCache, combine_digests
+from .format import CONTENT_DIGEST, new_digest
 from .layout import array_path, shard_box, shard_grid
 from .reader import ShardedArrayReader
 
 
-def recompute_content_checksum(cache: StoreCache, name: str) -> str:
+def recompute_content_checksum(cache: StoreCache, name: str, algorithm: str = CONTENT_DIGEST) -> str:
     """`StoreCache.content_checksum` computed from the voxels on disk now (reads the whole array, shard
-    by shard). Raises `DamagedShard` for a recorded shard whose file is missing or damaged."""
+    by shard), with each shard's digest by `algorithm` (CONTENT_DIGEST, or "sha256" for a lock made
+    by a version that recorded sha256). Raises `DamagedShard` for a recorded shard whose file is
+    missing or damaged."""
     reader = ShardedArrayReader(cache.zarr_path / array_path(name), cache_mb=0)
     hashes = []
     for index in shard_grid(reader.shape):
         start, stop = shard_box(index, reader.shape)
         block = np.ascontiguousarray(reader[tuple(slice(a, b) for a, b in zip(start, stop))])
-        hashes.append(hashlib.sha256(block.tobytes()).hexdigest())
-    return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+        digest = new_digest(algorithm)
+        digest.update(block)
+        hashes.append(digest.hexdigest())
+    return combine_digests(hashes)

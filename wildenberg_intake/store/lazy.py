@@ -127,7 +127,7 @@ class ReadThroughArray:
         self._writer = None
         self._reader = None
         self._keep_names = None
-        # Shards whose file's sha256 this process has compared with its record (check_hashes): each on
+        # Shards whose every byte this process has checked (check_hashes): each on
         # its first read, so that opening an array costs the same for 16 shards or 3,600.
         self._checked = set()
 
@@ -212,7 +212,7 @@ class ReadThroughArray:
             fd = self.cache.hold(self.name, index, touch=self.cache_limit is not None)
             if fd is not None:
                 # Size and index crc32c against the record: the reader, on its first read of the
-                # shard. The sha256 (check_hashes) only here, once per shard and process.
+                # shard. Every byte's crc32c (check_hashes) only here, once per shard and process.
                 if self.check_hashes and index not in self._checked:
                     problem = self.cache.check_shard(self.name, index, hashes=True)
                     if problem:

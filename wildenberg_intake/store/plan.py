@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .format import LABEL_CODEC, LAYOUT, LAYOUT_VERSION
+from .format import LABEL_CODEC, LAYOUT, LAYOUT_VERSION, LEVEL_LABEL_CODEC
 from typing import TYPE_CHECKING
 from ..source.layers import COPY_KEY, Layer, LayerInfo
 from ..source.transfer import Fetcher, RetryPolicy
@@ -79,7 +79,8 @@ class LevelSource:
 
     @property
     def codec(self) -> str:
-        return self.base.codec
+        """The raw codec for EM levels; LEVEL_LABEL_CODEC for label levels (cheaper, small anyway)."""
+        return LEVEL_LABEL_CODEC if self.is_label else self.base.codec
 
     @property
     def resolution_zyx(self) -> tuple:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .format import CHUNKS, ContentDigest, SHARDS, assemble_shard, blosc_codec
+from .format import CHUNKS, SHARDS, assemble_shard, blosc_codec
 from .layout import array_path, shard_box
 from .downsample import decode_into, quarter_chunks
 from .liveness import close_lock_fd
@@ -93,19 +93,17 @@ class LevelWriter(ShardTask):
                 encoded.update(self._quarter(p))
             start, stop = shard_box(index, src.shape)
             shape = tuple(b - a for a, b in zip(start, stop))
-            digest, codec = ContentDigest(), blosc_codec(src.codec, src.is_label)
-            quarter = {} if self.stage_quarters else None
-            for z_row, z0 in enumerate(range(0, shape[0], CHUNKS[0])):  # one inner-chunk row at a time
-                slab = decode_into(shard_buffer((min(CHUNKS[0], shape[0] - z0),) + shape[1:], src.dtype, False),
-                                   encoded, z_row, codec)
-                zeros = not any(c[0] == z_row for c in encoded)  # no chunk stored: zeros, none above either
-                digest.update(slab, zeros)
-                if quarter is not None and not zeros:
-                    quarter.update(quarter_chunks(slab, index, z_row, src.is_label, src.codec))
-            if quarter is not None:  # staged before this shard is recorded, as level 0 does
+            if self.stage_quarters:  # decoded only to make the level above: no level records a digest
+                codec, quarter = blosc_codec(src.codec, src.is_label), {}
+                for z_row, z0 in enumerate(range(0, shape[0], CHUNKS[0])):  # one inner-chunk row at a time
+                    if any(c[0] == z_row for c in encoded):  # else zeros: no chunk at any level above
+                        slab = decode_into(shard_buffer((min(CHUNKS[0], shape[0] - z0),) + shape[1:], src.dtype,
+                                                        False), encoded, z_row, codec)
+                        quarter.update(quarter_chunks(slab, index, z_row, src.is_label, src.codec))
+                # Staged before this shard is recorded, as level 0 does.
                 QuarterStage(cache.root, self.next_name).put(index, quarter)
-            written = cache.write_shard(self.name, index, assemble_shard(encoded))
-            cache.mark_done(self.name, index, written, digest.hexdigest(), ())
+            cache.write_shard(self.name, index, assemble_shard(encoded))
+            cache.mark_done(self.name, index)
         for p in parents:  # used: the level shard is recorded
             self.quarters.release(p)
         return int(np.prod(shape)) * np.dtype(src.dtype).itemsize
@@ -136,5 +134,5 @@ class LevelWriter(ShardTask):
         out = {}
         for z_row, z0 in enumerate(range(start[0], stop[0], CHUNKS[0])):
             slab = reader[z0:min(z0 + CHUNKS[0], stop[0]), start[1]:stop[1], start[2]:stop[2]]
-            out.update(quarter_chunks(slab, parent, z_row, src.is_label, src.codec))
+            out.update(quarter_chunks(slab, parent, z_row, src.is_label, self.src.codec))
         return out

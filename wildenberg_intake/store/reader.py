@@ -20,7 +20,7 @@ import numpy as np
 
 from .format import check_crc32c
 from .layout import array_name
-from .cache import DamagedShard, StoreCache
+from .cache import DamagedShard, StoreCache, has_file
 
 DEFAULT_CACHE_MB = 256
 
@@ -87,7 +87,7 @@ class ShardedArrayReader:
             try:
                 with open(path, "rb") as f:
                     size = os.fstat(f.fileno()).st_size
-                    if record["sha256"] is None:
+                    if not has_file(record):
                         raise DamagedShard(path, "a file exists where an all-zero shard was recorded")
                     if size != record["bytes"]:
                         raise DamagedShard(path, f"{size} bytes on disk, {record['bytes']} recorded")
@@ -96,7 +96,7 @@ class ShardedArrayReader:
                     f.seek(-(16 * n + 4), os.SEEK_END)
                     raw = f.read(16 * n + 4)
             except FileNotFoundError:
-                if record["sha256"] is not None:
+                if has_file(record):
                     raise DamagedShard(path, "its file is missing") from None
                 index = None  # recorded as all zeros: zarr writes no file
             else:

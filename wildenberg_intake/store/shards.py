@@ -180,6 +180,7 @@ class ShardWriter(ShardTask):
         self.src = plan.arrays[name]
         # Make and stage each shard's quarter of pyramid level 1 while its voxels are in memory.
         self.stage_quarters = stage_quarters and pyramid_levels(self.src.shape) >= 1
+        self.level_codec = plan.source(f"{name}@1").codec if self.stage_quarters else None
         # Whether source chunks that other shards need too are staged for them (fetched once). Under a
         # disk budget (lazy reads with cache_limit) they are not: they would pile up beyond it while a
         # shard is written, and the shards that need them may never be read; they are fetched again.
@@ -294,9 +295,9 @@ class ShardWriter(ShardTask):
             try:
                 if quarter is not None:  # staged before the shard is recorded: a recorded shard's quarter exists
                     QuarterStage(cache.root, f"{self.name}@1").put(index, quarter)
-                written = cache.write_shard(self.name, index, assemble_shard(encoded))
+                cache.write_shard(self.name, index, assemble_shard(encoded))
                 # Recorded only after the shard's bytes are in place.
-                cache.mark_done(self.name, index, written, digest.hexdigest(), missing,
+                cache.mark_done(self.name, index, digest.hexdigest(), missing,
                                 foreground=counts.record() if counts is not None else None)
             except OSError as e:
                 raise OSError(e.errno, f"writing shard {index} of {self.name} under {cache.root} failed: "
@@ -350,7 +351,7 @@ class ShardWriter(ShardTask):
                 counts.add(out, z0)
             encoded.update(encode_chunks(out, src.codec, src.is_label, first=(z0 // CHUNKS[0], 0, 0)))
             if quarter is not None:
-                quarter.update(quarter_chunks(out, index, z0 // CHUNKS[0], src.is_label, src.codec))
+                quarter.update(quarter_chunks(out, index, z0 // CHUNKS[0], src.is_label, self.level_codec))
         return missing
 
 

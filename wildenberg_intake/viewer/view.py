@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..store.cache import StoreCache, has_file
 from ..store.format import SHARDS
 from ..store.layout import array_path
 from ..store.engine import cache_for
@@ -76,7 +77,7 @@ class LazyShards:
         if not _in_grid(arr, index):
             return 404
         record = arr.cache.record(arr.name, index)
-        if record is not None and record.get("sha256") is None:
+        if record is not None and not has_file(record):
             return 404  # an all-zero shard: zarr writes no file, and a 404 is read as its fill value
         arr.ensure(index)
         return 200
@@ -100,7 +101,6 @@ def recorded_shard_status(folder, path: str) -> int:
     `folder` records as written (its file deleted or evicted: damage to report, never zeros); 404
     otherwise (a shard never fetched, or one that is all zeros: no file, as zarr writes none)."""
     from ..store.layout import array_name
-    from ..store.cache import StoreCache
     match = _SHARD.match(path)
     if match is None:
         return 404
@@ -109,7 +109,7 @@ def recorded_shard_status(folder, path: str) -> int:
     except ValueError:
         return 404
     record = StoreCache(folder, match["store"]).record(name, (int(match["z"]), int(match["y"]), int(match["x"])))
-    return 503 if record is not None and record.get("sha256") is not None else 404
+    return 503 if record is not None and has_file(record) else 404
 
 
 def _in_grid(arr, index) -> bool:
