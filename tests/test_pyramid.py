@@ -17,11 +17,23 @@ from tests_helpers import mean_2x2 as _mean, mode_2x2 as _mode  # noqa: E402  (i
 from tests_helpers import mean_2x2_loops, mode_2x2_loops  # noqa: E402
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["numpy", "compiled"])
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64])
-def test_downsampling_equals_the_loops_on_every_shape_dtype_and_tie(dtype):
+def test_downsampling_equals_the_loops_on_every_shape_dtype_and_tie(dtype, compiled, monkeypatch):
     """Odd and even edges, one-voxel sides, few values (ties of 2 + 2, 1 + 1 + 1 + 1, and 2 + 1 + 1
-    in every order), full-range EM values, contiguous or not."""
+    in every order), full-range EM values, contiguous or not; numpy's passes and the compiled loops."""
+    import time
+    from wildenberg_intake.store import downsample as module
     from wildenberg_intake.store.downsample import downsample
+    if compiled:  # as a large run does: loaded in the background, used once loaded
+        monkeypatch.setattr(module, "_warm_up_started", False)
+        module.warm_up(module.COMPILED_FROM)
+        deadline = time.monotonic() + 300
+        while module._compiled is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert module._compiled is not None
+    else:
+        monkeypatch.setattr(module, "_compiled", None)
     rng = np.random.default_rng(7)
     for _ in range(150):
         shape = tuple(int(n) for n in rng.integers(1, 10, size=3))

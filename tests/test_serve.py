@@ -93,22 +93,3 @@ def test_a_different_dataset_at_the_same_address_gets_a_store_of_its_own(mirror,
     with MirrorServer(wide.root) as b:
         other = cache_for(catalog.p14_psd(base_url=b.base_url, cache_dir=cache_dir, progress=False).plan)
     assert one.root != other.root
-
-
-def test_a_store_an_earlier_version_named_by_its_url_is_still_found(mirror, catalog, tmp_path):
-    import os
-    cache_dir = str(tmp_path / "cache")
-    with MirrorServer(mirror.root) as server:
-        src = catalog.p105_psd(base_url=server.base_url, cache_dir=cache_dir, progress=False)
-        want = src.read()
-        new = cache_for(src.plan).root
-        legacy = new.parent / src.plan.legacy_name
-        assert legacy != new
-        os.rename(new, legacy)  # as an earlier version named it
-        again = catalog.p105_psd(base_url=server.base_url, cache_dir=cache_dir, progress=False)
-        assert cache_for(again.plan).root == legacy
-        before = server.requests
-        got = again.read()
-        assert server.requests - before == {}  # nothing fetched again: read from the legacy store
-    assert (got["raw"].values == want["raw"].values).all()
-    assert (got["labels"].values == want["labels"].values).all()

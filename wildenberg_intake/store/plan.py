@@ -43,13 +43,11 @@ class ArraySource:
     def nbytes(self) -> int:
         return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
 
-    def key(self, legacy: bool = False) -> dict:
+    def key(self) -> dict:
         """Everything about this array that changes its bytes: what the source serves (the layer's
         path below the base URL and its info file's hash), never where it is reached (a server's
-        host, port or token; s3:// or https://). legacy: the key of package versions up to 0.x,
-        which hashed the whole URL (stores they made are still found, see `cache_for`)."""
-        where = {"url": self.layer.url} if legacy else {"layer": layer_path(self.layer.url)}
-        return {**where, "mip": self.layer.mip, "swap_xy": self.layer.swap_xy,
+        host, port or token; s3:// or https://)."""
+        return {"layer": layer_path(self.layer.url), "mip": self.layer.mip, "swap_xy": self.layer.swap_xy,
                 "dtype": self.dtype, "codec": self.codec, "info_sha256": self.layer.info_sha256,
                 "start_zyx": list(self.start_zyx), "shape": list(self.shape)}
 
@@ -127,24 +125,16 @@ class StorePlan:
     arrays: dict = field(default_factory=dict)  # name -> ArraySource
     layers: dict = field(default_factory=dict)  # name -> Layer (opened, for reading)
 
-    def key(self, legacy: bool = False) -> dict:
+    def key(self) -> dict:
         """Everything the store's bytes derive from (its name hashes it; source.json holds it)."""
         return {"layout": LAYOUT_VERSION, "chunks_and_codecs": LAYOUT, "experiment": self.request.experiment,
                 "bbox_nm": list(self.bbox_nm),
-                "arrays": {name: src.key(legacy) for name, src in sorted(self.arrays.items())}}
+                "arrays": {name: src.key() for name, src in sorted(self.arrays.items())}}
 
     @property
     def name(self) -> str:
         """The store's folder name: the experiment and a hash of `key()`."""
-        return self._name(self.key())
-
-    @property
-    def legacy_name(self) -> str:
-        """The folder name earlier versions gave the same store (their key hashed the layers' URLs)."""
-        return self._name(self.key(legacy=True))
-
-    def _name(self, key: dict) -> str:
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        digest = hashlib.sha256(json.dumps(self.key(), sort_keys=True).encode()).hexdigest()
         return f"{self.request.experiment}-{digest[:16]}"
 
     @property

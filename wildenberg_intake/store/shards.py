@@ -31,7 +31,7 @@ import numpy as np
 from .format import CHUNKS, ContentDigest, SHARDS, assemble_shard, encode_chunks
 from .layout import shard_box
 from .cache import StoreCache
-from .downsample import quarter_chunks
+from .downsample import quarter_chunks, warm_up
 from .foreground import ShardCounts
 from .plan import StorePlan, pyramid_levels
 from .staging import ChunkStage, QuarterStage
@@ -48,14 +48,8 @@ SLAB_BYTES = 64 * 2**20
 
 def cache_for(plan: StorePlan) -> StoreCache:
     """The cache folder of the store `plan` describes: named by what the source serves, so a
-    restarted server (new port or token) or another route to the same data finds it; a store an
-    earlier version named by its URL is used where it exists and no newer one does."""
-    cache = StoreCache(plan.request.cache_dir, plan.name)
-    if not cache.root.exists():
-        legacy = StoreCache(plan.request.cache_dir, plan.legacy_name)
-        if (legacy.root / "source.json").is_file():
-            return legacy
-    return cache
+    restarted server (new port or token) or another route to the same data finds it."""
+    return StoreCache(plan.request.cache_dir, plan.name)
 
 
 def finish_array(cache: StoreCache, name: str, shape) -> list:
@@ -181,6 +175,8 @@ class ShardWriter(ShardTask):
         # Make and stage each shard's quarter of pyramid level 1 while its voxels are in memory.
         self.stage_quarters = stage_quarters and pyramid_levels(self.src.shape) >= 1
         self.level_codec = plan.source(f"{name}@1").codec if self.stage_quarters else None
+        if self.stage_quarters:
+            warm_up(int(np.prod(self.src.shape)))
         # Whether source chunks that other shards need too are staged for them (fetched once). Under a
         # disk budget (lazy reads with cache_limit) they are not: they would pile up beyond it while a
         # shard is written, and the shards that need them may never be read; they are fetched again.
