@@ -147,7 +147,9 @@ def cpu_floor(mirror_root, plan, label_name, codec, cores, repeats=3):
     (edge chunks padded, as zarr stores them) and its crc32c (zarr's crc32c codec), and the content
     digest of level 0's voxels that locks and synapse tables read. No HTTP, no server, no copies
     into shards, no file writes: those are the pipeline's overhead, which the floor must not hide.
-    Returns CPU seconds (decode, downsample, encode level 0, encode levels >= 1, level 0 digest)."""
+    Returns CPU seconds (decode, downsample, encode level 0, encode levels >= 1, level 0 digest),
+    and beside them numpy's downsampling and the compiled kernels' load (import and first calls) in
+    wall seconds."""
     import google_crc32c
     import numcodecs.blosc
     from wildenberg_intake.store.format import CHUNKS, blosc_codec, new_digest
@@ -156,7 +158,19 @@ def cpu_floor(mirror_root, plan, label_name, codec, cores, repeats=3):
     from wildenberg_intake.source.layers import place
     from wildenberg_intake.source.transfer import inflate
     numcodecs.blosc.use_threads = False  # thread_time below sees this thread only
-    decode = down = enc0 = enc_levels = digest = 0.0
+    decode = down = down_numpy = enc0 = enc_levels = digest = 0.0
+    t = time.perf_counter()
+    from wildenberg_intake.store import kernels
+
+    def compiled_downsample(block, is_label):
+        out = np.empty((block.shape[0], -(-block.shape[1] // 2), -(-block.shape[2] // 2)), block.dtype)
+        kernel = kernels.mode if is_label else kernels.mean_narrow if block.itemsize <= 2 else kernels.mean_wide
+        return kernel(block, out)
+
+    for dtype in (np.uint8, np.uint32, np.uint64):
+        compiled_downsample(np.zeros((1, 2, 2), dtype), True)
+    compiled_downsample(np.zeros((1, 2, 2), np.uint8), False)
+    load = time.perf_counter() - t
 
     def chunks_of(out):
         chunks = []
@@ -193,11 +207,13 @@ def cpu_floor(mirror_root, plan, label_name, codec, cores, repeats=3):
                 place(out, src.start_zyx, layer.info.chunk_box(grid)[0], decoded)
             best = min(best, seconds)
         decode += best
-        downsample(out[:1, :4, :4], src.is_label)  # the compiled kernel loaded before it is timed
         levels = [out]
         for _ in range(pyramid_levels(src.shape)):
             levels.append(downsample(levels[-1], src.is_label))
-        down += best_of(lambda: [downsample(level, src.is_label) for level in levels[:-1]])
+        # The best kernel: the compiled loops (loaded before they are timed); numpy's, which the
+        # package uses on boxes this small (loading the compiled ones costs more), beside them.
+        down += best_of(lambda: [compiled_downsample(level, src.is_label) for level in levels[:-1]])
+        down_numpy += best_of(lambda: [downsample(level, src.is_label) for level in levels[:-1]])
         digest += best_of(lambda: new_digest().update(out))
         for k, level in enumerate(levels):
             chunks = chunks_of(level)
@@ -208,7 +224,7 @@ def cpu_floor(mirror_root, plan, label_name, codec, cores, repeats=3):
             else:
                 enc_levels += seconds
         out = levels = None  # free before the next array
-    return decode, down, enc0, enc_levels, digest
+    return (decode, down, enc0, enc_levels, digest), (down_numpy, load)
 
 
 def main():
@@ -258,8 +274,8 @@ def main():
                                     raw_codec=args.codec)
                     box = list(src.plan.bbox_nm)
                     n_min, bytes_min = minimum_fetch(mirror.root, src.plan, src.plan.label_name)
-                    dec, down, enc0, enc_levels, dig = cpu_floor(mirror.root, src.plan, src.plan.label_name,
-                                                                 args.codec, cores)
+                    (dec, down, enc0, enc_levels, dig), (down_numpy, load) = cpu_floor(
+                        mirror.root, src.plan, src.plan.label_name, args.codec, cores)
                     floor0, floor_all = (dec + enc0 + dig) / cores, (dec + down + enc0 + enc_levels + dig) / cores
                     results = {}
                     kinds = ("reference", "package", "level 0") + (("tensorstore",) if args.tensorstore else ())
@@ -296,6 +312,8 @@ def main():
                     print(f"{'':16s} floor: decode {dec:.2f} + downsample {down:.2f} + encode level 0 {enc0:.2f} "
                           f"+ encode levels {enc_levels:.2f} + level 0 digest {dig:.2f} CPU s over {cores} cores; "
                           f"minimum {n_min} requests, {bytes_min / 1e6:.1f} MB")
+                    print(f"{'':16s} downsampling: compiled {down:.2f} CPU s (+ {load:.2f} s to load them), "
+                          f"numpy {down_numpy:.2f} CPU s")
 
         if not args.scales:
             return
