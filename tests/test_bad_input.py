@@ -136,10 +136,12 @@ def test_the_cli_and_python_refuse_a_bad_value_with_one_message(argv, python, me
 
 
 def test_unknown_keywords_are_refused_with_the_closest_before_any_request_or_file(server, tmp_path):
-    """get_dataset, get_loader and open_catalog name an unknown keyword, the allowed ones and the
-    closest, before a request is sent or a file written (torch-em would raise after the fetch)."""
+    """get_dataset, get_loader, open_catalog, an entry's methods (materialise, to_dask, read, table)
+    and the preview's render name an unknown keyword, the allowed ones and the closest, before a
+    request is sent or a file written (torch-em would raise after the fetch)."""
     import wildenberg_intake
     from wildenberg_intake import get_dataset, get_loader
+    from wildenberg_intake.viewer.preview import render
     cache = tmp_path / "cache"
     common = dict(base_url=server.base_url, cache_dir=str(cache), progress=False)
     before = server.requests
@@ -150,11 +152,25 @@ def test_unknown_keywords_are_refused_with_the_closest_before_any_request_or_fil
              (lambda: get_dataset(["p14_psd"], (8, 64, 64), min_forground=0.01, **common),
               r"did you mean 'min_foreground'\?"),
              (lambda: wildenberg_intake.open_catalog(base_ur=server.base_url),
-              r"open_catalog parameter 'base_ur' is unknown; allowed: .*; did you mean 'base_url'\?")]
+              r"open_catalog parameter 'base_ur' is unknown; allowed: .*; did you mean 'base_url'\?"),
+             (lambda: wildenberg_intake.open_catalog(**common).p14_psd.materialise(clinet=None),
+              r"^WildenbergSource.materialise\(\) keyword 'clinet' is unknown; allowed: \['client'\]; "
+              r"did you mean 'client'\?$"),
+             (lambda: wildenberg_intake.open_catalog(**common).p14_psd.to_dask(bbox_nm=[0, 1, 0, 1, 0, 1]),
+              r"^WildenbergSource.to_dask\(\) takes no keywords; got 'bbox_nm'$"),
+             (lambda: wildenberg_intake.open_catalog(**common).p14_psd.read(lazy=True),
+              r"^WildenbergSource.read\(\) takes no keywords; got 'lazy'$"),
+             (lambda: wildenberg_intake.open_catalog(**common).p14_synapses.table(clients=None),
+              r"did you mean 'client'\?$"),
+             (lambda: render(wildenberg_intake.open_catalog(**common).p14_psd, 0, str(tmp_path / "p.png"), maxsize=9),
+              r"^render\(\) keyword 'maxsize' is unknown; allowed: \[.*\]; did you mean 'max_size'\?$")]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+    with pytest.raises(TypeError):  # as Python's own refusal of an unknown keyword
+        wildenberg_intake.open_catalog(**common).p14_psd.materialise(pyramid=False)
     assert server.requests == before, "nothing may be requested before the keywords are checked"
+    assert not (tmp_path / "p.png").exists()
     assert not cache.exists(), "nothing may be written before the keywords are checked"
     # entry options reach the entries (they went to torch-em before)
     ds = get_dataset(["p14_psd"], (8, 64, 64), raw_codec="zstd3", retry={"attempts": 2}, **common)

@@ -474,3 +474,23 @@ def test_a_small_preview_keeps_its_whole_title_inside_the_image(wide, tmp_path, 
     for i, line in enumerate(lines):
         draw.text((TITLE_MARGIN, 6 + i * step), line, fill=TITLE_COLOUR, font=font)
     assert yellow.sum() == np.all(np.asarray(canvas) == TITLE_COLOUR, axis=2).sum()
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["fetc", "p14_psd"], "invalid choice: 'fetc' (choose from "),
+    (["fetch", "p14_psd", "--bbox-nmm", "0", "1", "0", "1", "0", "1"], "unrecognized arguments: --bbox-nmm 0 1 0 1 0 1"),
+    (["fetch", "p14_psd", "--quite"], "unrecognized arguments: --quite"),
+    (["preview", "p14_psd", "--z", "0", "-o", "x.png", "--max-sise", "9"], "unrecognized arguments: --max-sise 9"),
+])
+def test_the_command_line_suggests_the_closest_subcommand_or_option(argv, hint, capsys, tmp_path):
+    want = {"fetc": "fetch", "--bbox-nmm": "--bbox-nm", "--quite": "--quiet", "--max-sise": "--max-size"}
+    typo = next(t for t in argv if t in want)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv + ["--cache-dir", str(tmp_path)] if argv[0] != "fetc" else argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2
+    assert hint in err and err.endswith(f"; did you mean {want[typo]!r}?"), err
+    assert not (tmp_path / "wildenberg2023").exists()
+    with pytest.raises(SystemExit):  # nothing close: the arguments named, no guess
+        cli.main(["list", "--zzzz"])
+    assert capsys.readouterr().err.strip().endswith("unrecognized arguments: --zzzz")

@@ -44,6 +44,30 @@ def check_names(given, allowed, what: str = "parameter"):
             raise ValueError(unknown_name(what, name, allowed))
 
 
+class UnknownKeyword(TypeError, ValueError):
+    """A keyword a function does not take, named with the allowed ones and the closest match (a
+    TypeError as Python's own, and a ValueError as the package's other refusals of bad input)."""
+
+
+def checked_keywords(function):
+    """Decorate a public function or method so that an unknown keyword is refused before it runs,
+    naming the allowed keywords and the closest match (Python's own TypeError names neither)."""
+    import functools
+    import inspect
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    allowed = [p.name for p in inspect.signature(function).parameters.values() if p.kind in kinds and p.name != "self"]
+
+    @functools.wraps(function)
+    def checked(*args, **kwargs):
+        for name in kwargs:
+            if not allowed:
+                raise UnknownKeyword(f"{function.__qualname__}() takes no keywords; got {name!r}")
+            if name not in allowed:
+                raise UnknownKeyword(unknown_name(f"{function.__qualname__}() keyword", name, allowed))
+        return function(*args, **kwargs)
+    return checked
+
+
 def check_count(name: str, value) -> int:
     """A positive integer (workers, connections, ...); the message names the parameter and the value."""
     if isinstance(value, bool) or not isinstance(value, (int,)) or value < 1:

@@ -16,7 +16,7 @@ import numpy as np
 from intake.source.base import DataSource, Schema
 
 from . import __version__
-from .catalog import USER_PARAMETERS, check_count, check_names, make_request
+from .catalog import USER_PARAMETERS, check_count, check_names, checked_keywords, make_request
 from .store.engine import DEFAULT_CONNECTIONS, DEFAULT_WORKERS, cache_for, materialise
 from .store.lazy import ReadThroughArray, parse_size
 from .store.plan import StorePlan, plan_store
@@ -181,6 +181,7 @@ class WildenbergSource(_StoreSource):
             self.dtype, self.shape, self.npartitions = self._schema.dtype, self._schema.shape, 1
             self.metadata = {**(self.metadata or {}), **self._schema.extra_metadata}
 
+    @checked_keywords
     def materialise(self, client=None) -> str:
         """Fetch what is missing (raw and this label) into the cache; return the zarr store path.
 
@@ -195,12 +196,14 @@ class WildenbergSource(_StoreSource):
         self._schema = None  # `cached` in the metadata has changed
         return str(path)
 
+    @checked_keywords
     def verify(self) -> dict:
         """Reread the cached store and report missing and corrupted shards by array and position
         (see `StoreCache.verify`); nothing is fetched."""
         cache = cache_for(self.plan)
         return cache.verify() if cache.zarr_path.exists() else {}
 
+    @checked_keywords
     def repair(self) -> dict:
         """Refetch only the shards `verify` finds missing or corrupted; returns what was repaired."""
         cache = cache_for(self.plan)
@@ -215,6 +218,7 @@ class WildenbergSource(_StoreSource):
         self._schema = None
         return bad
 
+    @checked_keywords
     def arrays(self) -> dict:
         """{"raw": ..., "labels": ...}: the entry's arrays read through the cache (`store.lazy.ReadThroughArray`):
         numpy-style windows that fetch only the shards they touch."""
@@ -222,6 +226,7 @@ class WildenbergSource(_StoreSource):
         return {var: ReadThroughArray(plan, name, self.connections, self.cache_limit, check_hashes=self.check_hashes)
                 for var, name in (("raw", "raw"), ("labels", plan.label_name))}
 
+    @checked_keywords
     def to_dask(self):
         """The entry as an xarray Dataset of dask arrays whose chunks are the store's output shards.
 
@@ -230,6 +235,7 @@ class WildenbergSource(_StoreSource):
         shards a `materialise()` writes, which then skips them) and reads them from the cache."""
         return self._dataset({var: arr.to_dask() for var, arr in self.arrays().items()})
 
+    @checked_keywords
     def read(self):
         """The entry loaded into memory as an xarray Dataset (refused if it would not fit), fetching
         only the shards not cached yet, `workers` at a time."""
@@ -298,6 +304,7 @@ class SynapseTableSource(_StoreSource):
         self.block_shape = check_block_shape(block_shape)
         self.client = client
 
+    @checked_keywords
     def table(self, client=None):
         """The `analysis.synapses.SynapseTable` of this entry's store (on `client`, else the entry's)."""
         from .analysis.synapses import SynapseTable
@@ -314,10 +321,12 @@ class SynapseTableSource(_StoreSource):
             "box_volume_um3": box_volume_um3(psd.shape, psd.layer.resolution_zyx),
             "store": str(cache_for(plan).root)})
 
+    @checked_keywords
     def read(self):
         """The table as a pandas DataFrame (from the cache, or computed blockwise and cached)."""
         return self.table().read()
 
+    @checked_keywords
     def materialise(self, client=None) -> str:
         """Compute and cache the table (fetching the label arrays it needs); return the parquet path."""
         table = self.table(client)
@@ -328,6 +337,7 @@ class SynapseTableSource(_StoreSource):
                                f"evicted shards of its arrays before they were all recorded")
         return str(table.path(key))
 
+    @checked_keywords
     def to_dask(self):
         """The table as a dask DataFrame of one partition; nothing is read or computed until it is."""
         import dask

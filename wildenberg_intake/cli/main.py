@@ -8,6 +8,7 @@ prints one line on stderr and exits 2; only bugs show a traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import json
 import sys
 import time
@@ -319,10 +320,42 @@ def cmd_demo(args):
     return 0 if run(Path(args.folder)) else 1
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wildenberg-intake", description="The Wildenberg 2023 synapse FIB-SEM "
-                                "dataset from BossDB: catalog, cache, verification, previews and mirrors.")
+class SuggestingParser(argparse.ArgumentParser):
+    """argparse with the closest subcommand or option suggested for a mistyped one."""
+
+    def __init__(self, *args, **kwargs):
+        self.options = []  # this parser's option strings, for suggestions (-h is added by __init__)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.options += action.option_strings
+        return action
+
+    def error(self, message):
+        match = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if match:
+            choices = [c.strip(" '") for c in match[2].split(",")]
+            message += _did_you_mean(match[1], choices)
+        super().error(message)
+
+    def refuse_unknown(self, extra: list):
+        """Exit 2 naming the arguments this (sub)parser does not know, with the closest option."""
+        hints = [_did_you_mean(token.split("=")[0], self.options) for token in extra if token.startswith("-")]
+        self.error(f"unrecognized arguments: {' '.join(extra)}" + next((h for h in hints if h), ""))
+
+
+def _did_you_mean(name: str, allowed) -> str:
+    import difflib
+    close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def parser() -> SuggestingParser:
+    p = SuggestingParser(prog="wildenberg-intake", description="The Wildenberg 2023 synapse FIB-SEM "
+                         "dataset from BossDB: catalog, cache, verification, previews and mirrors.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.commands = sub.choices  # {name: its SuggestingParser}
 
     sub.add_parser("list", help="catalog entries with experiment, label, dtype and full size").set_defaults(run=cmd_list)
 
@@ -424,7 +457,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        p.commands[args.command].refuse_unknown(extra)
     from ..store.shards import tune_malloc
     tune_malloc(owned=True)  # the command's process is the package's own
     from ..source.layers import LayerError

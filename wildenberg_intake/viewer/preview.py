@@ -6,6 +6,8 @@ import colorsys
 
 import numpy as np
 
+from ..catalog import checked_keywords
+
 
 def _colours(ids: np.ndarray) -> np.ndarray:
     """A distinct, stable RGB colour per instance id (golden-ratio hues)."""
@@ -93,6 +95,7 @@ def _overview(source, z: int, level: int, max_fetch: int):
     return em_slice(plan, z, level), label_slice(plan, plan.label_name, z, level)
 
 
+@checked_keywords
 def render(source, z: int, output, max_size: int = DEFAULT_MAX_SIZE, max_fetch: int = DEFAULT_MAX_FETCH) -> int:
     """Write a PNG of slice `z` of `source`'s store: EM in grey, labels overlaid, a scale bar; returns
     the level drawn (x and y halved per level).
