@@ -1,6 +1,7 @@
 """The command line, discovery through intake, lock files and mirrors of a box."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -494,3 +495,36 @@ def test_the_command_line_suggests_the_closest_subcommand_or_option(argv, hint, 
     with pytest.raises(SystemExit):  # nothing close: the arguments named, no guess
         cli.main(["list", "--zzzz"])
     assert capsys.readouterr().err.strip().endswith("unrecognized arguments: --zzzz")
+
+
+def test_demo_serve_keeps_its_mirror_for_the_catalog_until_interrupted(tmp_path):
+    """`demo --serve` prints the environment lines; with them intake's own catalog finds the demo's
+    store through the served mirror (cached: nothing fetched again) and reads what it holds."""
+    import signal
+    demo = subprocess.Popen([sys.executable, "-m", "wildenberg_intake.cli.demo", "--folder", str(tmp_path / "d"),
+                             "--shape", "160", "150", "8", "--serve"], stdout=subprocess.PIPE, text=True)
+    try:
+        lines, env = [], {}
+        for line in demo.stdout:
+            lines.append(line)
+            if line.strip().startswith("export "):
+                key, value = line.strip().removeprefix("export ").split("=", 1)
+                env[key] = value
+            if "every entry, example and command" in line:
+                break
+        assert any("voxel-for-voxel equal to the mirror: True" in line for line in lines), "".join(lines)
+        assert set(env) == {"WILDENBERG_BOSSDB_URL", "WILDENBERG_INTAKE_CACHE"}
+        store = next(line.split("store: ", 1)[1].strip() for line in lines if line.startswith("store: "))
+        child = subprocess.run([sys.executable, "-c",
+                                "import intake, json; s = intake.cat.wildenberg2023.p105_psd; "
+                                "cached = s.discover()['metadata']['cached']; ds = s.read(); "
+                                "print(json.dumps({'cached': cached, 'store': ds.attrs['store'], "
+                                "'sum': int(ds['labels'].values.astype('int64').sum())}))"],
+                               capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+        assert child.returncode == 0, child.stderr
+        got = json.loads(child.stdout.strip().splitlines()[-1])
+        assert got["cached"] is True and got["store"] == store
+        assert got["sum"] == int(zarr.open_group(store, mode="r")["labels/psd/0"][:].astype("int64").sum())
+    finally:
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=60) == 0

@@ -1,24 +1,29 @@
 """The main job on the embedded default: a local BossDB-layout mirror read through the catalog.
 
-    python -m wildenberg_intake.cli.demo [--folder demo-cache] [--shape 600 520 24]
+    python -m wildenberg_intake.cli.demo [--folder demo-cache] [--shape 600 520 24] [--serve]
 
 Writes a synthetic mirror (BossDB's public bucket is out of reach here), serves it on 127.0.0.1,
 opens the packaged catalog with intake, materialises `p105_psd` into the cache, reads it back and
 checks it voxel for voxel against the arrays the mirror was written from; then computes the
 per-synapse tables of both experiments and prints their comparison. Run it twice: the second run
-finds the stores and tables cached and fetches nothing.
+finds the stores and tables cached and fetches nothing. With --serve the mirror stays served until
+Ctrl-C, and the demo prints the two environment lines with which any shell, script or notebook
+reaches it through the catalog (`intake.cat.wildenberg2023.p105_psd.read()`).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 
-def run(folder: Path, shape_xyz=(600, 520, 24), entry: str = "p105_psd") -> bool:
+def run(folder: Path, shape_xyz=(600, 520, 24), entry: str = "p105_psd", serve: bool = False) -> bool:
+    """The main job (see the module's docstring); returns whether the read equals the mirror.
+    serve: keep serving the mirror afterwards, until Ctrl-C."""
     import intake
 
     from ..catalog import catalog_path
@@ -28,7 +33,8 @@ def run(folder: Path, shape_xyz=(600, 520, 24), entry: str = "p105_psd") -> bool
     print(f"Writing a BossDB-layout mirror of {shape_xyz} label voxels to {folder / 'mirror'} ...")
     mirror = build_mirror(folder / "mirror", shape_xyz=shape_xyz)
     with _serve(mirror.root) as server:
-        print(f"Serving it at {server.base_url}")
+        url = server.base_url
+        print(f"Serving it at {url}")
         cat = intake.open_catalog(catalog_path())
         source = getattr(cat, entry)(base_url=server.base_url, cache_dir=str(folder / "cache"))
         info = source.discover()
@@ -69,7 +75,28 @@ def run(folder: Path, shape_xyz=(600, 520, 24), entry: str = "p105_psd") -> bool
               f"{ds['raw'].values[~labels].mean():.1f} (the labels sit on dark EM)")
     print(f"store: {ds.attrs['store']}")
     print(f"first synapses of p105:\n{tables['p105'][0].head(3).to_string()}")
+    if serve:
+        _keep_serving(mirror.root, url, folder / "cache")
     return ok
+
+
+def _keep_serving(root, base_url: str, cache: Path):
+    """Serve the mirror at the demo's URL until Ctrl-C, with the lines that point the catalog at it."""
+    from ..catalog import BASE_URL_ENV, CACHE_ENV
+    from urllib.parse import urlsplit
+    server = _serve(root, port=urlsplit(base_url).port)
+    print(f"\nThe demo mirror is served at {server.base_url} until Ctrl-C. In another shell:\n"
+          f"  export {BASE_URL_ENV}={server.base_url}\n"
+          f"  export {CACHE_ENV}={cache.resolve()}\n"
+          "  .venv/bin/python -c 'import intake; print(intake.cat.wildenberg2023.p105_psd.read())'\n"
+          "(every entry, example and command then reads the demo mirror and its cache)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
 
 
 def _serve(root, port: int = 8765):
@@ -87,8 +114,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", type=int, nargs=3, default=(600, 520, 24), metavar=("X", "Y", "Z"),
                         help="mirror size in label voxels (12 x 12 x 40 nm)")
     parser.add_argument("--entry", default="p105_psd", help="catalog entry to read")
+    parser.add_argument("--serve", action="store_true", help="keep serving the mirror afterwards, until Ctrl-C")
     args = parser.parse_args(argv)
-    return 0 if run(args.folder, tuple(args.shape), args.entry) else 1
+    return 0 if run(args.folder, tuple(args.shape), args.entry, args.serve) else 1
 
 
 if __name__ == "__main__":

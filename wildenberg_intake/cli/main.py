@@ -317,7 +317,7 @@ def cmd_synapses(args):
 
 def cmd_demo(args):
     from .demo import run
-    return 0 if run(Path(args.folder)) else 1
+    return 0 if run(Path(args.folder), serve=args.serve) else 1
 
 
 class SuggestingParser(argparse.ArgumentParser):
@@ -452,6 +452,8 @@ def parser() -> SuggestingParser:
 
     dm = sub.add_parser("demo", help="the main job: mirror, serve and read p105_psd through the catalog")
     dm.add_argument("--folder", default="demo-cache")
+    dm.add_argument("--serve", action="store_true", help="keep serving the demo mirror afterwards (until Ctrl-C) "
+                    "and print the lines that point the catalog at it")
     dm.set_defaults(run=cmd_demo)
     return p
 
