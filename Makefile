@@ -1,12 +1,12 @@
 # The two commands of the README. Each creates and fills its own virtual environment in .venv:
 # `make demo` installs the core dependencies only; `make test` adds torch, torch-em, dask.distributed,
-# neuroglancer, the test tools and what the benchmarks compare against. The browser test also needs
+# neuroglancer, the documentation tools, the test tools and what the benchmarks compare against. The browser test also needs
 # Debian's chromium and chromium-driver: `make test` installs them when run as root.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test venv clean
+.PHONY: demo test docs venv clean
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(VENV)/.core: pyproject.toml
 $(VENV)/.installed: $(VENV)/.core
 	# torch and torchvision as a matching pair (torch-em needs torchvision); pip finds them on disk here.
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install --quiet -e ".[torch,test,distributed,viewer]"
+	$(PY) -m pip install --quiet -e ".[torch,test,distributed,viewer,docs]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -38,5 +38,9 @@ test: $(VENV)/.installed
 	fi
 	$(PY) -m pytest -q
 
+# The documentation site, from docs/ and the docstrings, into site/ (open site/index.html).
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) site
