@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test docs venv clean
+.PHONY: demo test test-core docs venv clean
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,9 +38,28 @@ test: $(VENV)/.installed
 	fi
 	$(PY) -m pytest -q
 
+# The core suite on a second Python (CI's second leg): every test but those of the torch,
+# dask.distributed and viewer extras (torch lies on this machine's disk for Python 3.11 only).
+# PYTHON_CORE: that Python; by default 3.13, from PATH or pyenv.
+PYTHON_CORE ?= $(shell command -v python3.13 >/dev/null 2>&1 && python3.13 -c '' 2>/dev/null && echo python3.13 || \
+                 echo "$$(pyenv prefix 3.13 2>/dev/null)/bin/python3.13")
+CORE_VENV := .venv-core
+
+$(CORE_VENV)/.installed: pyproject.toml
+	$(PYTHON_CORE) -m venv $(CORE_VENV)
+	$(CORE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CORE_VENV)/bin/python -m pip install --quiet -e ".[test,docs]"
+	touch $@
+
+test-core: $(CORE_VENV)/.installed
+	$(CORE_VENV)/bin/python --version
+	$(CORE_VENV)/bin/python -m pytest -q -m "not torch and not distributed and not viewer" \
+	    --ignore=tests/test_training.py --ignore=tests/test_lazy_training.py --ignore=tests/test_foreground.py \
+	    --ignore=tests/test_dask.py --ignore=tests/test_view.py
+
 # The documentation site, from docs/ and the docstrings, into site/ (open site/index.html).
 docs: $(VENV)/.installed
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) site
+	rm -rf $(VENV) $(CORE_VENV) site

@@ -33,6 +33,7 @@ def _labelled_shard(cache, name):
     return max(done, key=lambda i: cache.record(name, i)["bytes"])
 
 
+@pytest.mark.torch
 def test_a_deleted_shard_file_is_refused_by_every_read_path_and_repaired(wide, wide_server, catalog, tmp_path):
     pytest.importorskip("torch")
     from wildenberg_intake import training

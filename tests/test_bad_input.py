@@ -135,6 +135,7 @@ def test_the_cli_and_python_refuse_a_bad_value_with_one_message(argv, python, me
     assert not (tmp_path / "wildenberg2023").exists()
 
 
+@pytest.mark.torch
 def test_unknown_keywords_are_refused_with_the_closest_before_any_request_or_file(server, tmp_path):
     """get_dataset, get_loader, open_catalog, an entry's methods (materialise, to_dask, read, table)
     and the preview's render name an unknown keyword, the allowed ones and the closest, before a

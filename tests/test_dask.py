@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.distributed
+
 from wildenberg_intake.store.files import file_sha256
 from wildenberg_intake.mirror import MirrorServer, build_mirror
 

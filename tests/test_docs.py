@@ -25,6 +25,9 @@ README = ROOT / "README.md"
 # The README and every page of the documentation site, each run as a reader runs it: top to bottom,
 # one Python session per page.
 PAGES = [README] + sorted((ROOT / "docs").glob("*.md"))
+# Pages whose examples train (torch): marked, so that a leg without the torch extra deselects them.
+RUN_PAGES = [pytest.param(p, id=p.name, marks=[pytest.mark.torch] if "get_loader(" in p.read_text() else [])
+             for p in PAGES]
 DEMO_SHAPE = (600, 520, 24)  # the demo's default (cli/demo.py)
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
@@ -72,7 +75,7 @@ def _python_examples(page: Path, globs: dict, runner) -> tuple[int, list]:
     return examples, report
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+@pytest.mark.parametrize("page", RUN_PAGES)
 def test_the_python_examples_run_and_print_what_the_page_shows(page, demo, monkeypatch):
     folder, env, _ = demo
     for key, value in env.items():
@@ -94,7 +97,7 @@ def test_the_pages_hold_the_examples_the_readme_held():
     assert total >= 40 and consoles >= 4, (total, consoles)
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+@pytest.mark.parametrize("page", RUN_PAGES)
 def test_the_console_examples_run_and_print_what_the_page_shows(page, demo):
     folder, env, _ = demo
     work = folder / f"console-{page.stem}"

@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 import pytest
+
+pytestmark = pytest.mark.torch
 from scipy.stats import chisquare
 
 from wildenberg_intake import cli, get_dataset, get_loader

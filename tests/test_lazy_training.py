@@ -7,6 +7,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.torch
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("torch_em")
 

@@ -138,6 +138,7 @@ def _identity2(x, y):
     return x, y
 
 
+@pytest.mark.torch
 def test_a_loader_forked_while_the_prefetcher_fetches_produces_its_batches(wide, tmp_path):
     pytest.importorskip("torch")
     from wildenberg_intake import training

@@ -142,6 +142,7 @@ def test_the_table_equals_an_independent_in_memory_computation(tissue, tmp_path,
     assert (got["post_segment"] != got["pre_segment"]).mean() > 0.7
 
 
+@pytest.mark.distributed
 def test_threads_and_a_dask_cluster_give_the_same_table(tissue, tmp_path):
     distributed = pytest.importorskip("distributed")
     mirror, server = tissue

@@ -8,6 +8,8 @@ import textwrap
 
 import numpy as np
 import pytest
+
+pytestmark = pytest.mark.torch
 import zarr
 
 torch = pytest.importorskip("torch")

@@ -9,6 +9,8 @@ import threading
 
 import numpy as np
 import pytest
+
+pytestmark = pytest.mark.viewer
 from PIL import Image
 import io
 
