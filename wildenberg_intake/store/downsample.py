@@ -13,6 +13,7 @@ shards), so downsampling shard by shard gives the same voxels as downsampling th
 from __future__ import annotations
 
 import threading
+import warnings
 
 import numpy as np
 
@@ -163,11 +164,16 @@ def warm_up(voxels: int):
 
     def load():
         global _compiled
-        from . import kernels
-        for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):  # the first call loads each from numba's cache
-            block, out = np.zeros((1, 2, 2), dtype), np.zeros((1, 1, 1), dtype)
-            kernels.mode(block, out)
-            (kernels.mean_narrow if block.itemsize <= 2 else kernels.mean_wide)(block, out)
+        try:
+            from . import kernels
+            for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):  # the first call loads each from numba's cache
+                block, out = np.zeros((1, 2, 2), dtype), np.zeros((1, 1, 1), dtype)
+                kernels.mode(block, out)
+                (kernels.mean_narrow if block.itemsize <= 2 else kernels.mean_wide)(block, out)
+        except Exception as e:  # e.g. no folder numba may cache into: numpy's passes go on, the same voxels
+            warnings.warn(f"the compiled downsampling could not be loaded ({type(e).__name__}: {e}); "
+                          "numpy's is used (the same voxels, slower)", RuntimeWarning, stacklevel=1)
+            return
         _compiled = kernels
 
     threading.Thread(target=load, name="wildenberg-warm-up", daemon=True).start()
