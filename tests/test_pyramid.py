@@ -224,3 +224,23 @@ def test_an_overview_that_would_cost_too_much_is_refused_with_the_estimate(wide_
     err = capsys.readouterr().err
     assert code == 2 and "would fetch about" in err and "more than max_fetch=1000 bytes" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_compiled_downsampler_that_cannot_load_warns_and_numpy_goes_on(monkeypatch):
+    import sys
+    import time
+    import warnings
+    from wildenberg_intake.store import downsample as module
+    monkeypatch.setattr(module, "_warm_up_started", False)
+    monkeypatch.setattr(module, "_compiled", None)
+    monkeypatch.setitem(sys.modules, "wildenberg_intake.store.kernels", None)  # its import now fails
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module.warm_up(module.COMPILED_FROM)
+        deadline = time.monotonic() + 60
+        while not caught and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert [str(w.message).split(" (")[0] for w in caught] == ["the compiled downsampling could not be loaded"]
+    assert module._compiled is None
+    block = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    np.testing.assert_array_equal(module.downsample(block, is_label=False), mean_2x2_loops(block))
