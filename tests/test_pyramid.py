@@ -234,6 +234,7 @@ def test_a_compiled_downsampler_that_cannot_load_warns_and_numpy_goes_on(monkeyp
     monkeypatch.setattr(module, "_warm_up_started", False)
     monkeypatch.setattr(module, "_compiled", None)
     monkeypatch.setitem(sys.modules, "wildenberg_intake.store.kernels", None)  # its import now fails
+    monkeypatch.delattr(sys.modules["wildenberg_intake.store"], "kernels", raising=False)  # loaded by another test
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         module.warm_up(module.COMPILED_FROM)
