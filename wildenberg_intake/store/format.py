@@ -218,23 +218,47 @@ class ContentDigest:
         return self._digest.hexdigest()
 
 
+class ShardFileError(ValueError):
+    """A shard file's bytes are not a shard; the message says what is wrong."""
+
+
+def index_bytes(per_shard=_PER_SHARD) -> int:
+    """Bytes of a shard file's index: an (offset, length) uint64 pair per inner chunk, its crc32c."""
+    return 16 * int(np.prod(per_shard)) + 4
+
+
+def shard_index(tail, size: int, per_shard=_PER_SHARD) -> np.ndarray:
+    """The (offset, length) index of a shard file of `size` bytes, from its last `index_bytes`
+    bytes `tail`, checked: the file holds it, it passes its crc32c and points inside the file.
+    Raises `ShardFileError` naming what is wrong."""
+    need = index_bytes(per_shard)
+    if size < need:
+        raise ShardFileError(f"{size} bytes cannot hold its {need}-byte index")
+    if check_crc32c(tail) is None:
+        raise ShardFileError("its index fails its crc32c")
+    index = np.frombuffer(tail[:-4], dtype="<u8").reshape(tuple(per_shard) + (2,))
+    used = index[..., 0] != 2**64 - 1
+    if (index[used].sum(axis=1) > size - need).any():
+        raise ShardFileError("its index points past the file")
+    return index
+
+
 def shard_file_problem(data: bytes) -> str | None:
     """What is wrong with the bytes of a shard file (None: nothing). Every byte is under a crc32c:
     the index (offset, length pairs) under its own, each chunk under the one zarr's crc32c codec
     appends, and the chunks must tile the file before the index exactly, so a changed, missing or
     extra byte anywhere is found (what a whole-file hash would find, at crc32c's speed)."""
-    n = int(np.prod(_PER_SHARD))
-    if len(data) < 16 * n + 4:
-        return f"{len(data)} bytes cannot hold its {16 * n + 4}-byte index"
-    raw = memoryview(data)[len(data) - 16 * n - 4:]
-    if check_crc32c(raw) is None:
-        return "its index fails its crc32c"
-    index = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
-    used = index[index[:, 0] != 2**64 - 1]
+    need = index_bytes()
+    try:
+        index = shard_index(memoryview(data)[max(len(data) - need, 0):], len(data))
+    except ShardFileError as e:
+        return str(e)
+    used = index.reshape(-1, 2)
+    used = used[used[:, 0] != 2**64 - 1]
     used = used[np.argsort(used[:, 0])]
     ends = used[:, 0] + used[:, 1]
     if len(used) and (used[0, 0] != 0 or (used[1:, 0] != ends[:-1]).any()) or \
-            (ends[-1] if len(used) else 0) != len(data) - 16 * n - 4:
+            (ends[-1] if len(used) else 0) != len(data) - need:
         return "its chunks do not tile the file before its index"
     for offset, length in used:
         if check_crc32c(memoryview(data)[offset:offset + length]) is None:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import check_crc32c
+from .format import ShardFileError, check_crc32c, index_bytes, shard_index
 from .layout import array_name
-from .cache import DamagedShard, StoreCache, has_file
+from .cache import MISSING_FILE, DamagedShard, StoreCache, has_file
 
 DEFAULT_CACHE_MB = 256
 
@@ -80,7 +80,7 @@ class ShardedArrayReader:
     def _index(self, shard):
         if shard not in self._indices:
             path = self._shard_path(shard)
-            n = int(np.prod(self.per_shard))
+            need = index_bytes(self.per_shard)
             record = self.cache.record(self.name, shard)
             if record is None:
                 raise DamagedShard(path, "it is not recorded as written: never fetched, or evicted")
@@ -91,23 +91,19 @@ class ShardedArrayReader:
                         raise DamagedShard(path, "a file exists where an all-zero shard was recorded")
                     if size != record["bytes"]:
                         raise DamagedShard(path, f"{size} bytes on disk, {record['bytes']} recorded")
-                    if size < 16 * n + 4:
-                        raise DamagedShard(path, f"{size} bytes cannot hold its {16 * n + 4}-byte index")
-                    f.seek(-(16 * n + 4), os.SEEK_END)
-                    raw = f.read(16 * n + 4)
+                    f.seek(max(size - need, 0))
+                    tail = f.read(need)
             except FileNotFoundError:
                 if has_file(record):
-                    raise DamagedShard(path, "its file is missing") from None
+                    raise DamagedShard(path, MISSING_FILE) from None
                 index = None  # recorded as all zeros: zarr writes no file
             else:
-                if check_crc32c(raw) is None:
-                    raise DamagedShard(path, "its index fails its crc32c")
-                if record.get("index_crc32c") not in (None, raw[-4:].hex()):
+                try:
+                    index = shard_index(tail, size, self.per_shard)
+                except ShardFileError as e:
+                    raise DamagedShard(path, str(e)) from None
+                if record.get("index_crc32c") not in (None, tail[-4:].hex()):
                     raise DamagedShard(path, "its index differs from the one recorded (another shard's file?)")
-                index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.per_shard + (2,))
-                used = index[..., 0] != 2**64 - 1
-                if (index[used].sum(axis=1) > size - 16 * n - 4).any():
-                    raise DamagedShard(path, "its index points past the file")
             self._indices[shard] = index
         return self._indices[shard]
 
