@@ -27,14 +27,18 @@ LABELS = ("psd", "vesicle_cloud", "saturated")
 USER_PARAMETERS = ("bbox_nm", "em_mip", "seg_mip", "cache_dir", "base_url", "raw_codec")
 
 
+def did_you_mean(name, allowed) -> str:
+    """"; did you mean 'bbox_nm'?" for the closest of `allowed` to `name`, or "" if none is close."""
+    import difflib
+    close = difflib.get_close_matches(str(name), [str(a) for a in allowed], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def unknown_name(what: str, name, allowed) -> str:
     """The message for an unknown `what` (parameter, entry, ...): the name, the allowed ones and the
     closest match ("did you mean bbox_nm?")."""
-    import difflib
     allowed = sorted(str(a) for a in allowed)
-    close = difflib.get_close_matches(str(name), allowed, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{what} {name!r} is unknown; allowed: {allowed}{hint}"
+    return f"{what} {name!r} is unknown; allowed: {allowed}{did_you_mean(name, allowed)}"
 
 
 def check_names(given, allowed, what: str = "parameter"):

@@ -8,8 +8,8 @@ prints one line on stderr and exits 2; only bugs show a traceback.
 from __future__ import annotations
 
 import argparse
-import re
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -333,22 +333,18 @@ class SuggestingParser(argparse.ArgumentParser):
         return action
 
     def error(self, message):
+        from ..catalog import did_you_mean
         match = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if match:
             choices = [c.strip(" '") for c in match[2].split(",")]
-            message += _did_you_mean(match[1], choices)
+            message += did_you_mean(match[1], choices)
         super().error(message)
 
     def refuse_unknown(self, extra: list):
         """Exit 2 naming the arguments this (sub)parser does not know, with the closest option."""
-        hints = [_did_you_mean(token.split("=")[0], self.options) for token in extra if token.startswith("-")]
+        from ..catalog import did_you_mean
+        hints = [did_you_mean(token.split("=")[0], self.options) for token in extra if token.startswith("-")]
         self.error(f"unrecognized arguments: {' '.join(extra)}" + next((h for h in hints if h), ""))
-
-
-def _did_you_mean(name: str, allowed) -> str:
-    import difflib
-    close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def parser() -> SuggestingParser:
