@@ -27,14 +27,13 @@ def run(folder: Path, shape_xyz=(600, 520, 24), entry: str = "p105_psd", serve: 
     import intake
 
     from ..catalog import catalog_path
-    from ..mirror import EXPERIMENTS, build_mirror
+    from ..mirror import build_mirror
 
     folder = Path(folder)
     print(f"Writing a BossDB-layout mirror of {shape_xyz} label voxels to {folder / 'mirror'} ...")
     mirror = build_mirror(folder / "mirror", shape_xyz=shape_xyz)
     with _serve(mirror.root) as server:
-        url = server.base_url
-        print(f"Serving it at {url}")
+        print(f"Serving it at {server.base_url}")
         cat = intake.open_catalog(catalog_path())
         source = getattr(cat, entry)(base_url=server.base_url, cache_dir=str(folder / "cache"))
         info = source.discover()
@@ -57,7 +56,17 @@ def run(folder: Path, shape_xyz=(600, 520, 24), entry: str = "p105_psd", serve: 
         print("\nSynapse tables (p105_synapses, p14_synapses; cached as parquet beside each store):")
         print(format_summary(summarise(tables)))
 
-    # Check against the arrays the mirror was written from, at the store's source windows.
+        ok = _equal_to_mirror(mirror, source, ds)
+        print(f"store: {ds.attrs['store']}")
+        print(f"first synapses of p105:\n{tables['p105'][0].head(3).to_string()}")
+        if serve:
+            _keep_serving(server.base_url, folder / "cache")
+    return ok
+
+
+def _equal_to_mirror(mirror, source, ds) -> bool:
+    """Check the read against the arrays the mirror was written from, at the store's source windows."""
+    from ..mirror import EXPERIMENTS
     plan = source.plan
     exp = EXPERIMENTS[source.request.experiment]
     ok = True
@@ -73,20 +82,14 @@ def run(folder: Path, shape_xyz=(600, 520, 24), entry: str = "p105_psd", serve: 
     if labels.any():
         print(f"mean EM under labels {ds['raw'].values[labels].mean():.1f} vs elsewhere "
               f"{ds['raw'].values[~labels].mean():.1f} (the labels sit on dark EM)")
-    print(f"store: {ds.attrs['store']}")
-    print(f"first synapses of p105:\n{tables['p105'][0].head(3).to_string()}")
-    if serve:
-        _keep_serving(mirror.root, url, folder / "cache")
     return ok
 
 
-def _keep_serving(root, base_url: str, cache: Path):
-    """Serve the mirror at the demo's URL until Ctrl-C, with the lines that point the catalog at it."""
+def _keep_serving(base_url: str, cache: Path):
+    """Wait for Ctrl-C while the mirror is served, with the lines that point the catalog at it."""
     from ..catalog import BASE_URL_ENV, CACHE_ENV
-    from urllib.parse import urlsplit
-    server = _serve(root, port=urlsplit(base_url).port)
-    print(f"\nThe demo mirror is served at {server.base_url} until Ctrl-C. In another shell:\n"
-          f"  export {BASE_URL_ENV}={server.base_url}\n"
+    print(f"\nThe demo mirror is served at {base_url} until Ctrl-C. In another shell:\n"
+          f"  export {BASE_URL_ENV}={base_url}\n"
           f"  export {CACHE_ENV}={cache.resolve()}\n"
           "  .venv/bin/python -c 'import intake; print(intake.cat.wildenberg2023.p105_psd.read())'\n"
           "(every entry, example and command then reads the demo mirror and its cache)", flush=True)
@@ -95,8 +98,6 @@ def _keep_serving(root, base_url: str, cache: Path):
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
-    finally:
-        server.stop()
 
 
 def _serve(root, port: int = 8765):
